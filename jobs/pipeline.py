@@ -1,0 +1,8 @@
+"""Entry point for the whole pipeline: same arguments as `seqclust run`."""
+
+import sys
+
+from seqclust.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))

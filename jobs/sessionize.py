@@ -1,0 +1,8 @@
+"""Entry point for the sessionize stage (spark-submit, schedulers): `python jobs/sessionize.py --run-id ID ...`."""
+
+import sys
+
+from seqclust.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sessionize", *sys.argv[1:]]))

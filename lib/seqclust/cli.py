@@ -1,0 +1,143 @@
+"""Command line: ``seqclust run|generate|<stage>``. Parses arguments, loads config, builds the
+session, calls the library. User errors end with one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from seqclust.errors import ConfigError, SeqclustError
+
+log = logging.getLogger("seqclust")
+
+STAGE_COMMANDS = ("ingest", "sessionize", "train", "embed", "cluster", "evaluate")
+
+
+def _common(p: argparse.ArgumentParser, stage: bool) -> None:
+    p.add_argument("--input", help="events: a file or folder (JSON lines, CSV, Parquet) or a Delta table path; omit for generated demo data")
+    p.add_argument("--format", choices=["auto", "parquet", "csv", "json", "delta"], help="source format (default: source.format, auto-detected)")
+    p.add_argument("--output", help="root folder of the Delta tables (default: run.output)")
+    p.add_argument("--run-id", required=stage, help="run id (letters, digits, _ - .); rerunning an id replaces its rows")
+    p.add_argument("--labels", help="known labels per user (user_id, persona) for external agreement")
+    p.add_argument("--encoder", help="reuse an encoder artifact directory instead of training")
+    p.add_argument("--conf", help="environment YAML (e.g. conf/local.yaml); conf/base.yaml beside it is applied first")
+    p.add_argument("--env", help="environment name when --conf is not given (default $SEQCLUST_ENV or local)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set cluster.k=8 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqclust", description="User-behaviour segments from e-commerce event logs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("run", help="run every stage: ingest, sessionize, train, embed, cluster, evaluate"), stage=False)
+    for name in STAGE_COMMANDS:
+        _common(sub.add_parser(name, help=f"run the {name} stage of an existing run id"), stage=True)
+    g = sub.add_parser("generate", help="write a synthetic event log with planted personas")
+    g.add_argument("--out", required=True, help="output folder (events/ and personas/ are written inside)")
+    g.add_argument("--users", type=int, required=True)
+    g.add_argument("--seed", type=int, default=7)
+    g.add_argument("--bad-rate", type=float, default=0.0, help="share of rows made invalid (and as many duplicated)")
+    g.add_argument("--format", choices=["parquet", "json", "csv"], default="parquet")
+    g.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("py4j", "matplotlib", "absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.set)
+    if args.output:
+        out.append(f"run.output={args.output}")
+    if args.format:
+        out.append(f"source.format={args.format}")
+    if args.encoder:
+        out.append(f"encoder.path={args.encoder}")
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from seqclust.datagen import write_dataset
+
+    if args.users < 1:
+        raise ConfigError("--users: must be >= 1")
+    if not 0 <= args.bad_rate < 1:
+        raise ConfigError("--bad-rate: must be in [0, 1)")
+    r = write_dataset(args.out, args.users, seed=args.seed, bad_rate=args.bad_rate, fmt=args.format)
+    print(f"generated {r.events} events for {r.users} users in {r.seconds:.1f}s: {Path(args.out) / 'events'} (labels: {Path(args.out) / 'personas'})")
+    return 0
+
+
+def demo_data(output: str, users: int, seed: int, bad_rate: float) -> tuple[str, str]:
+    """Generated data for the embedded default, reused while its parameters are unchanged."""
+    from seqclust.datagen import write_dataset
+
+    root = Path(output) / "_demo_data" / f"users{users}-seed{seed}-bad{bad_rate:g}"
+    if not (root / "_GENERATED.json").exists():
+        log.info("no --input: generating demo data (%d users) under %s", users, root)
+        write_dataset(root, users, seed=seed, bad_rate=bad_rate)
+    return str(root / "events"), str(root / "personas")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from seqclust import pipeline
+    from seqclust.config import load_config
+
+    cfg = load_config(args.conf, overrides=_overrides(args), env=args.env)
+    input_path = args.input or cfg.source.path
+    labels_path = args.labels or cfg.labels.path
+    if input_path is None:
+        if args.command not in ("run", "ingest"):
+            input_path = None
+        else:
+            input_path, gen_labels = demo_data(cfg.run.output, cfg.generate.users, cfg.generate.seed, cfg.generate.bad_rate)
+            labels_path = labels_path or gen_labels
+    ctx = pipeline.make_context(cfg, input_path, labels_path, args.run_id)
+    from seqclust.spark import get_spark
+
+    spark = get_spark(cfg.spark)
+    stages = pipeline.STAGES if args.command == "run" else (args.command,)
+    summary = pipeline.run(spark, cfg, ctx, stages)
+    print(pipeline.format_summary(summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_pipeline(args)
+    except SeqclustError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"seqclust: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("seqclust: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # unexpected: still one line unless --verbose
+        if args.verbose:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"seqclust: unexpected error ({type(e).__name__}): {first[:500]} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

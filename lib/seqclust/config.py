@@ -1,0 +1,467 @@
+"""Typed configuration: frozen dataclasses loaded from YAML.
+
+Resolution order (later wins): dataclass defaults < ``conf/base.yaml`` < ``conf/<env>.yaml``
+< ``--set key=value`` overrides. Unknown keys and bad values fail at load time with a
+message that names the dotted key. ``conf/base.yaml`` documents every key and is kept equal
+to the defaults below by a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from seqclust.errors import ConfigError
+
+CANONICAL_EVENT_TYPES = ("view", "search", "cart", "fav", "purchase", "other")
+
+# Identifiers that reach SQL or the filesystem: conservative on purpose.
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_identifier(name: str, what: str) -> str:
+    """Return ``name`` if it is a safe SQL/file identifier, else raise ConfigError."""
+    if not isinstance(name, str) or not _IDENT_RE.match(name):
+        raise ConfigError(f"{what}: {name!r} is not a valid name (letters, digits, underscore; must not start with a digit)")
+    return name
+
+
+def validate_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it is safe to use in a Delta predicate and a path."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id) or ".." in run_id:
+        raise ConfigError(
+            f"run_id: {run_id!r} is not allowed (1-64 of letters, digits, '_', '-', '.'; must start with a letter or digit)"
+        )
+    return run_id
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str | None = None  # None: leave it to spark-submit / an existing session
+    app_name: str = "seqclust"
+    shuffle_partitions: int = 8
+    log_level: str = "WARN"
+    driver_memory: str | None = None  # only honoured when this process starts the JVM
+    conf: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.shuffle_partitions >= 1, "shuffle_partitions", "must be >= 1")
+        _check(self.log_level in ("ERROR", "WARN", "INFO", "DEBUG"), "log_level", "must be ERROR, WARN, INFO or DEBUG")
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """Source column name for each logical field; None when the source lacks it."""
+
+    user_id: str = "user_id"
+    ts: str = "ts"
+    event_type: str = "event_type"
+    item_id: str | None = "item_id"
+    category_id: str | None = "category_id"
+    price: str | None = "price"
+    event_id: str | None = "event_id"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            _check(v is None or (isinstance(v, str) and v.strip() != ""), f.name, "must be a non-empty column name or null")
+        for req in ("user_id", "ts", "event_type"):
+            _check(getattr(self, req) is not None, req, "is required")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    path: str | None = None
+    format: Literal["auto", "parquet", "csv", "json", "delta"] = "auto"
+    delimiter: str = ","
+    header: bool = True
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # auto: native timestamps as is, strings as ISO-8601, numbers as epoch seconds
+    ts_format: str = "auto"
+    timezone: str = "UTC"
+    # raw value -> canonical type; raw values not listed are unknown
+    event_types: dict[str, str] = field(
+        default_factory=lambda: {t: t for t in CANONICAL_EVENT_TYPES}
+    )
+    unknown_event_type: Literal["quarantine", "other"] = "quarantine"
+    min_ts: str = "2000-01-01T00:00:00Z"
+    max_clock_skew_hours: float = 24.0
+    max_price: float = 1.0e7
+
+    def __post_init__(self) -> None:
+        _check(len(self.delimiter) >= 1, "delimiter", "must not be empty")
+        for raw, canon in self.event_types.items():
+            _check(canon in CANONICAL_EVENT_TYPES, f"event_types.{raw}", f"must be one of {', '.join(CANONICAL_EVENT_TYPES)}")
+        _check(self.max_price > 0, "max_price", "must be > 0")
+        _check(self.max_clock_skew_hours >= 0, "max_clock_skew_hours", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Known labels per user (e.g. planted personas), used for external agreement only."""
+
+    path: str | None = None
+    format: Literal["auto", "parquet", "csv", "json", "delta"] = "auto"
+    user_col: str = "user_id"
+    label_col: str = "persona"
+
+
+@dataclass(frozen=True)
+class SessionizeConfig:
+    gap_minutes: float = 30.0
+    min_events: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.gap_minutes > 0, "gap_minutes", "must be > 0")
+        _check(self.min_events >= 1, "min_events", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    max_len: int = 50
+    vocab_size: int = 5000
+    min_count: int = 2
+    price_bands: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.max_len >= 2, "max_len", "must be >= 2")
+        _check(self.vocab_size >= 8, "vocab_size", "must be >= 8")
+        _check(self.min_count >= 1, "min_count", "must be >= 1")
+        _check(2 <= self.price_bands <= 64, "price_bands", "must be between 2 and 64")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    architecture: Literal["gru", "transformer"] = "gru"
+    objective: Literal["bag_reconstruction"] = "bag_reconstruction"
+    embedding_dim: int = 32
+    token_dim: int = 32
+    hidden: int = 64
+    train_sample: int = 20000
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rate: float = 0.003
+    validation_fraction: float = 0.1
+    patience: int = 2
+    mask_prob: float = 0.15
+    path: str | None = None  # reuse an existing artifact instead of training
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.embedding_dim <= 1024, "embedding_dim", "must be between 2 and 1024")
+        _check(self.token_dim >= 2, "token_dim", "must be >= 2")
+        _check(self.hidden >= 2, "hidden", "must be >= 2")
+        _check(self.train_sample >= 10, "train_sample", "must be >= 10")
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(0 <= self.validation_fraction < 0.9, "validation_fraction", "must be in [0, 0.9)")
+        _check(self.patience >= 0, "patience", "must be >= 0")
+        _check(0 <= self.mask_prob < 1, "mask_prob", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    arrow_batch_size: int = 4096
+    pooling: Literal["mean", "recency"] = "mean"
+    recency_half_life_days: float = 14.0
+
+    def __post_init__(self) -> None:
+        _check(self.arrow_batch_size >= 1, "arrow_batch_size", "must be >= 1")
+        _check(self.recency_half_life_days > 0, "recency_half_life_days", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    k: int | None = None  # None: sweep k_min..k_max and pick by silhouette
+    k_min: int = 2
+    k_max: int = 12
+    max_iter: int = 40
+    init_steps: int = 2
+    solver: Literal["auto", "row", "block"] = "block"
+
+    def __post_init__(self) -> None:
+        _check(self.k is None or self.k >= 2, "k", "must be >= 2 or null")
+        _check(self.k_min >= 2, "k_min", "must be >= 2")
+        _check(self.k_max >= self.k_min, "k_max", "must be >= k_min")
+        _check(self.max_iter >= 1, "max_iter", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TablesConfig:
+    """Table names (a folder under run.output locally; catalog.schema.<name> on Databricks)."""
+
+    quarantine: str = "quarantine"
+    events: str = "events"
+    sessions: str = "sessions"
+    embeddings: str = "embeddings"
+    clusters: str = "clusters"
+    centroids: str = "centroids"
+    metrics: str = "metrics"
+    runs: str = "runs"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            validate_identifier(getattr(self, f.name), f.name)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output: str = "out"
+    run_id: str | None = None
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output), "output", "must not be empty")
+        if self.run_id is not None:
+            validate_run_id(self.run_id)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Defaults for the embedded demo run (no --input): generated data."""
+
+    users: int = 5000
+    seed: int = 7
+    bad_rate: float = 0.001
+
+    def __post_init__(self) -> None:
+        _check(self.users >= 1, "users", "must be >= 1")
+        _check(0 <= self.bad_rate < 1, "bad_rate", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    sessionize: SessionizeConfig = field(default_factory=SessionizeConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value against a type annotation; raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        kt, vt = args
+        return {_coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"{where}: unknown config key (known here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k not in ("event_types", "conf"):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` (value read as a YAML scalar) into a key path and a value."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = PipelineConfig
+    cur = data
+    for i, part in enumerate(path):
+        dotted = ".".join(path[: i + 1])
+        if dataclasses.is_dataclass(node):
+            fields = {f.name: f for f in dataclasses.fields(node)}
+            if part not in fields:
+                raise ConfigError(f"{dotted}: unknown config key (--set)")
+            tp = typing.get_type_hints(node)[part]
+        elif typing.get_origin(node) is dict:
+            tp = typing.get_args(node)[1]
+        else:
+            raise ConfigError(f"{dotted}: unknown config key (--set); {'.'.join(path[:i])} is a plain value")
+        if i == len(path) - 1:
+            cur[part] = value
+            return
+        # descend into a nested dataclass (unwrap Optional) or a dict
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+        node = inner[0]
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[part] = nxt
+        cur = nxt
+
+
+def default_conf_dir() -> Path | None:
+    """``$SEQCLUST_CONF_DIR`` or ``./conf`` when present (absent inside a bare wheel install)."""
+    env = os.environ.get("SEQCLUST_CONF_DIR")
+    if env:
+        return Path(env)
+    p = Path("conf")
+    return p if p.is_dir() else None
+
+
+def load_config(
+    conf: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    env: str | None = None,
+) -> PipelineConfig:
+    """Load the configuration.
+
+    Args:
+        conf: an environment YAML file (e.g. ``conf/local.yaml``); its folder's ``base.yaml``
+            is applied first. When None, ``<conf dir>/<env>.yaml`` is used if it exists.
+        overrides: ``key=value`` strings applied last.
+        env: environment name when ``conf`` is None (default ``$SEQCLUST_ENV`` or ``local``).
+
+    Returns:
+        A validated, frozen PipelineConfig.
+    """
+    data: dict[str, Any] = {}
+    files: list[Path] = []
+    if conf is not None:
+        p = Path(conf)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        base = p.parent / "base.yaml"
+        if base.is_file() and base.resolve() != p.resolve():
+            files.append(base)
+        files.append(p)
+    else:
+        d = default_conf_dir()
+        if d is not None:
+            name = env or os.environ.get("SEQCLUST_ENV", "local")
+            for f in (d / "base.yaml", d / f"{name}.yaml"):
+                if f.is_file():
+                    files.append(f)
+    for f in files:
+        data = _deep_merge(data, _read_yaml(f))
+    for item in overrides:
+        path, value = parse_override(item)
+        _apply_override(data, path, value)
+    return _build(PipelineConfig, data)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace re-exported: configs are frozen, derive new ones."""
+    return dataclasses.replace(cfg, **changes)

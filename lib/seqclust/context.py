@@ -1,0 +1,31 @@
+"""What every stage of one run needs to know: its id, where tables live, its inputs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from seqclust.config import TablesConfig, validate_run_id
+from seqclust.io import TableStore
+
+
+@dataclass(frozen=True)
+class RunContext:
+    run_id: str
+    store: TableStore
+    tables: TablesConfig
+    started_at: dt.datetime  # fixed per run: "now" for validation is this, so reruns agree
+    input_path: str | None = None
+    labels_path: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_run_id(self.run_id)
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return Path(self.store.root) / "_artifacts"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.artifacts_dir / "runs" / self.run_id

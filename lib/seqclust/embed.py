@@ -1,0 +1,148 @@
+"""Embed sessions on the executors and pool them into user vectors.
+
+The artifact's config, vocabulary and weights (plain JSON and npz bytes, nothing pickled)
+are broadcast once. An Arrow-batch iterator UDF (``mapInArrow``, the Arrow-native form of an
+iterator pandas UDF) builds the Keras model once per Python worker, caches it for every
+later task of that worker, and featurises each Arrow batch straight from its list buffers,
+so no per-row Python objects are made on the way in or out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark.ml.functions import array_to_vector, vector_to_array
+from pyspark.ml.stat import Summarizer
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from seqclust.config import EmbedConfig
+from seqclust.context import RunContext
+from seqclust.features import INPUT_COLUMNS, Vocab, featurize
+
+log = logging.getLogger(__name__)
+
+# Per Python worker: encoder_id -> (vocab, predict). Survives across tasks (worker reuse).
+_MODELS: dict[str, tuple[Vocab, Callable[[dict[str, np.ndarray]], np.ndarray]]] = {}
+
+
+def _worker_model(encoder_id: str, payload: Any) -> tuple[Vocab, Callable[[dict[str, np.ndarray]], np.ndarray]]:
+    cached = _MODELS.get(encoder_id)
+    if cached is None:
+        from pyspark import TaskContext
+
+        from seqclust.encoder import embedding_fn, weights_from_npz
+
+        cfg_json, vocab_json, npz = payload.value
+        ctx = TaskContext.get()
+        threads = max(1, int(ctx.cpus())) if ctx is not None else 1
+        cached = (Vocab.from_json(vocab_json), embedding_fn(json.loads(cfg_json), weights_from_npz(npz), threads=threads))
+        _MODELS[encoder_id] = cached
+    return cached
+
+
+def embed_sessions(
+    spark: SparkSession,
+    sessions: DataFrame,
+    artifact: Any,
+    keep: tuple[str, ...] = ("session_id", "user_id", "end_ts"),
+) -> DataFrame:
+    """Add ``embedding`` (array<float>, L2-normalised) to each session; keep only ``keep`` columns.
+
+    Args:
+        artifact: an ``encoder.Artifact`` (its payload is broadcast).
+    """
+    payload = spark.sparkContext.broadcast(artifact.payload())
+    encoder_id = artifact.encoder_id
+    dim = int(artifact.model_cfg["embedding_dim"])
+    in_df = sessions.select(*keep, *INPUT_COLUMNS)
+    out_schema = T.StructType([in_df.schema[c] for c in keep] + [T.StructField("embedding", T.ArrayType(T.FloatType(), False))])
+
+    def embed_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        vocab, predict = _worker_model(encoder_id, payload)
+        for batch in batches:
+            z = predict(featurize(batch, vocab)) if batch.num_rows else np.zeros((0, dim), np.float32)
+            offsets = pa.array(np.arange(0, z.shape[0] * dim + 1, dim, dtype=np.int32))
+            emb = pa.ListArray.from_arrays(offsets, pa.array(z.reshape(-1), pa.float32()))
+            yield pa.RecordBatch.from_arrays([batch.column(c) for c in keep] + [emb], names=[*keep, "embedding"])
+
+    return in_df.mapInArrow(embed_batches, out_schema)
+
+
+def l2_normalize(col: Column) -> Column:
+    norm = F.sqrt(F.aggregate(col, F.lit(0.0).cast("double"), lambda acc, x: acc + x * x))
+    return F.transform(col, lambda x: (x / F.greatest(norm, F.lit(1e-12))).cast("float"))
+
+
+def pool_users(session_emb: DataFrame, pooling: str = "mean", half_life_days: float = 14.0) -> DataFrame:
+    """Pool session vectors into one L2-normalised vector per user (in Spark).
+
+    ``recency`` weighs a session by 2^(-age / half-life), age measured from the latest
+    session end in the data.
+    """
+    df = session_emb.withColumn("_v", array_to_vector("embedding"))
+    if pooling == "recency":
+        ref = df.agg(F.max("end_ts")).first()[0]
+        age_days = (F.unix_micros(F.lit(ref)) - F.unix_micros("end_ts")) / (86400 * 1e6)
+        df = df.withColumn("_w", F.exp(-math.log(2) * age_days / half_life_days))
+        mean = Summarizer.mean(F.col("_v"), F.col("_w"))
+    else:
+        mean = Summarizer.mean(F.col("_v"))
+    pooled = df.groupBy("user_id").agg(mean.alias("_m"), F.count("*").alias("n_sessions"))
+    return pooled.select(
+        F.col("user_id").alias("entity_id"),
+        l2_normalize(vector_to_array("_m", "float64")).alias("embedding"),
+        "n_sessions",
+    )
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    sessions: int
+    users: int
+    encoder_id: str
+
+
+def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any) -> EmbedResult:
+    """Embed this run's modelled sessions, pool to users, write ``embeddings``."""
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_size))
+    sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+    emb = embed_sessions(spark, sessions, artifact)
+    session_rows = emb.select(
+        F.lit("session").alias("entity_type"),
+        F.col("session_id").alias("entity_id"),
+        "embedding",
+        F.lit(artifact.encoder_id).alias("encoder_id"),
+        F.col("user_id").alias("user_id"),
+        F.col("end_ts").alias("end_ts"),
+        F.lit(None).cast("long").alias("n_sessions"),
+    )
+    # first write replaces every row of this run (users included), so no stale rows remain
+    n_s = ctx.store.write_run(session_rows, ctx.tables.embeddings, ctx.run_id, partition_by=("run_id", "entity_type"))
+    log.info("embed: %d session vectors (encoder %s)", n_s, artifact.encoder_id)
+    stored = (
+        ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
+        .where(F.col("entity_type") == "session")
+        .select("user_id", "end_ts", "embedding")
+    )
+    users = pool_users(stored, cfg.pooling, cfg.recency_half_life_days).select(
+        F.lit("user").alias("entity_type"),
+        "entity_id",
+        "embedding",
+        F.lit(artifact.encoder_id).alias("encoder_id"),
+        F.lit(None).cast("string").alias("user_id"),
+        F.lit(None).cast("timestamp").alias("end_ts"),
+        "n_sessions",
+    )
+    n_u = ctx.store.write_run(
+        users, ctx.tables.embeddings, ctx.run_id, partition_by=("run_id", "entity_type"), extra_predicate="entity_type = 'user'"
+    )
+    log.info("embed: %d user vectors (%s pooling)", n_u, cfg.pooling)
+    return EmbedResult(n_s, n_u, artifact.encoder_id)

@@ -1,0 +1,347 @@
+"""The sequence encoder: Keras model, self-supervised training, artifact save/load.
+
+TensorFlow is imported inside the functions here, so importing this module is cheap and the
+driver's light paths never load it.
+
+Artifact layout (a directory; nothing pickled):
+    config.json    architecture and sizes (enough to rebuild the model)
+    vocab.json     the featurisation (features.Vocab)
+    weights.npz    the model's weights, in build order, loaded with allow_pickle=False
+    metrics.json   training history
+    manifest.json  encoder_id = sha256 of config + vocab + weight arrays, checked on load
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from seqclust.errors import ArtifactError
+from seqclust.features import FIELDS, PAD, Vocab
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def _tf(threads: int | None = None) -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import tensorflow as tf
+
+    if threads:
+        try:  # only possible before TensorFlow's runtime has started in this process
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:
+            pass
+    return tf
+
+
+def _position_layer() -> Any:
+    import keras
+
+    class AddPosition(keras.layers.Layer):
+        """Adds a learned embedding of each position (0 = oldest kept event)."""
+
+        def build(self, input_shape: Any) -> None:
+            self.pos = self.add_weight(shape=(input_shape[1], input_shape[2]), initializer="random_uniform", name="pos")
+
+        def call(self, x: Any) -> Any:
+            return x + self.pos
+
+    return AddPosition
+
+
+def build_encoder(model_cfg: dict[str, Any]) -> Any:
+    """Build the Keras encoder: dict of int32 [batch, max_len] inputs -> [batch, embedding_dim].
+
+    The output is not normalised; ``embedding_fn`` L2-normalises it.
+    """
+    _tf()
+    import keras
+    from keras import layers, ops
+
+    _AddPosition = _position_layer()
+    L = model_cfg["max_len"]
+    d = model_cfg["token_dim"]
+    sizes = model_cfg["sizes"]
+    inputs = {f: keras.Input(shape=(L,), dtype="int32", name=f) for f in FIELDS}
+    x = None
+    for f in FIELDS:
+        e = layers.Embedding(sizes[f], d, name=f"emb_{f}")(inputs[f])
+        x = e if x is None else layers.Add(name=f"add_{f}")([x, e])
+    x = _AddPosition(name="emb_pos")(x)
+    mask = ops.not_equal(inputs["tok"], PAD)
+    arch = model_cfg["architecture"]
+    if arch == "gru":
+        h = layers.GRU(model_cfg["hidden"], name="gru")(x, mask=mask)
+    elif arch == "transformer":
+        heads = max(1, d // 16)
+        att = layers.MultiHeadAttention(num_heads=heads, key_dim=d // heads, name="mha")(
+            x, x, attention_mask=ops.logical_and(ops.expand_dims(mask, 1), ops.expand_dims(mask, 2))
+        )
+        x = layers.LayerNormalization(name="ln1")(x + att)
+        ff = layers.Dense(model_cfg["hidden"], activation="gelu", name="ff1")(x)
+        ff = layers.Dense(d, name="ff2")(ff)
+        x = layers.LayerNormalization(name="ln2")(x + ff)
+        m = ops.expand_dims(ops.cast(mask, "float32"), -1)
+        h = ops.sum(x * m, axis=1) / ops.maximum(ops.sum(m, axis=1), 1.0)
+    else:
+        raise ArtifactError(f"unknown architecture {arch!r}")
+    z = layers.Dense(model_cfg["embedding_dim"], name="embedding")(h)
+    return keras.Model(inputs=inputs, outputs=z, name="seqclust_encoder")
+
+
+@dataclass
+class Artifact:
+    """A loaded encoder artifact."""
+
+    path: Path
+    encoder_id: str
+    model_cfg: dict[str, Any]
+    vocab: Vocab
+    weights: list[np.ndarray]
+    metrics: dict[str, Any]
+
+    def payload(self) -> tuple[str, str, bytes]:
+        """What is broadcast to executors: config JSON, vocab JSON, weights as npz bytes."""
+        return (json.dumps(self.model_cfg, sort_keys=True), self.vocab.to_json(), weights_to_npz(self.weights))
+
+
+def content_hash(model_cfg: dict[str, Any], vocab: Vocab, weights: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(model_cfg, sort_keys=True).encode())
+    h.update(vocab.to_json().encode())
+    for w in weights:
+        a = np.ascontiguousarray(w)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_to_npz(weights: list[np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{f"w{i:04d}": w for i, w in enumerate(weights)})
+    return buf.getvalue()
+
+
+def weights_from_npz(data: bytes) -> list[np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return [z[k] for k in sorted(z.files)]
+
+
+def save_artifact(root: Path, model_cfg: dict[str, Any], vocab: Vocab, weights: list[np.ndarray], metrics: dict[str, Any]) -> Artifact:
+    """Write the artifact under ``root/<encoder_id>/`` (atomically: temp dir, then rename)."""
+    encoder_id = content_hash(model_cfg, vocab, weights)
+    final = Path(root) / encoder_id
+    if final.is_dir():
+        return load_artifact(final)
+    tmp = Path(root) / f".tmp-{encoder_id}-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(model_cfg, sort_keys=True, indent=1))
+    (tmp / "vocab.json").write_text(vocab.to_json())
+    (tmp / "weights.npz").write_bytes(weights_to_npz(weights))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=1))
+    (tmp / "manifest.json").write_text(json.dumps({"encoder_id": encoder_id, "format_version": FORMAT_VERSION}))
+    os.replace(tmp, final)
+    return Artifact(final, encoder_id, model_cfg, vocab, weights, metrics)
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Load and verify an artifact directory; raise ArtifactError with the reason if unusable."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ArtifactError(f"encoder artifact {p}: not a directory")
+    try:
+        manifest = json.loads((p / "manifest.json").read_text())
+        model_cfg = json.loads((p / "config.json").read_text())
+        vocab = Vocab.from_json((p / "vocab.json").read_text())
+        weights = weights_from_npz((p / "weights.npz").read_bytes())
+        metrics = json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").exists() else {}
+    except FileNotFoundError as e:
+        raise ArtifactError(f"encoder artifact {p}: missing file {Path(e.filename).name}") from None
+    except (ValueError, TypeError, OSError, KeyError) as e:
+        raise ArtifactError(f"encoder artifact {p}: corrupt ({type(e).__name__}: {str(e)[:120]})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"encoder artifact {p}: format version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    actual = content_hash(model_cfg, vocab, weights)
+    if actual != manifest.get("encoder_id"):
+        raise ArtifactError(f"encoder artifact {p}: content hash {actual} does not match manifest {manifest.get('encoder_id')} (tampered or corrupt)")
+    return Artifact(p, actual, model_cfg, vocab, weights, metrics)
+
+
+def embedding_fn(model_cfg: dict[str, Any], weights: list[np.ndarray], threads: int | None = None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """Build the model once and return ``predict(features) -> float32 [n, dim]``, L2-normalised."""
+    tf = _tf(threads)
+    model = build_encoder(model_cfg)
+    try:
+        model.set_weights(weights)
+    except ValueError as e:
+        raise ArtifactError(f"encoder weights do not fit the architecture: {str(e)[:200]}") from None
+    L = model_cfg["max_len"]
+    spec = {f: tf.TensorSpec([None, L], tf.int32, name=f) for f in FIELDS}
+
+    @tf.function(input_signature=[spec], reduce_retracing=True)
+    def _predict(x: dict[str, Any]) -> Any:
+        z = model(x, training=False)
+        return tf.math.l2_normalize(z, axis=1)
+
+    def predict(features: dict[str, np.ndarray]) -> np.ndarray:
+        if len(features["tok"]) == 0:
+            return np.zeros((0, model_cfg["embedding_dim"]), dtype=np.float32)
+        return _predict({f: tf.constant(features[f]) for f in FIELDS}).numpy().astype(np.float32)
+
+    return predict
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def _augment(tf: Any, x: dict[str, Any], mask_prob: float, mask_ids: dict[str, int], seed: Any) -> dict[str, Any]:
+    """Mask random non-pad positions in every field (same positions across fields)."""
+    valid = tf.not_equal(x["tok"], PAD)
+    r = tf.random.stateless_uniform(tf.shape(x["tok"]), seed=seed)
+    hide = tf.logical_and(valid, r < mask_prob)
+    return {f: tf.where(hide, tf.cast(mask_ids[f], tf.int32), x[f]) for f in FIELDS}
+
+
+def train(
+    features: dict[str, np.ndarray],
+    vocab: Vocab,
+    *,
+    architecture: str,
+    embedding_dim: int,
+    token_dim: int,
+    hidden: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    validation_fraction: float,
+    patience: int,
+    mask_prob: float,
+    seed: int,
+    objective: str = "bag_reconstruction",
+) -> tuple[dict[str, Any], list[np.ndarray], dict[str, Any]]:
+    """Train the encoder self-supervised on featurised sessions.
+
+    Objective ``bag_reconstruction``: from a view of the session with random positions
+    masked, predict the session's full distribution of tokens, event types, pace buckets and
+    price bands (a denoising set autoencoder). The embedding must therefore summarise what a
+    session is about, how the user acts, how fast and at what price.
+
+    Returns:
+        (model config, weights, training metrics with per-epoch history).
+    """
+    tf = _tf()
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    try:
+        tf.config.experimental.enable_op_determinism()
+    except Exception:  # pragma: no cover - older TF
+        pass
+    if objective != "bag_reconstruction":
+        raise ValueError(f"unknown objective {objective!r}")
+    model_cfg = {
+        "architecture": architecture,
+        "objective": objective,
+        "embedding_dim": embedding_dim,
+        "token_dim": token_dim,
+        "hidden": hidden,
+        "max_len": vocab.max_len,
+        "sizes": vocab.sizes,
+        "format_version": FORMAT_VERSION,
+    }
+    encoder = build_encoder(model_cfg)
+    heads = {f: keras.layers.Dense(vocab.sizes[f], name=f"head_{f}") for f in FIELDS}
+    z_in = keras.Input(shape=(embedding_dim,))
+    head_model = keras.Model(z_in, {f: heads[f](keras.layers.Activation("gelu")(z_in)) for f in FIELDS})
+    optimizer = keras.optimizers.Adam(learning_rate)
+    mask_ids = vocab.mask_ids
+
+    n = len(features["tok"])
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_val = int(round(n * validation_fraction)) if n >= 20 else 0
+    val_idx, tr_idx = order[:n_val], order[n_val:]
+    train_vars = encoder.trainable_variables + head_model.trainable_variables
+
+    def loss_fn(x: dict[str, Any], view: dict[str, Any]) -> Any:
+        z = encoder(view, training=True)
+        logits = head_model(z, training=True)
+        valid = tf.cast(tf.not_equal(x["tok"], PAD), tf.float32)
+        count = tf.maximum(tf.reduce_sum(valid, axis=1), 1.0)
+        total = 0.0
+        for f in FIELDS:
+            logp = tf.nn.log_softmax(logits[f], axis=-1)
+            picked = tf.gather(logp, x[f], batch_dims=1)  # [B, L]
+            total += tf.reduce_mean(-tf.reduce_sum(picked * valid, axis=1) / count)
+        return total
+
+    spec = {f: tf.TensorSpec([None, vocab.max_len], tf.int32) for f in FIELDS}
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
+    def train_step(x: dict[str, Any], s: Any) -> Any:
+        view = _augment(tf, x, mask_prob, mask_ids, s)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(x, view)
+        grads = tape.gradient(loss, train_vars)
+        optimizer.apply_gradients(zip(grads, train_vars))
+        return loss
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
+    def eval_step(x: dict[str, Any], s: Any) -> Any:
+        return loss_fn(x, _augment(tf, x, mask_prob, mask_ids, s))
+
+    def batches(idx: np.ndarray):
+        for b in range(0, len(idx), batch_size):
+            sel = idx[b : b + batch_size]
+            yield b, {f: tf.constant(features[f][sel]) for f in FIELDS}
+
+    history = []
+    best, best_weights, bad_epochs = float("inf"), None, 0
+    step = 0
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        perm = tr_idx[rng.permutation(len(tr_idx))]
+        losses = []
+        for _, xb in batches(perm):
+            step += 1
+            losses.append(float(train_step(xb, tf.constant([seed, step], tf.int32))))
+        tr_loss = float(np.mean(losses)) if losses else float("nan")
+        if n_val:
+            vl = [float(eval_step(xb, tf.constant([seed + 1, b], tf.int32))) * len(xb["tok"]) for b, xb in batches(val_idx)]
+            val_loss = float(np.sum(vl) / n_val)
+        else:
+            val_loss = tr_loss
+        dt = time.perf_counter() - t0
+        history.append({"epoch": epoch, "loss": tr_loss, "val_loss": val_loss, "seconds": dt})
+        log.info("train: epoch %d/%d loss %.4f val_loss %.4f (%.1fs)", epoch, epochs, tr_loss, val_loss, dt)
+        if val_loss < best - 1e-4:
+            best, best_weights, bad_epochs = val_loss, [w.copy() for w in encoder.get_weights()], 0
+        else:
+            bad_epochs += 1
+            if bad_epochs > patience:
+                log.info("train: early stop after epoch %d (best val_loss %.4f)", epoch, best)
+                break
+    weights = best_weights if best_weights is not None else encoder.get_weights()
+    metrics = {
+        "history": history,
+        "best_val_loss": best,
+        "train_sessions": int(len(tr_idx)),
+        "val_sessions": int(n_val),
+        "params": int(encoder.count_params()),
+        "seed": seed,
+    }
+    return model_cfg, [np.asarray(w) for w in weights], metrics

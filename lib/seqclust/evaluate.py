@@ -1,0 +1,223 @@
+"""Evaluate a clustering beside baselines, with Spark aggregates (nothing O(n^2) on the driver).
+
+Internal indices (silhouette, Davies-Bouldin, Calinski-Harabasz, inertia) come from
+per-cluster aggregates; external agreement (ARI, NMI, homogeneity, completeness, V-measure)
+from a contingency table built in Spark. scikit-learn is the test oracle for both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from pyspark import StorageLevel
+from pyspark.ml.functions import array_to_vector
+from pyspark.ml.stat import Summarizer
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from seqclust.cluster import silhouette
+from seqclust.context import RunContext
+from seqclust.io import read_labels
+
+log = logging.getLogger(__name__)
+
+METRICS_SCHEMA = T.StructType(
+    [
+        T.StructField("method", T.StringType(), False),
+        T.StructField("entity_type", T.StringType(), False),
+        T.StructField("k", T.IntegerType(), True),
+        T.StructField("family", T.StringType(), False),
+        T.StructField("metric", T.StringType(), False),
+        T.StructField("value", T.DoubleType(), True),
+        T.StructField("ci_low", T.DoubleType(), True),
+        T.StructField("ci_high", T.DoubleType(), True),
+        T.StructField("details", T.StringType(), True),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------
+# External agreement from a contingency table
+
+
+def contingency(df: DataFrame, label_col: str, cluster_col: str) -> np.ndarray:
+    """Counts of (label, cluster) pairs as a dense [labels, clusters] matrix (built in Spark)."""
+    rows = df.groupBy(label_col, cluster_col).count().collect()
+    labels = sorted({str(r[label_col]) for r in rows})
+    clusters = sorted({r[cluster_col] for r in rows})
+    li = {v: i for i, v in enumerate(labels)}
+    ci = {v: i for i, v in enumerate(clusters)}
+    m = np.zeros((len(labels), len(clusters)), dtype=np.int64)
+    for r in rows:
+        m[li[str(r[label_col])], ci[r[cluster_col]]] += r["count"]
+    return m
+
+
+def _comb2(x: np.ndarray | float) -> Any:
+    return x * (x - 1) / 2.0
+
+
+def _entropy(counts: np.ndarray) -> float:
+    counts = counts[counts > 0].astype(np.float64)
+    n = counts.sum()
+    if n == 0:
+        return 0.0
+    p = counts / n
+    return float(-(p * np.log(p)).sum())
+
+
+def external_scores(table: np.ndarray) -> dict[str, float]:
+    """ARI, NMI (arithmetic), homogeneity, completeness, V-measure from a contingency table
+    (rows = true labels, columns = clusters), matching scikit-learn's definitions."""
+    t = np.asarray(table, dtype=np.float64)
+    n = t.sum()
+    a, b = t.sum(axis=1), t.sum(axis=0)
+    sum_ij, sum_a, sum_b = _comb2(t).sum(), _comb2(a).sum(), _comb2(b).sum()
+    total = _comb2(n)
+    expected = sum_a * sum_b / total if total > 0 else 0.0
+    max_index = (sum_a + sum_b) / 2.0
+    ari = 1.0 if max_index == expected else float((sum_ij - expected) / (max_index - expected))
+    h_c, h_k = _entropy(a), _entropy(b)
+    nz = t > 0
+    outer = np.outer(a, b)
+    mi = float((t[nz] / n * (np.log(t[nz] * n) - np.log(outer[nz]))).sum()) if n > 0 else 0.0
+    mi = max(mi, 0.0)
+    homogeneity = 1.0 if h_c == 0 else mi / h_c
+    completeness = 1.0 if h_k == 0 else mi / h_k
+    v = 0.0 if homogeneity + completeness == 0 else 2 * homogeneity * completeness / (homogeneity + completeness)
+    if (t.shape[0] == 1 and t.shape[1] == 1) or (t.shape[0] == 0 and t.shape[1] == 0):
+        nmi = 1.0
+    else:
+        nmi = mi / max((h_c + h_k) / 2.0, np.finfo(np.float64).eps)
+    return {"ari": ari, "nmi": float(nmi), "homogeneity": float(homogeneity), "completeness": float(completeness), "v_measure": float(v)}
+
+
+# ---------------------------------------------------------------------------------------
+# Internal indices from per-cluster aggregates
+
+
+def internal_scores(df: DataFrame, emb_col: str = "emb", cluster_col: str = "cluster_id") -> dict[str, float]:
+    """Davies-Bouldin, Calinski-Harabasz, inertia and silhouettes (squared Euclidean, cosine).
+
+    Only per-cluster aggregates (k rows) and centroids reach the driver.
+    """
+    vec = df.select(F.col(cluster_col).alias("c"), F.col(emb_col).alias("emb"), array_to_vector(emb_col).alias("features"))
+    cents = vec.groupBy("c").agg(Summarizer.mean(F.col("features")).alias("m"), F.count("*").alias("n")).collect()
+    k = len(cents)
+    n = sum(r["n"] for r in cents)
+    if k < 2 or n <= k:
+        return {}
+    ids = [r["c"] for r in cents]
+    C = np.array([r["m"].toArray() for r in cents])
+    sizes = np.array([r["n"] for r in cents], dtype=np.float64)
+    spark = df.sparkSession
+    cdf = spark.createDataFrame([(int(i), [float(v) for v in c]) for i, c in zip(ids, C)], "c int, centroid array<double>")
+    joined = vec.join(F.broadcast(cdf), "c")
+    sq = F.aggregate(F.zip_with("emb", "centroid", lambda x, y: (x - y) * (x - y)), F.lit(0.0).cast("double"), lambda acc, x: acc + x)
+    per = joined.groupBy("c").agg(F.sum(F.sqrt(sq)).alias("sd"), F.sum(sq).alias("ssq")).collect()
+    sd = {r["c"]: r["sd"] for r in per}
+    ssq = {r["c"]: r["ssq"] for r in per}
+    S = np.array([sd[i] for i in ids]) / sizes  # mean distance to own centroid
+    W = float(sum(ssq[i] for i in ids))
+    overall = (C * sizes[:, None]).sum(axis=0) / n
+    B = float((sizes * ((C - overall) ** 2).sum(axis=1)).sum())
+    dists = np.sqrt(((C[:, None, :] - C[None, :, :]) ** 2).sum(axis=2))
+    dists[dists == 0] = np.inf  # as scikit-learn: the diagonal and coinciding centroids count 0
+    ratio = (S[:, None] + S[None, :]) / dists
+    db = float(np.mean(ratio.max(axis=1)))
+    ch = float((B / (k - 1)) / (W / (n - k))) if W > 0 else math.inf
+    pred = vec.withColumnRenamed("c", "cluster_id")
+    return {
+        "silhouette": silhouette(pred, "squaredEuclidean"),
+        "silhouette_cosine": silhouette(pred, "cosine"),
+        "davies_bouldin": db,
+        "calinski_harabasz": ch,
+        "inertia": W,
+    }
+
+
+def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col: str = "random_id") -> DataFrame:
+    """Assign each row a random cluster with the given share distribution (the random baseline)."""
+    u = F.rand(seed)
+    cum = np.cumsum(np.asarray(shares, dtype=np.float64) / np.sum(shares))
+    expr = F.lit(len(cum) - 1)
+    for i in range(len(cum) - 2, -1, -1):
+        expr = F.when(u < float(cum[i]), F.lit(i)).otherwise(expr)
+    return df.withColumn(out_col, expr.cast("int"))
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def write_metrics(spark: SparkSession, ctx: RunContext, rows: Iterable[dict[str, Any]], families: Sequence[str]) -> int:
+    """Replace this run's metrics of the given families with ``rows``."""
+    data = [
+        (
+            r["method"],
+            r.get("entity_type", "user"),
+            int(r["k"]) if r.get("k") is not None else None,
+            r["family"],
+            r["metric"],
+            None if r.get("value") is None or not math.isfinite(float(r["value"])) else float(r["value"]),
+            r.get("ci_low"),
+            r.get("ci_high"),
+            r.get("details") if isinstance(r.get("details"), (str, type(None))) else json.dumps(r.get("details"), sort_keys=True),
+        )
+        for r in rows
+    ]
+    for d in data:
+        if d[3] not in families:
+            raise ValueError(f"metric row of family {d[3]} written with families {families}")
+    fam = ", ".join(f"'{f}'" for f in families)
+    df = spark.createDataFrame(data, METRICS_SCHEMA)
+    return ctx.store.write_run(df, ctx.tables.metrics, ctx.run_id, extra_predicate=f"family IN ({fam})")
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    k: int
+    metrics: dict[str, dict[str, float]]  # method -> metric -> value
+    labelled_users: int
+
+
+def run(spark: SparkSession, ctx: RunContext, seed: int, labels_format: str = "auto", user_col: str = "user_id", label_col: str = "persona") -> EvaluateResult:
+    """Evaluate this run's user clusters and a random baseline; write ``metrics``."""
+    emb = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "user").select("entity_id", F.col("embedding").alias("emb"))
+    cl = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).where(F.col("entity_type") == "user").select("entity_id", "cluster_id")
+    sizes = {r["cluster_id"]: r["count"] for r in cl.groupBy("cluster_id").count().collect()}
+    k = len(sizes)
+    shares = [sizes[i] / sum(sizes.values()) for i in sorted(sizes)]
+    users = random_assignment(emb.join(cl, "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        results: dict[str, dict[str, float]] = {}
+        rows: list[dict[str, Any]] = []
+        for method, col in (("encoder", "cluster_id"), ("random", "random_id")):
+            scores = internal_scores(users, "emb", col)
+            results[method] = dict(scores)
+            rows += [{"method": method, "k": k, "family": "internal", "metric": m, "value": v} for m, v in scores.items()]
+        n_labelled = 0
+        if ctx.labels_path:
+            labels = read_labels(spark, ctx.labels_path, labels_format, user_col, label_col)
+            lab = users.join(labels.withColumnRenamed("user_id", "entity_id"), "entity_id")
+            n_labelled = lab.count()
+            if n_labelled == 0:
+                log.warning("evaluate: labels at %s match none of the %d clustered users; external metrics skipped", ctx.labels_path, users.count())
+            for method, col in (("encoder", "cluster_id"), ("random", "random_id")):
+                if n_labelled == 0:
+                    break
+                scores = external_scores(contingency(lab, "label", col))
+                results[method].update(scores)
+                details = json.dumps({"labels": ctx.labels_path, "label_col": label_col, "labelled_users": n_labelled})
+                rows += [{"method": method, "k": k, "family": "external", "metric": m, "value": v, "details": details} for m, v in scores.items()]
+            rows.append({"method": "encoder", "k": k, "family": "external", "metric": "labelled_users", "value": float(n_labelled)})
+        write_metrics(spark, ctx, rows, families=("internal", "external"))
+        return EvaluateResult(k, results, n_labelled)
+    finally:
+        users.unpersist()

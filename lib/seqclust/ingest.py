@@ -1,0 +1,211 @@
+"""Ingest: map source columns, parse types, validate, quarantine, dedup.
+
+``validate`` and ``dedup`` are pure DataFrame transforms; ``run`` reads the source, writes
+``quarantine`` and ``events``, and reconciles the row counts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from dataclasses import dataclass
+from itertools import chain
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from seqclust.config import SourceConfig
+from seqclust.context import RunContext
+from seqclust.errors import ConfigError, InputError, ReconciliationError
+from seqclust.io import CORRUPT_COL, FILE_COL, read_source
+
+log = logging.getLogger(__name__)
+
+EVENT_COLUMNS = ("event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price")
+REASONS = (
+    "malformed",
+    "null_user_id",
+    "null_ts",
+    "bad_ts",
+    "ts_too_old",
+    "ts_in_future",
+    "unknown_event_type",
+    "bad_type",
+    "bad_price",
+)
+_NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
+_ZONE_LETTERS = re.compile(r"[XxZzOV]")
+
+
+def _epoch(num: Column, ts_format: str) -> Column:
+    x = num.cast("double")
+    if ts_format == "epoch_ms":
+        return F.timestamp_micros((x * 1000).cast("long"))
+    if ts_format == "epoch_s":
+        return F.timestamp_micros((x * 1_000_000).cast("long"))
+    # auto: seconds, milliseconds or microseconds by magnitude
+    micros = (
+        F.when(F.abs(x) >= 1e14, x)
+        .when(F.abs(x) >= 1e11, x * 1000)
+        .otherwise(x * 1_000_000)
+    )
+    return F.timestamp_micros(micros.cast("long"))
+
+
+def parse_ts(col: Column, dtype: T.DataType, ts_format: str, timezone: str) -> Column:
+    """Parse a source timestamp column to a UTC timestamp (null when unparseable).
+
+    Args:
+        dtype: the source column's Spark type.
+        ts_format: ``auto``, ``epoch_s``, ``epoch_ms``, ``iso8601`` or a Spark datetime pattern.
+        timezone: zone of values that carry none (native timestamps are taken as UTC).
+    """
+    local_to_utc = timezone not in ("UTC", "Z", "Etc/UTC", "+00:00")
+    if isinstance(dtype, (T.TimestampType,)):
+        return col
+    if isinstance(dtype, T.TimestampNTZType):
+        return F.to_utc_timestamp(col.cast("timestamp"), timezone) if local_to_utc else col.cast("timestamp")
+    if isinstance(dtype, T.DateType):
+        return col.cast("timestamp")
+    if isinstance(dtype, _NUMERIC):
+        return _epoch(col, ts_format)
+    s = F.trim(col.cast("string"))
+    if ts_format in ("epoch_s", "epoch_ms"):
+        return _epoch(s.try_cast("double"), ts_format)
+    if ts_format in ("auto", "iso8601"):
+        parsed = s.try_cast("timestamp")
+        has_zone = s.rlike(r"(Z|[+-]\d{2}:?\d{2}|UTC)$")
+        if local_to_utc:
+            parsed = F.when(has_zone, parsed).otherwise(F.to_utc_timestamp(parsed, timezone))
+        if ts_format == "auto":
+            return F.when(s.rlike(r"^-?\d+(\.\d+)?$"), _epoch(s.try_cast("double"), "auto")).otherwise(parsed)
+        return parsed
+    parsed = F.try_to_timestamp(s, F.lit(ts_format))
+    if local_to_utc and not _ZONE_LETTERS.search(re.sub(r"'[^']*'", "", ts_format)):
+        parsed = F.to_utc_timestamp(parsed, timezone)
+    return parsed
+
+
+def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "") -> DataFrame:
+    """Map source columns to the canonical event schema and tag each row with a reason.
+
+    Returns the canonical columns plus ``reason`` (null for a valid row), ``raw`` (the
+    original record as text) and ``source_file``. The first failing check wins, in the
+    order of ``REASONS``.
+    """
+    c = cfg.columns
+    src_cols = [x for x in df.columns if x not in (CORRUPT_COL, FILE_COL)]
+    has_corrupt = CORRUPT_COL in df.columns
+    schema_types = {f.name: f.dataType for f in df.schema.fields}
+
+    def opt(name: str | None) -> Column:
+        return F.col(f"`{name}`") if name is not None and name in df.columns else F.lit(None)
+
+    raw_json = F.to_json(F.struct(*[F.col(f"`{x}`") for x in src_cols]))
+    raw = F.coalesce(F.col(CORRUPT_COL), raw_json) if has_corrupt else raw_json
+    corrupt = F.col(CORRUPT_COL).isNotNull() if has_corrupt else F.lit(False)
+    file_col = F.col(FILE_COL) if FILE_COL in df.columns else F.lit(source)
+
+    user = F.trim(opt(c.user_id).cast("string"))
+    ts_src = opt(c.ts)
+    ts = parse_ts(ts_src, schema_types[c.ts], cfg.ts_format, cfg.timezone)
+    mapping = {str(k).strip().lower(): v for k, v in cfg.event_types.items()}
+    etype_map = F.create_map(*[F.lit(x) for x in chain.from_iterable(mapping.items())])
+    etype_raw = F.lower(F.trim(opt(c.event_type).cast("string")))
+    etype_known = etype_map[etype_raw]
+    etype = etype_known if cfg.unknown_event_type == "quarantine" else F.coalesce(etype_known, F.lit("other"))
+    price_src = opt(c.price)
+    price = price_src.cast("double") if c.price and isinstance(schema_types.get(c.price), _NUMERIC) else F.trim(price_src.cast("string")).try_cast("double")
+    try:
+        min_ts = dt.datetime.fromisoformat(cfg.min_ts.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"source.min_ts: {cfg.min_ts!r} is not an ISO-8601 timestamp") from None
+    if min_ts.tzinfo is None:
+        min_ts = min_ts.replace(tzinfo=dt.timezone.utc)
+    max_ts = now + dt.timedelta(hours=cfg.max_clock_skew_hours)
+
+    reason = (
+        F.when(corrupt, "malformed")
+        .when(user.isNull() | (user == ""), "null_user_id")
+        .when(ts_src.isNull() | (F.trim(ts_src.cast("string")) == ""), "null_ts")
+        .when(ts.isNull(), "bad_ts")
+        .when(ts < F.lit(min_ts), "ts_too_old")
+        .when(ts > F.lit(max_ts), "ts_in_future")
+        .when(etype.isNull(), "unknown_event_type")
+        .when(price_src.isNotNull() & (F.trim(price_src.cast("string")) != "") & price.isNull(), "bad_type")
+        .when(price.isNotNull() & ((price < 0) | (price > cfg.max_price) | F.isnan(price)), "bad_price")
+    )
+    return df.select(
+        opt(c.event_id).cast("string").alias("event_id"),
+        user.alias("user_id"),
+        ts.alias("ts"),
+        etype.alias("event_type"),
+        F.trim(opt(c.item_id).cast("string")).alias("item_id"),
+        F.trim(opt(c.category_id).cast("string")).alias("category_id"),
+        price.alias("price"),
+        reason.alias("reason"),
+        raw.alias("raw"),
+        file_col.alias("source_file"),
+    )
+
+
+def dedup(events: DataFrame) -> DataFrame:
+    """Drop duplicate events, deterministically keeping the earliest copy.
+
+    The key is ``event_id`` where present, else (user, ts, event type, item).
+    """
+    key = F.coalesce(
+        F.concat(F.lit("id:"), F.col("event_id")),
+        F.concat_ws("|", F.lit("k"), "user_id", F.col("ts").cast("string"), "event_type", F.coalesce("item_id", F.lit(""))),
+    )
+    ordered = F.struct("ts", "user_id", "event_type", "item_id", "category_id", "price", "event_id")
+    return events.groupBy(key.alias("_k")).agg(F.min(ordered).alias("_e")).select("_e.*").select(*EVENT_COLUMNS)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    input_rows: int
+    clean_rows: int
+    quarantined_rows: int
+    duplicate_rows: int
+    reasons: dict[str, int]
+
+
+def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig) -> IngestResult:
+    """Read the source, write ``quarantine`` and ``events`` for this run, reconcile counts."""
+    if not ctx.input_path:
+        raise InputError("no input: pass --input PATH (or run without it for the generated demo data)")
+    raw_df = read_source(spark, ctx.input_path, cfg)
+    n_input = raw_df.count()
+    if n_input == 0:
+        raise InputError(f"--input {ctx.input_path}: no rows to ingest")
+    log.info("ingest: %d input rows from %s", n_input, ctx.input_path)
+    validated = validate(raw_df, cfg, ctx.started_at, source=ctx.input_path).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        by_reason = {r["reason"]: r["count"] for r in validated.groupBy("reason").count().collect()}
+        n_valid = by_reason.pop(None, 0)
+        n_quar = sum(by_reason.values())
+        quarantine = validated.where(F.col("reason").isNotNull()).select(
+            F.lit(ctx.input_path).alias("source"),
+            "source_file",
+            "raw",
+            "reason",
+            F.lit(ctx.started_at).cast("timestamp").alias("ingested_at"),
+        )
+        n_q_written = ctx.store.write_run(quarantine, ctx.tables.quarantine, ctx.run_id)
+        clean = dedup(validated.where(F.col("reason").isNull()))
+        n_clean = ctx.store.write_run(clean, ctx.tables.events, ctx.run_id)
+    finally:
+        validated.unpersist()
+    n_dup = n_valid - n_clean
+    log.info("ingest: %d clean, %d quarantined %s, %d duplicates", n_clean, n_quar, by_reason, n_dup)
+    if n_input != n_valid + n_quar or n_q_written != n_quar or n_dup < 0 or n_input != n_clean + n_quar + n_dup:
+        raise ReconciliationError(
+            f"row accounting failed: input {n_input} != clean {n_clean} + quarantined {n_q_written} (tagged {n_quar}) + duplicates {n_dup}"
+        )
+    if n_clean == 0:
+        raise InputError(f"--input {ctx.input_path}: all {n_input} rows were quarantined ({by_reason}); check source.columns and source.ts_format")
+    return IngestResult(n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()})

@@ -1,0 +1,226 @@
+"""Storage edges: reading sources, reading and writing Delta tables per run.
+
+Everything that touches storage lives here; the stages in between are DataFrame transforms.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from seqclust.config import SourceConfig, validate_identifier, validate_run_id
+from seqclust.errors import InputError, SeqclustError
+
+log = logging.getLogger(__name__)
+
+CORRUPT_COL = "_corrupt_record"
+FILE_COL = "_source_file"
+
+
+# ---------------------------------------------------------------------------------------
+# Sources
+
+
+def detect_format(path: str) -> str:
+    """Guess a source format from a local path: Delta log, then file extensions."""
+    p = Path(path)
+    if (p / "_delta_log").is_dir():
+        return "delta"
+    names: list[str] = []
+    if p.is_file():
+        names = [p.name]
+    elif p.is_dir():
+        for root, dirs, files in os.walk(p):
+            dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+            names.extend(f for f in files if not f.startswith(("_", ".")))
+            if len(names) > 50:
+                break
+    exts = {n.lower().rsplit(".", 2)[-1] if not n.lower().endswith(".gz") else n.lower().rsplit(".", 2)[-2] for n in names if "." in n}
+    for fmt, keys in (("parquet", {"parquet"}), ("json", {"json", "jsonl", "ndjson"}), ("csv", {"csv", "tsv", "txt"})):
+        if exts & keys:
+            return fmt
+    raise InputError(f"--input {path}: cannot tell the format from the files; pass --format parquet|csv|json|delta")
+
+
+def _check_path(path: str) -> None:
+    if "://" in path and not path.startswith("file:"):
+        return  # remote storage: let Spark report
+    local = path[5:] if path.startswith("file:") else path
+    if not Path(local).exists():
+        raise InputError(f"--input {path}: path does not exist")
+
+
+def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
+    """Read raw events as they are, plus ``_source_file`` and, for CSV/JSON, ``_corrupt_record``.
+
+    CSV and JSON are read with every mapped column as a string (types are checked by
+    validation, so a bad value quarantines one row instead of failing the job) and in
+    PERMISSIVE mode so that malformed lines are kept, not dropped.
+    """
+    _check_path(path)
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = detect_format(path)
+    try:
+        if fmt in ("parquet", "delta"):
+            df = spark.read.format(fmt).load(path)
+            df = df.withColumn(FILE_COL, F.col("_metadata.file_path")) if fmt == "parquet" else df.withColumn(FILE_COL, F.lit(path))
+        elif fmt == "csv":
+            probe = spark.read.options(header=cfg.header, sep=cfg.delimiter, inferSchema=False).csv(path)
+            names = probe.columns
+            schema = T.StructType([T.StructField(n, T.StringType()) for n in names] + [T.StructField(CORRUPT_COL, T.StringType())])
+            df = (
+                spark.read.options(header=cfg.header, sep=cfg.delimiter, mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL)
+                .schema(schema)
+                .csv(path)
+                .withColumn(FILE_COL, F.col("_metadata.file_path"))
+            )
+        elif fmt == "json":
+            wanted = [c for c in _mapped_columns(cfg)]
+            schema = T.StructType([T.StructField(n, T.StringType()) for n in wanted] + [T.StructField(CORRUPT_COL, T.StringType())])
+            df = (
+                spark.read.options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL)
+                .schema(schema)
+                .json(path)
+                .withColumn(FILE_COL, F.col("_metadata.file_path"))
+            )
+        else:
+            raise InputError(f"source.format: unknown format {fmt!r}")
+    except AnalysisException as e:
+        msg = str(e).splitlines()[0]
+        raise InputError(f"--input {path}: cannot read as {fmt} ({msg[:300]})") from None
+    missing = [c for c in _required_columns(cfg) if c not in df.columns]
+    if missing:
+        from seqclust.errors import MissingColumnError
+
+        shown = [c for c in df.columns if c not in (CORRUPT_COL, FILE_COL)]
+        raise MissingColumnError(
+            f"--input {path}: required column(s) {', '.join(missing)} not found (columns: {', '.join(shown[:20])}); map them with source.columns.*"
+        )
+    return df
+
+
+def _mapped_columns(cfg: SourceConfig) -> list[str]:
+    cols = cfg.columns
+    out = []
+    for name in ("event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price"):
+        v = getattr(cols, name)
+        if v is not None and v not in out:
+            out.append(v)
+    return out
+
+
+def _required_columns(cfg: SourceConfig) -> list[str]:
+    c = cfg.columns
+    return [c.user_id, c.ts, c.event_type]
+
+
+# ---------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclass(frozen=True)
+class TableStore:
+    """Delta tables under a path root, one folder per table, partitioned by ``run_id``.
+
+    Partitioning by run id makes a rerun's ``replaceWhere`` touch only that run's files and
+    keeps runs from colliding; it is never by user id (high cardinality, tiny files).
+    """
+
+    root: str
+
+    def path(self, name: str) -> str:
+        validate_identifier(name, "table name")
+        return str(Path(self.root) / name) if "://" not in self.root else f"{self.root.rstrip('/')}/{name}"
+
+    def exists(self, name: str) -> bool:
+        p = self.path(name)
+        if "://" in p and not p.startswith("file:"):
+            return True
+        return (Path(p) / "_delta_log").is_dir()
+
+    def write_run(
+        self,
+        df: DataFrame,
+        name: str,
+        run_id: str,
+        partition_by: Iterable[str] = ("run_id",),
+        extra_predicate: str | None = None,
+    ) -> int:
+        """Atomically replace ``run_id``'s rows of table ``name`` with ``df``; return rows written.
+
+        Args:
+            extra_predicate: narrows what is replaced (a fixed SQL predicate from code, never
+                from user input), e.g. ``entity_type = 'user'``.
+        """
+        validate_run_id(run_id)
+        predicate = f"run_id = '{run_id}'" + (f" AND ({extra_predicate})" if extra_predicate else "")
+        if "run_id" not in df.columns:
+            df = df.withColumn("run_id", F.lit(run_id))
+        path = self.path(name)
+        try:
+            (
+                df.write.format("delta")
+                .mode("overwrite")
+                .option("replaceWhere", predicate)
+                .partitionBy(*partition_by)
+                .save(path)
+            )
+        except AnalysisException as e:
+            raise SeqclustError(f"table {name} at {path}: write failed ({str(e).splitlines()[0][:300]})") from None
+        except Exception as e:  # Py4J errors for unwritable paths and the like
+            text = str(e)
+            if "Permission denied" in text or "AccessDenied" in text or "Mkdirs failed" in text:
+                raise SeqclustError(f"table {name} at {path}: output path is not writable") from None
+            raise
+        return self.last_rows_written(name)
+
+    def last_rows_written(self, name: str) -> int:
+        from delta.tables import DeltaTable
+
+        spark = SparkSession.getActiveSession()
+        assert spark is not None
+        row = DeltaTable.forPath(spark, self.path(name)).history(1).select("operationMetrics").first()
+        metrics = (row["operationMetrics"] if row else None) or {}
+        return int(metrics.get("numOutputRows", 0))
+
+    def read(self, spark: SparkSession, name: str, run_id: str | None = None) -> DataFrame:
+        path = self.path(name)
+        if not self.exists(name):
+            raise InputError(f"table {name} not found at {path}; run the stage that writes it first")
+        try:
+            df = spark.read.format("delta").load(path)
+        except AnalysisException as e:
+            raise InputError(f"table {name} at {path}: unreadable Delta table ({str(e).splitlines()[0][:200]})") from None
+        if run_id is not None:
+            validate_run_id(run_id)
+            df = df.where(F.col("run_id") == run_id)
+        return df
+
+
+def read_labels(spark: SparkSession, path: str, fmt: str, user_col: str, label_col: str) -> DataFrame:
+    """Read a labels table as (user_id string, label string)."""
+    _check_path(path)
+    if fmt == "auto":
+        fmt = detect_format(path)
+    try:
+        reader = spark.read.format(fmt)
+        if fmt == "csv":
+            reader = reader.option("header", True)
+        df = reader.load(path)
+    except AnalysisException as e:
+        raise InputError(f"--labels {path}: cannot read ({str(e).splitlines()[0][:200]})") from None
+    for c in (user_col, label_col):
+        if c not in df.columns:
+            raise InputError(f"--labels {path}: column {c!r} not found (columns: {', '.join(df.columns[:20])})")
+    return df.select(F.col(user_col).cast("string").alias("user_id"), F.col(label_col).cast("string").alias("label")).where(
+        F.col("user_id").isNotNull() & F.col("label").isNotNull()
+    )

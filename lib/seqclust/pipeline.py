@@ -1,0 +1,259 @@
+"""Run the stages in order for one run id and keep the ``runs`` table up to date.
+
+Each stage reads what the previous one committed to Delta for the same run id, so a stage
+can also run alone (``seqclust <stage> --run-id ...``, a Databricks task, an Airflow task).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from seqclust import __version__
+from seqclust import cluster as cluster_stage
+from seqclust import embed as embed_stage
+from seqclust import evaluate as evaluate_stage
+from seqclust import ingest as ingest_stage
+from seqclust import sessionize as sessionize_stage
+from seqclust import train as train_stage
+from seqclust.config import PipelineConfig
+from seqclust.context import RunContext
+from seqclust.errors import InputError, SeqclustError
+from seqclust.io import TableStore
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "sessionize", "train", "embed", "cluster", "evaluate")
+
+RUNS_SCHEMA = T.StructType(
+    [
+        T.StructField("status", T.StringType()),
+        T.StructField("started_at", T.TimestampType()),
+        T.StructField("finished_at", T.TimestampType()),
+        T.StructField("error", T.StringType()),
+        T.StructField("config_json", T.StringType()),
+        T.StructField("config_hash", T.StringType()),
+        T.StructField("code_version", T.StringType()),
+        T.StructField("git_commit", T.StringType()),
+        T.StructField("input_path", T.StringType()),
+        T.StructField("labels_path", T.StringType()),
+        T.StructField("encoder_id", T.StringType()),
+        T.StructField("encoder_path", T.StringType()),
+        T.StructField("rows_input", T.LongType()),
+        T.StructField("rows_clean", T.LongType()),
+        T.StructField("rows_quarantined", T.LongType()),
+        T.StructField("rows_duplicates", T.LongType()),
+        T.StructField("quarantine_reasons", T.MapType(T.StringType(), T.LongType())),
+        T.StructField("sessions", T.LongType()),
+        T.StructField("users", T.LongType()),
+        T.StructField("k", T.IntegerType()),
+        T.StructField("stage_seconds", T.MapType(T.StringType(), T.DoubleType())),
+        T.StructField("stages_completed", T.ArrayType(T.StringType())),
+    ]
+)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass
+class RunRecord:
+    """The ``runs`` row of one run (mutable while the run goes on)."""
+
+    status: str = "running"
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    error: str | None = None
+    config_json: str | None = None
+    config_hash: str | None = None
+    code_version: str | None = __version__
+    git_commit: str | None = None
+    input_path: str | None = None
+    labels_path: str | None = None
+    encoder_id: str | None = None
+    encoder_path: str | None = None
+    rows_input: int | None = None
+    rows_clean: int | None = None
+    rows_quarantined: int | None = None
+    rows_duplicates: int | None = None
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    sessions: int | None = None
+    users: int | None = None
+    k: int | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stages_completed: list[str] = field(default_factory=list)
+
+    def row(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in RUNS_SCHEMA.fields)
+
+
+def save_record(spark: SparkSession, ctx: RunContext, rec: RunRecord) -> None:
+    df = spark.createDataFrame([rec.row()], RUNS_SCHEMA)
+    ctx.store.write_run(df, ctx.tables.runs, ctx.run_id)
+
+
+def load_record(spark: SparkSession, ctx: RunContext) -> RunRecord | None:
+    if not ctx.store.exists(ctx.tables.runs):
+        return None
+    row = ctx.store.read(spark, ctx.tables.runs, ctx.run_id).first()
+    if row is None:
+        return None
+    d = row.asDict()
+    return RunRecord(**{f.name: d.get(f.name) for f in RUNS_SCHEMA.fields if d.get(f.name) is not None})
+
+
+def make_context(cfg: PipelineConfig, input_path: str | None, labels_path: str | None, run_id: str | None = None) -> RunContext:
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    rid = run_id or cfg.run.run_id or f"{now:%Y%m%dT%H%M%S}-{cfg.config_hash()[:6]}"
+    return RunContext(
+        run_id=rid,
+        store=TableStore(str(Path(cfg.run.output).absolute()) if "://" not in cfg.run.output else cfg.run.output),
+        tables=cfg.tables,
+        started_at=now,
+        input_path=input_path,
+        labels_path=labels_path,
+    )
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    record: RunRecord
+    table_rows: dict[str, int]
+    metrics: dict[str, dict[str, float]]
+    table_root: str
+    seconds: float
+
+
+def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
+    seed = cfg.run.seed
+    if name == "ingest":
+        r = ingest_stage.run(spark, ctx, cfg.source)
+        rec.rows_input, rec.rows_clean, rec.rows_quarantined, rec.rows_duplicates = r.input_rows, r.clean_rows, r.quarantined_rows, r.duplicate_rows
+        rec.quarantine_reasons = r.reasons
+    elif name == "sessionize":
+        s = sessionize_stage.run(spark, ctx, cfg.sessionize)
+        rec.sessions, rec.users = s.sessions, s.users
+    elif name == "train":
+        t, art = train_stage.run(spark, ctx, cfg.tokenize, cfg.encoder, seed)
+        rec.encoder_id, rec.encoder_path = t.encoder_id, t.path
+        state["artifact"] = art
+    elif name == "embed":
+        art = state.get("artifact")
+        if art is None:
+            from seqclust.encoder import load_artifact
+
+            path = cfg.encoder.path or rec.encoder_path
+            if not path:
+                raise InputError(f"run {ctx.run_id}: no encoder yet; run the train stage first or pass --encoder PATH")
+            art = load_artifact(path)
+            rec.encoder_id, rec.encoder_path = art.encoder_id, str(art.path)
+        embed_stage.run(spark, ctx, cfg.embed, art)
+    elif name == "cluster":
+        c = cluster_stage.run(spark, ctx, cfg.cluster, seed)
+        rec.k = c.k
+        rec.users = c.users
+    elif name == "evaluate":
+        e = evaluate_stage.run(spark, ctx, seed, cfg.labels.format, cfg.labels.user_col, cfg.labels.label_col)
+        state["metrics"] = e.metrics
+    else:  # pragma: no cover
+        raise ValueError(name)
+
+
+def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple[str, ...] = STAGES) -> RunSummary:
+    """Run ``stages`` for ``ctx.run_id``; the ``runs`` row says how far it got and why it stopped."""
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+    t_run = time.perf_counter()
+    rec = load_record(spark, ctx) or RunRecord()
+    if stages[0] == STAGES[0] or rec.started_at is None:
+        rec = RunRecord(started_at=ctx.started_at, git_commit=git_commit())
+    rec.status, rec.error, rec.finished_at = "running", None, None
+    rec.config_json, rec.config_hash = cfg.to_json(), cfg.config_hash()
+    rec.input_path = ctx.input_path or rec.input_path
+    rec.labels_path = ctx.labels_path or rec.labels_path
+    save_record(spark, ctx, rec)
+    state: dict[str, Any] = {}
+    current = None
+    try:
+        for name in stages:
+            current = name
+            log.info("stage %s: start (run %s)", name, ctx.run_id)
+            t0 = time.perf_counter()
+            _stage(name, spark, cfg, ctx, rec, state)
+            rec.stage_seconds = {**rec.stage_seconds, name: round(time.perf_counter() - t0, 3)}
+            rec.stages_completed = [s for s in rec.stages_completed if s != name] + [name]
+            save_record(spark, ctx, rec)
+            log.info("stage %s: done in %.1fs", name, rec.stage_seconds[name])
+    except BaseException as e:
+        rec.status = "failed"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        rec.error = f"{current}: {msg}"[:2000]
+        rec.finished_at = dt.datetime.now(dt.timezone.utc)
+        try:
+            save_record(spark, ctx, rec)
+        except Exception:  # the original error matters more than the bookkeeping
+            log.exception("could not record the failure of run %s", ctx.run_id)
+        if isinstance(e, SeqclustError) or not isinstance(e, Exception):
+            raise
+        raise SeqclustError(f"stage {current} failed: {msg[:500]}") from e
+    rec.status = "succeeded" if stages[-1] == STAGES[-1] or set(STAGES) <= set(rec.stages_completed) else "running"
+    rec.finished_at = dt.datetime.now(dt.timezone.utc)
+    save_record(spark, ctx, rec)
+    table_rows = {}
+    for name in ("quarantine", "events", "sessions", "embeddings", "clusters", "centroids", "metrics", "runs"):
+        tname = getattr(ctx.tables, name)
+        if ctx.store.exists(tname):
+            table_rows[tname] = ctx.store.read(spark, tname, ctx.run_id).count()
+    metrics = state.get("metrics") or _read_metrics(spark, ctx)
+    return RunSummary(ctx.run_id, rec, table_rows, metrics, ctx.store.root, time.perf_counter() - t_run)
+
+
+def _read_metrics(spark: SparkSession, ctx: RunContext) -> dict[str, dict[str, float]]:
+    if not ctx.store.exists(ctx.tables.metrics):
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for r in ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).where(F.col("family").isin("internal", "external")).collect():
+        out.setdefault(r["method"], {})[r["metric"]] = r["value"]
+    return out
+
+
+def format_summary(s: RunSummary) -> str:
+    rec = s.record
+    lines = [f"seqclust run {s.run_id}: {rec.status} in {s.seconds:.1f}s"]
+    if rec.rows_input is not None:
+        lines.append(
+            f"  rows: input {rec.rows_input} = clean {rec.rows_clean} + quarantined {rec.rows_quarantined} + duplicates {rec.rows_duplicates}"
+            + (f"  (quarantine reasons: {json.dumps(rec.quarantine_reasons, sort_keys=True)})" if rec.quarantine_reasons else "")
+        )
+    lines.append(f"  Delta tables under {s.table_root} (rows of this run):")
+    for t, n in s.table_rows.items():
+        lines.append(f"    {t:<12} {n:>10}")
+    if rec.stage_seconds:
+        lines.append("  stage wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rec.stage_seconds.items()))
+    if rec.encoder_id:
+        lines.append(f"  encoder: {rec.encoder_id} ({rec.encoder_path})")
+    if s.metrics:
+        methods = [m for m in ("encoder", "bag_of_events", "random") if m in s.metrics]
+        names = [m for m in ("silhouette", "silhouette_cosine", "davies_bouldin", "calinski_harabasz", "ari", "nmi", "homogeneity", "completeness", "v_measure") if any(m in s.metrics[x] for x in methods)]
+        lines.append(f"  metrics at k={rec.k}:   " + "".join(f"{m:>14}" for m in methods))
+        for n in names:
+            vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in methods)
+            lines.append(f"    {n:<20}{vals}")
+    return "\n".join(lines)

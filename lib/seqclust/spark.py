@@ -1,0 +1,78 @@
+"""The one SparkSession factory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from seqclust.config import SparkConfig
+
+log = logging.getLogger(__name__)
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+def _on_databricks() -> bool:
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
+def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
+    """Return the active session, or build one.
+
+    An existing session (Databricks, a notebook, a test fixture, spark-submit with its own
+    conf) is reused as is. Otherwise a session is built with Delta's extension and catalog;
+    Delta's jars are added through ``configure_spark_with_delta_pip`` unless the JVM already
+    has them (spark-submit ``--packages``). For a local master the workers are pinned to this
+    interpreter and the driver is bound to loopback.
+    """
+    cfg = cfg or SparkConfig()
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    if _on_databricks():  # pragma: no cover - exercised on Databricks only
+        return SparkSession.builder.getOrCreate()
+
+    builder = SparkSession.builder.appName(cfg.app_name)
+    master = cfg.master or os.environ.get("SPARK_MASTER")
+    submitted = "SPARK_SUBMIT_OPTS" in os.environ or os.environ.get("SEQCLUST_SUBMITTED") == "1"
+    if master:
+        builder = builder.master(master)
+    elif not submitted:
+        master = "local[*]"
+        builder = builder.master(master)
+    is_local = (master or "").startswith("local")
+    if is_local:
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        builder = (
+            builder.config("spark.driver.host", "127.0.0.1")
+            .config("spark.driver.bindAddress", "127.0.0.1")
+            .config("spark.ui.enabled", "false")
+        )
+        if cfg.driver_memory:
+            builder = builder.config("spark.driver.memory", cfg.driver_memory)
+    builder = (
+        builder.config("spark.sql.extensions", DELTA_EXTENSION)
+        .config("spark.sql.catalog.spark_catalog", DELTA_CATALOG)
+        .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.databricks.delta.snapshotPartitions", str(max(1, min(cfg.shuffle_partitions, 8))))
+        .config("spark.python.worker.reuse", "true")
+    )
+    for k, v in cfg.conf.items():
+        builder = builder.config(k, v)
+    if os.environ.get("SEQCLUST_DELTA_JARS_PRESENT") != "1":
+        from delta import configure_spark_with_delta_pip
+
+        builder = configure_spark_with_delta_pip(builder)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    log.info("starting Spark (master=%s)", master or "from spark-submit")
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(cfg.log_level)
+    return spark

@@ -1,0 +1,78 @@
+"""Train stage: vocabulary in Spark, a bounded seeded sample to the driver, the encoder
+trained self-supervised, saved as a versioned artifact (or an existing one reused)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from seqclust.config import EncoderConfig, TokenizeConfig
+from seqclust.context import RunContext
+from seqclust.encoder import Artifact, load_artifact, save_artifact, train
+from seqclust.errors import InputError
+from seqclust.features import INPUT_COLUMNS, featurize
+from seqclust.tokenize import build_vocab, with_price_edges
+
+log = logging.getLogger(__name__)
+
+
+def training_sample(sessions: DataFrame, n: int, seed: int) -> pa.Table:
+    """Up to ``n`` sessions chosen by a seeded hash of the session id: the same sessions
+    whatever the partitioning, and never more than ``n`` rows reach the driver."""
+    return (
+        sessions.select("session_id", *INPUT_COLUMNS)
+        .withColumn("_h", F.xxhash64("session_id", F.lit(seed)))
+        .orderBy("_h", "session_id")
+        .limit(n)
+        .drop("_h")
+        .toArrow()
+    )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    encoder_id: str
+    path: str
+    trained: bool
+    sample_sessions: int
+
+
+def run(spark: SparkSession, ctx: RunContext, tok: TokenizeConfig, cfg: EncoderConfig, seed: int) -> tuple[TrainResult, Artifact]:
+    """Train (or load with ``encoder.path``) the encoder for this run."""
+    if cfg.path:
+        art = load_artifact(cfg.path)
+        log.info("train: reusing encoder %s from %s", art.encoder_id, cfg.path)
+        return TrainResult(art.encoder_id, str(art.path), False, 0), art
+    sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+    vocab = build_vocab(sessions, tok.max_len, tok.vocab_size, tok.min_count, tok.price_bands)
+    if not vocab.tokens:
+        raise InputError(f"no token occurs at least tokenize.min_count={tok.min_count} times; lower it or give more data")
+    sample = training_sample(sessions, cfg.train_sample, seed)
+    if sample.num_rows < 10:
+        raise InputError(f"only {sample.num_rows} sessions to train on; need at least 10")
+    vocab = with_price_edges(vocab, sample, tok.price_bands)
+    feats = featurize(sample, vocab)
+    log.info("train: %s encoder on %d sessions (sample of at most %d)", cfg.architecture, sample.num_rows, cfg.train_sample)
+    model_cfg, weights, metrics = train(
+        feats,
+        vocab,
+        architecture=cfg.architecture,
+        embedding_dim=cfg.embedding_dim,
+        token_dim=cfg.token_dim,
+        hidden=cfg.hidden,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        validation_fraction=cfg.validation_fraction,
+        patience=cfg.patience,
+        mask_prob=cfg.mask_prob,
+        seed=seed,
+        objective=cfg.objective,
+    )
+    art = save_artifact(ctx.artifacts_dir / "encoders", model_cfg, vocab, weights, metrics)
+    log.info("train: encoder %s saved to %s", art.encoder_id, art.path)
+    return TrainResult(art.encoder_id, str(art.path), True, sample.num_rows), art
