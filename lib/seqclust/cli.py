@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from seqclust.errors import ConfigError, SeqclustError
 
@@ -19,15 +19,21 @@ STAGE_COMMANDS = ("ingest", "sessionize", "train", "embed", "cluster", "evaluate
 
 
 def _common(p: argparse.ArgumentParser, stage: bool) -> None:
-    p.add_argument("--input", help="events: a file or folder (JSON lines, CSV, Parquet) or a Delta table path; omit for generated demo data")
-    p.add_argument("--format", choices=["auto", "parquet", "csv", "json", "delta"], help="source format (default: source.format, auto-detected)")
+    p.add_argument(
+        "--input", help="events: a file or folder (JSON lines, CSV, Parquet) or a Delta table path; omit for generated demo data"
+    )
+    p.add_argument(
+        "--format", choices=["auto", "parquet", "csv", "json", "delta"], help="source format (default: source.format, auto-detected)"
+    )
     p.add_argument("--output", help="root folder of the Delta tables (default: run.output)")
     p.add_argument("--run-id", required=stage, help="run id (letters, digits, _ - .); rerunning an id replaces its rows")
     p.add_argument("--labels", help="known labels per user (user_id, persona) for external agreement")
     p.add_argument("--encoder", help="reuse an encoder artifact directory instead of training")
     p.add_argument("--conf", help="environment YAML (e.g. conf/local.yaml); conf/base.yaml beside it is applied first")
     p.add_argument("--env", help="environment name when --conf is not given (default $SEQCLUST_ENV or local)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set cluster.k=8 (repeatable)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set cluster.k=8 (repeatable)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
 
 
@@ -44,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bad-rate", type=float, default=0.0, help="share of rows made invalid (and as many duplicated)")
     g.add_argument("--format", choices=["parquet", "json", "csv"], default="parquet")
     g.add_argument("-v", "--verbose", action="store_true")
+    w = sub.add_parser("warmup", help="start Spark with Delta once (fetches Delta's jars) and check a Delta round trip")
+    w.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -77,7 +85,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not 0 <= args.bad_rate < 1:
         raise ConfigError("--bad-rate: must be in [0, 1)")
     r = write_dataset(args.out, args.users, seed=args.seed, bad_rate=args.bad_rate, fmt=args.format)
-    print(f"generated {r.events} events for {r.users} users in {r.seconds:.1f}s: {Path(args.out) / 'events'} (labels: {Path(args.out) / 'personas'})")
+    print(
+        f"generated {r.events} events for {r.users} users in {r.seconds:.1f}s: {Path(args.out) / 'events'} (labels: {Path(args.out) / 'personas'})"
+    )
     return 0
 
 
@@ -122,6 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "warmup":
+            import tempfile
+
+            from seqclust.spark import delta_package, warm_up
+
+            with tempfile.TemporaryDirectory() as d:
+                print(f"Spark {warm_up(d)} with {delta_package()}: Delta round trip ok")
+            return 0
         return cmd_pipeline(args)
     except SeqclustError as e:
         if args.verbose:

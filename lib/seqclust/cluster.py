@@ -39,7 +39,9 @@ def fit_kmeans(features: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> KM
 def silhouette(pred: DataFrame, distance: str = "squaredEuclidean", pred_col: str = "cluster_id") -> float:
     """Spark's silhouette (exact, O(n·k) thanks to per-cluster aggregates)."""
     return float(
-        ClusteringEvaluator(featuresCol="features", predictionCol=pred_col, distanceMeasure=distance, metricName="silhouette").evaluate(pred)
+        ClusteringEvaluator(featuresCol="features", predictionCol=pred_col, distanceMeasure=distance, metricName="silhouette").evaluate(
+            pred
+        )
     )
 
 
@@ -98,7 +100,10 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
             "distance_to_centroid",
         )
         ctx.store.write_run(clusters, ctx.tables.clusters, ctx.run_id)
-        sizes = {r["cluster_id"]: r["count"] for r in ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("cluster_id").count().collect()}
+        sizes = {
+            r["cluster_id"]: r["count"]
+            for r in ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("cluster_id").count().collect()
+        }
         cent_rows = [(i, "encoder", [float(v) for v in c], int(sizes.get(i, 0))) for i, c in enumerate(centers)]
         cent_schema = T.StructType(
             [
@@ -111,7 +116,14 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
         ctx.store.write_run(spark.createDataFrame(cent_rows, cent_schema), ctx.tables.centroids, ctx.run_id)
         model.write().overwrite().save(str(ctx.run_dir / "kmeans"))
         sweep_rows = [
-            {"method": "encoder", "k": r["k"], "metric": m, "value": r[m], "family": "sweep", "details": "k sweep; chosen by silhouette" if r["k"] == k else "k sweep"}
+            {
+                "method": "encoder",
+                "k": r["k"],
+                "metric": m,
+                "value": r[m],
+                "family": "sweep",
+                "details": "k sweep; chosen by silhouette" if r["k"] == k else "k sweep",
+            }
             for r in sweep
             for m in ("silhouette", "inertia")
         ]

@@ -15,9 +15,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -40,9 +41,7 @@ def validate_identifier(name: str, what: str) -> str:
 def validate_run_id(run_id: str) -> str:
     """Return ``run_id`` if it is safe to use in a Delta predicate and a path."""
     if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id) or ".." in run_id:
-        raise ConfigError(
-            f"run_id: {run_id!r} is not allowed (1-64 of letters, digits, '_', '-', '.'; must start with a letter or digit)"
-        )
+        raise ConfigError(f"run_id: {run_id!r} is not allowed (1-64 of letters, digits, '_', '-', '.'; must start with a letter or digit)")
     return run_id
 
 
@@ -96,9 +95,7 @@ class SourceConfig:
     ts_format: str = "auto"
     timezone: str = "UTC"
     # raw value -> canonical type; raw values not listed are unknown
-    event_types: dict[str, str] = field(
-        default_factory=lambda: {t: t for t in CANONICAL_EVENT_TYPES}
-    )
+    event_types: dict[str, str] = field(default_factory=lambda: {t: t for t in CANONICAL_EVENT_TYPES})
     unknown_event_type: Literal["quarantine", "other"] = "quarantine"
     min_ts: str = "2000-01-01T00:00:00Z"
     max_clock_skew_hours: float = 24.0
@@ -403,7 +400,9 @@ def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
             cur[part] = value
             return
         # descend into a nested dataclass (unwrap Optional) or a dict
-        inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+        inner = (
+            [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+        )
         node = inner[0]
         nxt = cur.get(part)
         if not isinstance(nxt, dict):

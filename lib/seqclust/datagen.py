@@ -263,7 +263,7 @@ def write_dataset(
         n_malformed = int(round(bad_rate * n)) if malformed is None else malformed
     for i in range(files):
         part = table.slice(bounds[i], bounds[i + 1] - bounds[i])
-        path = events_dir / f"part-{i:05d}.{ 'jsonl' if fmt == 'json' else fmt}"
+        path = events_dir / f"part-{i:05d}.{'jsonl' if fmt == 'json' else fmt}"
         if fmt == "parquet":
             pq.write_table(part, path)
             continue
@@ -283,7 +283,9 @@ def write_dataset(
                     fh.write('"unterminated,quote\n')
         else:
             raise ValueError(f"unknown format {fmt!r}; use parquet, json or csv")
-    (out / "_GENERATED.json").write_text(json.dumps({"users": users, "seed": seed, "bad_rate": bad_rate, "format": fmt, **counts}), encoding="utf-8")
+    (out / "_GENERATED.json").write_text(
+        json.dumps({"users": users, "seed": seed, "bad_rate": bad_rate, "format": fmt, **counts}), encoding="utf-8"
+    )
     dt = time.perf_counter() - t0
     log.info("generated %d events for %d users in %.1fs (%s)", n + n_malformed, users, dt, events_dir)
     return GenerateResult(

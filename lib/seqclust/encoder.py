@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -176,11 +177,15 @@ def load_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"encoder artifact {p}: format version {manifest.get('format_version')} is not {FORMAT_VERSION}")
     actual = content_hash(model_cfg, vocab, weights)
     if actual != manifest.get("encoder_id"):
-        raise ArtifactError(f"encoder artifact {p}: content hash {actual} does not match manifest {manifest.get('encoder_id')} (tampered or corrupt)")
+        raise ArtifactError(
+            f"encoder artifact {p}: content hash {actual} does not match manifest {manifest.get('encoder_id')} (tampered or corrupt)"
+        )
     return Artifact(p, actual, model_cfg, vocab, weights, metrics)
 
 
-def embedding_fn(model_cfg: dict[str, Any], weights: list[np.ndarray], threads: int | None = None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+def embedding_fn(
+    model_cfg: dict[str, Any], weights: list[np.ndarray], threads: int | None = None
+) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     """Build the model once and return ``predict(features) -> float32 [n, dim]``, L2-normalised."""
     tf = _tf(threads)
     model = build_encoder(model_cfg)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from pyspark import StorageLevel
@@ -144,12 +145,12 @@ def internal_scores(df: DataFrame, emb_col: str = "emb", cluster_col: str = "clu
 
 def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col: str = "random_id") -> DataFrame:
     """Assign each row a random cluster with the given share distribution (the random baseline)."""
-    u = F.rand(seed)
+    u = F.col("_u")  # one draw per row: CASE WHEN on rand() itself would draw per branch
     cum = np.cumsum(np.asarray(shares, dtype=np.float64) / np.sum(shares))
     expr = F.lit(len(cum) - 1)
     for i in range(len(cum) - 2, -1, -1):
         expr = F.when(u < float(cum[i]), F.lit(i)).otherwise(expr)
-    return df.withColumn(out_col, expr.cast("int"))
+    return df.withColumn("_u", F.rand(seed)).withColumn(out_col, expr.cast("int")).drop("_u")
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,9 +188,15 @@ class EvaluateResult:
     labelled_users: int
 
 
-def run(spark: SparkSession, ctx: RunContext, seed: int, labels_format: str = "auto", user_col: str = "user_id", label_col: str = "persona") -> EvaluateResult:
+def run(
+    spark: SparkSession, ctx: RunContext, seed: int, labels_format: str = "auto", user_col: str = "user_id", label_col: str = "persona"
+) -> EvaluateResult:
     """Evaluate this run's user clusters and a random baseline; write ``metrics``."""
-    emb = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "user").select("entity_id", F.col("embedding").alias("emb"))
+    emb = (
+        ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
+        .where(F.col("entity_type") == "user")
+        .select("entity_id", F.col("embedding").alias("emb"))
+    )
     cl = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).where(F.col("entity_type") == "user").select("entity_id", "cluster_id")
     sizes = {r["cluster_id"]: r["count"] for r in cl.groupBy("cluster_id").count().collect()}
     k = len(sizes)
@@ -208,14 +215,18 @@ def run(spark: SparkSession, ctx: RunContext, seed: int, labels_format: str = "a
             lab = users.join(labels.withColumnRenamed("user_id", "entity_id"), "entity_id")
             n_labelled = lab.count()
             if n_labelled == 0:
-                log.warning("evaluate: labels at %s match none of the %d clustered users; external metrics skipped", ctx.labels_path, users.count())
+                log.warning(
+                    "evaluate: labels at %s match none of the %d clustered users; external metrics skipped", ctx.labels_path, users.count()
+                )
             for method, col in (("encoder", "cluster_id"), ("random", "random_id")):
                 if n_labelled == 0:
                     break
                 scores = external_scores(contingency(lab, "label", col))
                 results[method].update(scores)
                 details = json.dumps({"labels": ctx.labels_path, "label_col": label_col, "labelled_users": n_labelled})
-                rows += [{"method": method, "k": k, "family": "external", "metric": m, "value": v, "details": details} for m, v in scores.items()]
+                rows += [
+                    {"method": method, "k": k, "family": "external", "metric": m, "value": v, "details": details} for m, v in scores.items()
+                ]
             rows.append({"method": "encoder", "k": k, "family": "external", "metric": "labelled_users", "value": float(n_labelled)})
         write_metrics(spark, ctx, rows, families=("internal", "external"))
         return EvaluateResult(k, results, n_labelled)

@@ -58,7 +58,7 @@ class Vocab:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
     @staticmethod
-    def from_json(text: str) -> "Vocab":
+    def from_json(text: str) -> Vocab:
         d = json.loads(text)
         return Vocab(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 

@@ -47,11 +47,7 @@ def _epoch(num: Column, ts_format: str) -> Column:
     if ts_format == "epoch_s":
         return F.timestamp_micros((x * 1_000_000).cast("long"))
     # auto: seconds, milliseconds or microseconds by magnitude
-    micros = (
-        F.when(F.abs(x) >= 1e14, x)
-        .when(F.abs(x) >= 1e11, x * 1000)
-        .otherwise(x * 1_000_000)
-    )
+    micros = F.when(F.abs(x) >= 1e14, x).when(F.abs(x) >= 1e11, x * 1000).otherwise(x * 1_000_000)
     return F.timestamp_micros(micros.cast("long"))
 
 
@@ -118,7 +114,11 @@ def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "
     etype_known = etype_map[etype_raw]
     etype = etype_known if cfg.unknown_event_type == "quarantine" else F.coalesce(etype_known, F.lit("other"))
     price_src = opt(c.price)
-    price = price_src.cast("double") if c.price and isinstance(schema_types.get(c.price), _NUMERIC) else F.trim(price_src.cast("string")).try_cast("double")
+    price = (
+        price_src.cast("double")
+        if c.price and isinstance(schema_types.get(c.price), _NUMERIC)
+        else F.trim(price_src.cast("string")).try_cast("double")
+    )
     try:
         min_ts = dt.datetime.fromisoformat(cfg.min_ts.replace("Z", "+00:00"))
     except ValueError:
@@ -207,5 +207,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig) -> IngestResult
             f"row accounting failed: input {n_input} != clean {n_clean} + quarantined {n_q_written} (tagged {n_quar}) + duplicates {n_dup}"
         )
     if n_clean == 0:
-        raise InputError(f"--input {ctx.input_path}: all {n_input} rows were quarantined ({by_reason}); check source.columns and source.ts_format")
+        raise InputError(
+            f"--input {ctx.input_path}: all {n_input} rows were quarantined ({by_reason}); check source.columns and source.ts_format"
+        )
     return IngestResult(n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()})

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
@@ -38,7 +38,7 @@ def detect_format(path: str) -> str:
     if p.is_file():
         names = [p.name]
     elif p.is_dir():
-        for root, dirs, files in os.walk(p):
+        for _root, dirs, files in os.walk(p):
             dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
             names.extend(f for f in files if not f.startswith(("_", ".")))
             if len(names) > 50:
@@ -167,13 +167,7 @@ class TableStore:
             df = df.withColumn("run_id", F.lit(run_id))
         path = self.path(name)
         try:
-            (
-                df.write.format("delta")
-                .mode("overwrite")
-                .option("replaceWhere", predicate)
-                .partitionBy(*partition_by)
-                .save(path)
-            )
+            (df.write.format("delta").mode("overwrite").option("replaceWhere", predicate).partitionBy(*partition_by).save(path))
         except AnalysisException as e:
             raise SeqclustError(f"table {name} at {path}: write failed ({str(e).splitlines()[0][:300]})") from None
         except Exception as e:  # Py4J errors for unwritable paths and the like

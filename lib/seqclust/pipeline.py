@@ -65,9 +65,7 @@ RUNS_SCHEMA = T.StructType(
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -146,7 +144,12 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
     seed = cfg.run.seed
     if name == "ingest":
         r = ingest_stage.run(spark, ctx, cfg.source)
-        rec.rows_input, rec.rows_clean, rec.rows_quarantined, rec.rows_duplicates = r.input_rows, r.clean_rows, r.quarantined_rows, r.duplicate_rows
+        rec.rows_input, rec.rows_clean, rec.rows_quarantined, rec.rows_duplicates = (
+            r.input_rows,
+            r.clean_rows,
+            r.quarantined_rows,
+            r.duplicate_rows,
+        )
         rec.quarantine_reasons = r.reasons
     elif name == "sessionize":
         s = sessionize_stage.run(spark, ctx, cfg.sessionize)
@@ -251,7 +254,21 @@ def format_summary(s: RunSummary) -> str:
         lines.append(f"  encoder: {rec.encoder_id} ({rec.encoder_path})")
     if s.metrics:
         methods = [m for m in ("encoder", "bag_of_events", "random") if m in s.metrics]
-        names = [m for m in ("silhouette", "silhouette_cosine", "davies_bouldin", "calinski_harabasz", "ari", "nmi", "homogeneity", "completeness", "v_measure") if any(m in s.metrics[x] for x in methods)]
+        names = [
+            m
+            for m in (
+                "silhouette",
+                "silhouette_cosine",
+                "davies_bouldin",
+                "calinski_harabasz",
+                "ari",
+                "nmi",
+                "homogeneity",
+                "completeness",
+                "v_measure",
+            )
+            if any(m in s.metrics[x] for x in methods)
+        ]
         lines.append(f"  metrics at k={rec.k}:   " + "".join(f"{m:>14}" for m in methods))
         for n in names:
             vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in methods)

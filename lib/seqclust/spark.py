@@ -37,12 +37,11 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
         return SparkSession.builder.getOrCreate()
 
     builder = SparkSession.builder.appName(cfg.app_name)
-    master = cfg.master or os.environ.get("SPARK_MASTER")
-    submitted = "SPARK_SUBMIT_OPTS" in os.environ or os.environ.get("SEQCLUST_SUBMITTED") == "1"
+    # Under spark-submit the JVM already runs with the submit's master, packages and conf:
+    # only session-level settings below apply, and the master is never overridden.
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
+    master = None if submitted else (cfg.master or os.environ.get("SPARK_MASTER") or "local[*]")
     if master:
-        builder = builder.master(master)
-    elif not submitted:
-        master = "local[*]"
         builder = builder.master(master)
     is_local = (master or "").startswith("local")
     if is_local:
@@ -67,7 +66,7 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     )
     for k, v in cfg.conf.items():
         builder = builder.config(k, v)
-    if os.environ.get("SEQCLUST_DELTA_JARS_PRESENT") != "1":
+    if not submitted:
         from delta import configure_spark_with_delta_pip
 
         builder = configure_spark_with_delta_pip(builder)
@@ -76,3 +75,23 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.log_level)
     return spark
+
+
+def delta_package() -> str:
+    """The Maven coordinate of the Delta jar matching the installed delta-spark and pyspark."""
+    from importlib.metadata import version
+
+    import pyspark
+
+    spark_mm = ".".join(pyspark.__version__.split(".")[:2])
+    return f"io.delta:delta-spark_{spark_mm}_2.13:{version('delta-spark')}"
+
+
+def warm_up(tmp_dir: str) -> str:
+    """Start Spark with Delta once (resolving Delta's jars into the local Ivy cache) and
+    round-trip a one-row Delta table; return the Spark version."""
+    spark = get_spark(SparkConfig(master="local[1]", shuffle_partitions=1, log_level="ERROR"))
+    path = os.path.join(tmp_dir, "warmup_delta")
+    spark.range(1).write.format("delta").mode("overwrite").save(path)
+    assert spark.read.format("delta").load(path).count() == 1
+    return spark.version

@@ -34,9 +34,11 @@ def build_vocab(sessions: DataFrame, max_len: int, vocab_size: int, min_count: i
         .limit(vocab_size)
         .collect()
     )
-    events = sessions.select(F.explode(F.arrays_zip("categories", "prices")).alias("e")).select(
-        F.col("e.categories").alias("c"), F.col("e.prices").alias("p")
-    ).where(F.col("p") > 0)
+    events = (
+        sessions.select(F.explode(F.arrays_zip("categories", "prices")).alias("e"))
+        .select(F.col("e.categories").alias("c"), F.col("e.prices").alias("p"))
+        .where(F.col("p") > 0)
+    )
     cats = (
         events.groupBy("c")
         .agg(F.percentile_approx("p", 0.5, 1000).alias("m"), F.count("*").alias("n"))

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Submit a seqclust job to any Spark master. See --help.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+  cat <<'USAGE'
+Usage: ./spark-submit.sh [--master URL] [spark-submit options] <job> [job arguments]
+
+  <job>            a file in jobs/ without .py: pipeline, ingest, sessionize, train, embed,
+                   cluster, evaluate, generate. `pipeline` takes the same arguments as
+                   `seqclust run` (--input, --output, --run-id, --labels, --conf, --set ...).
+  --master URL     local[*] (default), spark://host:port, yarn, k8s://... ; also $SPARK_MASTER
+  other options    passed to spark-submit as they are (e.g. --executor-memory 4g,
+                   --conf spark.executor.cores=2); options take one value each.
+
+The package is shipped as build/seqclust.zip with --py-files, Delta's jars with --packages
+(matching the installed delta-spark), and the --conf file of the job, if any, with --files.
+Environment: SPARK_SUBMIT (spark-submit to use; default .venv/bin/spark-submit),
+PYSPARK_PYTHON (worker interpreter; default .venv/bin/python).
+USAGE
+}
+
+MASTER="${SPARK_MASTER:-local[*]}"
+OPTS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --master) [[ $# -ge 2 ]] || { echo "spark-submit.sh: --master needs a value" >&2; exit 2; }; MASTER="$2"; shift 2 ;;
+    --master=*) MASTER="${1#--master=}"; shift ;;
+    --*=*) OPTS+=("$1"); shift ;;
+    --*) [[ $# -ge 2 ]] || { echo "spark-submit.sh: $1 needs a value" >&2; exit 2; }; OPTS+=("$1" "$2"); shift 2 ;;
+    *) break ;;
+  esac
+done
+[[ $# -ge 1 ]] || { usage >&2; exit 2; }
+JOB="$1"; shift
+if [[ ! "$JOB" =~ ^[a-z_]+$ || ! -f "$HERE/jobs/$JOB.py" ]]; then
+  echo "spark-submit.sh: unknown job '$JOB' (jobs: $(cd "$HERE/jobs" && ls *.py | sed 's/\.py$//' | tr '\n' ' '))" >&2
+  exit 2
+fi
+
+PY="${PYSPARK_PYTHON:-$HERE/.venv/bin/python}"
+[[ -x "$PY" ]] || PY="$(command -v python3)"
+SUBMIT="${SPARK_SUBMIT:-$HERE/.venv/bin/spark-submit}"
+[[ -x "$SUBMIT" ]] || SUBMIT="$(command -v spark-submit || true)"
+[[ -n "$SUBMIT" ]] || { echo "spark-submit.sh: spark-submit not found; run 'make setup' or set SPARK_SUBMIT" >&2; exit 2; }
+
+mkdir -p "$HERE/build"
+rm -f "$HERE/build/seqclust.zip"
+(cd "$HERE/lib" && "$PY" - <<'PYZIP'
+import os, zipfile
+with zipfile.ZipFile("../build/seqclust.zip", "w", zipfile.ZIP_DEFLATED) as z:
+    for root, dirs, files in os.walk("seqclust"):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for f in files:
+            if not f.endswith(".pyc"):
+                z.write(os.path.join(root, f))
+PYZIP
+)
+
+DELTA_PKG="$("$PY" -c 'from seqclust.spark import delta_package; print(delta_package())' 2>/dev/null || true)"
+if [[ -z "$DELTA_PKG" ]]; then
+  DELTA_PKG="$(PYTHONPATH="$HERE/lib" "$PY" -c 'from seqclust.spark import delta_package; print(delta_package())')"
+fi
+
+FILES=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  if [[ "${args[$i]}" == "--conf" && $((i + 1)) -lt ${#args[@]} && -f "${args[$((i + 1))]}" ]]; then
+    FILES=(--files "${args[$((i + 1))]}")
+  fi
+done
+
+export PYSPARK_PYTHON="$PY"
+export PYSPARK_DRIVER_PYTHON="$PY"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+exec "$SUBMIT" \
+  --master "$MASTER" \
+  --name "seqclust-$JOB" \
+  --py-files "$HERE/build/seqclust.zip" \
+  --packages "$DELTA_PKG" \
+  --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension \
+  --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog \
+  --conf spark.ui.showConsoleProgress=false \
+  --conf spark.executorEnv.TF_CPP_MIN_LOG_LEVEL="$TF_CPP_MIN_LOG_LEVEL" \
+  "${FILES[@]}" \
+  "${OPTS[@]}" \
+  "$HERE/jobs/$JOB.py" "$@"

@@ -1,0 +1,54 @@
+"""One local Spark session (Delta enabled) for the whole test run; small and quiet."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from seqclust.config import SparkConfig
+    from seqclust.spark import get_spark
+
+    session = get_spark(
+        SparkConfig(
+            master="local[2]",
+            shuffle_partitions=2,
+            log_level="ERROR",
+            conf={"spark.default.parallelism": "2", "spark.sql.adaptive.coalescePartitions.enabled": "true"},
+        )
+    )
+    yield session
+    session.stop()
+
+
+@pytest.fixture()
+def store(tmp_path):
+    from seqclust.io import TableStore
+
+    return TableStore(str(tmp_path / "tables"))
+
+
+@pytest.fixture()
+def ctx(store, tmp_path):
+    import datetime as dt
+
+    from seqclust.config import TablesConfig
+    from seqclust.context import RunContext
+
+    return RunContext(
+        run_id="t1",
+        store=store,
+        tables=TablesConfig(),
+        started_at=dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc),
+    )

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from seqclust.config import PipelineConfig, load_config, validate_run_id
+from seqclust.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_base_yaml_equals_dataclass_defaults():
+    base = yaml.safe_load((REPO / "conf" / "base.yaml").read_text())
+    assert base == PipelineConfig().to_dict()
+
+
+def test_env_overlay_and_set_overrides():
+    cfg = load_config(
+        REPO / "conf" / "local.yaml", overrides=["cluster.k=8", "encoder.architecture=transformer", "source.columns.item_id=null"]
+    )
+    assert cfg.spark.master == "local[*]"  # from local.yaml
+    assert cfg.sessionize.gap_minutes == 30.0  # from base.yaml
+    assert cfg.cluster.k == 8
+    assert cfg.encoder.architecture == "transformer"
+    assert cfg.source.columns.item_id is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cluster.kk=3", "cluster.kk: unknown config key"),
+        ("nosuch=1", "nosuch: unknown config key"),
+        ("cluster.k=abc", "cluster.k: expected an integer"),
+        ("cluster.k=1", "cluster.k: must be >= 2"),
+        ("encoder.architecture=lstm", "encoder.architecture: 'lstm' is not one of gru, transformer"),
+        ("sessionize.gap_minutes=-5", "sessionize.gap_minutes: must be > 0"),
+        ("tables.sessions=x;drop table", "tables.sessions: 'x;drop table' is not a valid name"),
+        ("run.run_id=../../etc", "run_id: '../../etc' is not allowed"),
+        ("source.event_types.clk=click", "source.event_types.clk: must be one of"),
+        ("cluster.k", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "conf" / "local.yaml", overrides=[override])
+    assert message in str(e.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("run:\n  seed: 1\n")
+    (tmp_path / "x.yaml").write_text("spark:\n  shuffle_partitons: 3\n")
+    with pytest.raises(ConfigError, match=r"spark.shuffle_partitons: unknown config key"):
+        load_config(tmp_path / "x.yaml")
+
+
+def test_wrong_type_in_yaml_file(tmp_path):
+    (tmp_path / "x.yaml").write_text("tokenize:\n  max_len: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"tokenize.max_len: expected an integer"):
+        load_config(tmp_path / "x.yaml")
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("run: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_config_is_frozen_and_hash_is_stable():
+    a, b = load_config(REPO / "conf" / "local.yaml"), load_config(REPO / "conf" / "local.yaml")
+    assert a.config_hash() == b.config_hash()
+    assert a.config_hash() != load_config(REPO / "conf" / "local.yaml", overrides=["run.seed=1"]).config_hash()
+    with pytest.raises(Exception):
+        a.run.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("rid", ["2026-11-28", "run_1.a", "A"])
+def test_valid_run_ids(rid):
+    assert validate_run_id(rid) == rid
+
+
+@pytest.mark.parametrize("rid", ["", "a b", "x'--", "../x", "-x", "a" * 65])
+def test_invalid_run_ids(rid):
+    with pytest.raises(ConfigError):
+        validate_run_id(rid)

@@ -1,0 +1,170 @@
+"""The whole pipeline on a small generated dataset, through the CLI, twice with one run id."""
+
+from pathlib import Path
+
+import pytest
+from seqclust.cli import main
+from seqclust.datagen import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONTRACT = {
+    "quarantine": {"run_id", "source", "source_file", "raw", "reason", "ingested_at"},
+    "events": {"run_id", "event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price"},
+    "sessions": {"run_id", "session_id", "user_id", "start_ts", "end_ts", "n_events", "event_counts", "tokens", "categories", "items"},
+    "embeddings": {"run_id", "entity_type", "entity_id", "embedding", "encoder_id"},
+    "clusters": {"run_id", "entity_id", "cluster_id", "distance_to_centroid"},
+    "centroids": {"run_id", "cluster_id", "centroid", "size"},
+    "metrics": {"run_id", "method", "k", "metric", "value", "ci_low", "ci_high", "details"},
+    "runs": {
+        "run_id",
+        "status",
+        "started_at",
+        "finished_at",
+        "config_json",
+        "config_hash",
+        "encoder_id",
+        "rows_input",
+        "rows_clean",
+        "rows_quarantined",
+        "rows_duplicates",
+        "stage_seconds",
+    },
+}
+
+SMALL = [
+    "encoder.epochs=6",
+    "encoder.batch_size=64",
+    "encoder.train_sample=3000",
+    "encoder.embedding_dim=16",
+    "encoder.hidden=32",
+    "cluster.k_min=5",
+    "cluster.k_max=8",
+    "spark.shuffle_partitions=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    write_dataset(root, users=350, seed=11, bad_rate=0.01)
+    return root
+
+
+def _run(data, out, run_id, capsys):
+    args = [
+        "run",
+        "--conf",
+        str(REPO / "conf" / "local.yaml"),
+        "--input",
+        str(data / "events"),
+        "--labels",
+        str(data / "personas"),
+        "--output",
+        str(out),
+        "--run-id",
+        run_id,
+    ]
+    for s in SMALL:
+        args += ["--set", s]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    return captured.out
+
+
+def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, tmp_path, capsys):
+    from deltalake import DeltaTable
+    from pyspark.sql import functions as F
+
+    out = tmp_path / "out"
+    summary = _run(data, out, "e2e-1", capsys)
+    assert "e2e-1: succeeded" in summary and "ari" in summary
+
+    def counts():
+        return {t: spark.read.format("delta").load(str(out / t)).where(F.col("run_id") == "e2e-1").count() for t in CONTRACT}
+
+    first = counts()
+    for table, cols in CONTRACT.items():
+        df = spark.read.format("delta").load(str(out / table))
+        assert cols <= set(df.columns), (table, cols - set(df.columns))
+        # a real Delta table: another Delta reader agrees on the row count
+        assert DeltaTable(str(out / table)).to_pyarrow_table().num_rows == df.count(), table
+    for t in ("sessions", "embeddings", "clusters", "metrics", "runs", "events", "quarantine"):
+        assert first[t] > 0, t
+
+    runs = spark.read.format("delta").load(str(out / "runs")).first()
+    assert runs["status"] == "succeeded"
+    assert runs["rows_input"] == runs["rows_clean"] + runs["rows_quarantined"] + runs["rows_duplicates"]
+    assert runs["rows_duplicates"] > 0 and runs["rows_quarantined"] > 0
+    assert set(runs["stage_seconds"]) == {"ingest", "sessionize", "train", "embed", "cluster", "evaluate"}
+
+    clusters = spark.read.format("delta").load(str(out / "clusters"))
+    assert dict(clusters.dtypes)["entity_id"] == "string" and dict(clusters.dtypes)["cluster_id"] == "int"
+    assert clusters.count() == clusters.select("entity_id").distinct().count() == 350
+    assert clusters.where("distance_to_centroid < 0").count() == 0
+
+    m = {
+        (r["method"], r["metric"]): r["value"]
+        for r in spark.read.format("delta").load(str(out / "metrics")).where("family != 'sweep'").collect()
+    }
+    for method in ("encoder", "random"):
+        for metric in ("silhouette", "davies_bouldin", "calinski_harabasz", "ari", "nmi", "homogeneity", "completeness", "v_measure"):
+            assert (method, metric) in m, (method, metric)
+    # 350 users and a few epochs: far from the full-size figure, far above chance
+    assert m[("encoder", "ari")] > m[("random", "ari")] + 0.3
+    assert m[("encoder", "silhouette")] > m[("random", "silhouette")]
+
+    # rerun with the same id: rows replaced, never duplicated
+    _run(data, out, "e2e-1", capsys)
+    assert counts() == first
+    assert spark.read.format("delta").load(str(out / "runs")).count() == 1
+
+
+def test_bad_input_path_exits_with_one_line(tmp_path, capsys):
+    code = main(
+        [
+            "run",
+            "--conf",
+            str(REPO / "conf" / "local.yaml"),
+            "--input",
+            str(tmp_path / "missing"),
+            "--output",
+            str(tmp_path / "o"),
+            "--run-id",
+            "bad1",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("seqclust: error:") and "path does not exist" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_bad_set_key_exits_with_one_line(tmp_path, capsys):
+    code = main(["run", "--conf", str(REPO / "conf" / "local.yaml"), "--set", "cluster.kk=3", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["seqclust: error: cluster.kk: unknown config key (--set)"]
+
+
+def test_k_larger_than_users_is_a_clear_error(spark, data, tmp_path, capsys):
+    from seqclust.cli import main as cli
+
+    args = [
+        "run",
+        "--conf",
+        str(REPO / "conf" / "local.yaml"),
+        "--input",
+        str(data / "events"),
+        "--output",
+        str(tmp_path / "o"),
+        "--run-id",
+        "bigk",
+        "--set",
+        "cluster.k=5000",
+    ] + [x for s in SMALL for x in ("--set", s)]
+    code = cli(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "cluster.k: 5000 is not below the number of users (350)" in err[-1]
+    runs = spark.read.format("delta").load(str(tmp_path / "o" / "runs")).first()
+    assert runs["status"] == "failed" and runs["error"].startswith("cluster:")

@@ -1,0 +1,141 @@
+import datetime as dt
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from seqclust.encoder import embedding_fn, load_artifact, save_artifact, train, weights_to_npz
+from seqclust.errors import ArtifactError
+from seqclust.features import Vocab, featurize
+
+TRAIN_KW = dict(
+    architecture="gru",
+    embedding_dim=8,
+    token_dim=8,
+    hidden=8,
+    epochs=2,
+    batch_size=32,
+    learning_rate=0.01,
+    validation_fraction=0.2,
+    patience=1,
+    mask_prob=0.15,
+    seed=3,
+)
+
+
+def _sessions(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    types = np.array(["view", "cart", "purchase", "search"])
+    cats = np.array(["c1", "c2", "c3"])
+    rows = {"session_id": [], "user_id": [], "end_ts": [], "tokens": [], "event_types": [], "categories": [], "prices": [], "gaps_s": []}
+    for i in range(n):
+        L = int(rng.integers(1, 9))
+        et = types[rng.integers(0, 4, L)]
+        ct = cats[rng.integers(0, 3, L)]
+        rows["session_id"].append(f"s{i}")
+        rows["user_id"].append(f"u{i % 17}")
+        rows["end_ts"].append(dt.datetime(2026, 10, 1) + dt.timedelta(hours=i))
+        rows["tokens"].append([f"{a}:{b}" for a, b in zip(et, ct)])
+        rows["event_types"].append(list(et))
+        rows["categories"].append(list(ct))
+        rows["prices"].append([float(p) if e != "search" else None for p, e in zip(rng.lognormal(3, 1, L), et)])
+        rows["gaps_s"].append([0.0] + list(rng.exponential(60, L - 1)))
+    return pa.table(rows)
+
+
+VOCAB = Vocab(
+    tokens=tuple(f"{a}:{b}" for a in ("view", "cart", "purchase") for b in ("c1", "c2", "c3")),
+    categories=("c1", "c2", "c3"),
+    category_median_price=(20.0, 20.0, 20.0),
+    global_median_price=20.0,
+    price_edges=(-1.0, 0.0, 1.0),
+    max_len=6,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    table = _sessions()
+    model_cfg, weights, metrics = train(featurize(table, VOCAB), VOCAB, **TRAIN_KW)
+    art = save_artifact(tmp_path_factory.mktemp("enc"), model_cfg, VOCAB, weights, metrics)
+    return table, art, weights
+
+
+def test_training_reports_history_and_is_deterministic(trained):
+    table, art, weights = trained
+    assert [h["epoch"] for h in art.metrics["history"]] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["val_loss"]) for h in art.metrics["history"])
+    _, again, _ = train(featurize(table, VOCAB), VOCAB, **TRAIN_KW)
+    assert all(np.array_equal(a, b) for a, b in zip(weights, again))
+
+
+def test_artifact_round_trip_gives_identical_outputs(trained):
+    table, art, weights = trained
+    loaded = load_artifact(art.path)
+    assert loaded.encoder_id == art.encoder_id and loaded.vocab == VOCAB
+    feats = featurize(table, VOCAB)
+    a = embedding_fn(art.model_cfg, weights)(feats)
+    b = embedding_fn(loaded.model_cfg, loaded.weights)(feats)
+    assert a.dtype == np.float32 and a.shape == (len(table), 8)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+
+
+def test_tampered_or_corrupt_artifact_fails_clearly(trained, tmp_path):
+    _, art, weights = trained
+    import shutil
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(art.path, bad)
+    w = [x.copy() for x in weights]
+    w[0][0, 0] += 1.0
+    (bad / "weights.npz").write_bytes(weights_to_npz(w))
+    with pytest.raises(ArtifactError, match="does not match manifest"):
+        load_artifact(bad)
+    (bad / "weights.npz").write_bytes(b"not a zip")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_artifact(bad)
+    (bad / "vocab.json").unlink()
+    with pytest.raises(ArtifactError, match="missing file vocab.json"):
+        load_artifact(bad)
+    with pytest.raises(ArtifactError, match="not a directory"):
+        load_artifact(tmp_path / "nothing")
+
+
+def test_weights_from_another_architecture_are_rejected(trained):
+    _, art, weights = trained
+    cfg = dict(art.model_cfg, hidden=16)
+    with pytest.raises(ArtifactError, match="do not fit"):
+        embedding_fn(cfg, weights)
+
+
+def test_transformer_trains_one_epoch():
+    kw = dict(TRAIN_KW, architecture="transformer", epochs=1)
+    cfg, weights, metrics = train(featurize(_sessions(40), VOCAB), VOCAB, **kw)
+    z = embedding_fn(cfg, weights)(featurize(_sessions(5, seed=9), VOCAB))
+    assert z.shape == (5, 8) and np.isfinite(z).all()
+
+
+def test_spark_embeddings_equal_driver_model(spark, trained):
+    from seqclust.embed import embed_sessions, pool_users
+
+    table, art, weights = trained
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "16")  # several batches per task
+    df = spark.createDataFrame(table.to_pandas()).repartition(3)
+    out = {r["session_id"]: np.array(r["embedding"]) for r in embed_sessions(spark, df, art).collect()}
+    driver = embedding_fn(art.model_cfg, weights)(featurize(table, VOCAB))
+    ids = table.column("session_id").to_pylist()
+    assert set(out) == set(ids)
+    np.testing.assert_allclose(np.stack([out[i] for i in ids]), driver, atol=1e-5)
+
+    users = {r["entity_id"]: np.array(r["embedding"]) for r in pool_users(embed_sessions(spark, df, art)).collect()}
+    uid = np.array(table.column("user_id").to_pylist())
+    for u in ("u0", "u5"):
+        m = driver[uid == u].mean(axis=0)
+        np.testing.assert_allclose(users[u], m / np.linalg.norm(m), atol=1e-5)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "10000")
+
+
+def test_manifest_names_the_content_hash(trained):
+    _, art, _ = trained
+    assert json.loads((art.path / "manifest.json").read_text())["encoder_id"] == art.path.name == art.encoder_id

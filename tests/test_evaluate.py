@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+from seqclust.evaluate import contingency, external_scores, internal_scores, random_assignment
+from sklearn import metrics as skm
+from sklearn.datasets import make_blobs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_external_scores_match_sklearn(spark, seed):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 5, 400)
+    pred = np.where(rng.random(400) < 0.7, truth, rng.integers(0, 7, 400))
+    df = spark.createDataFrame([(f"l{t}", int(p)) for t, p in zip(truth, pred)], "label string, cluster_id int")
+    got = external_scores(contingency(df, "label", "cluster_id"))
+    expected = {
+        "ari": skm.adjusted_rand_score(truth, pred),
+        "nmi": skm.normalized_mutual_info_score(truth, pred),
+        "homogeneity": skm.homogeneity_score(truth, pred),
+        "completeness": skm.completeness_score(truth, pred),
+        "v_measure": skm.v_measure_score(truth, pred),
+    }
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_external_scores_degenerate_cases():
+    assert external_scores(np.array([[5]]))["ari"] == 1.0
+    assert external_scores(np.array([[5]]))["nmi"] == 1.0
+    one_cluster = external_scores(np.array([[3], [4]]))
+    assert one_cluster["ari"] == pytest.approx(skm.adjusted_rand_score([0] * 3 + [1] * 4, [0] * 7))
+    assert one_cluster["homogeneity"] == pytest.approx(0.0)
+
+
+def test_internal_scores_match_sklearn(spark):
+    X, _ = make_blobs(n_samples=600, centers=4, n_features=5, random_state=1)
+    labels = np.random.default_rng(0).integers(0, 4, 600)
+    labels[:300] = _[:300]  # half true, half noise: not a trivial clustering
+    df = spark.createDataFrame([(x.tolist(), int(c)) for x, c in zip(X, labels)], "emb array<double>, cluster_id int")
+    got = internal_scores(df)
+    assert got["davies_bouldin"] == pytest.approx(skm.davies_bouldin_score(X, labels), rel=1e-9)
+    assert got["calinski_harabasz"] == pytest.approx(skm.calinski_harabasz_score(X, labels), rel=1e-9)
+    # Spark's silhouette uses squared Euclidean distance (sklearn's default is Euclidean)
+    assert got["silhouette"] == pytest.approx(skm.silhouette_score(X, labels, metric="sqeuclidean"), abs=1e-6)
+    assert got["silhouette_cosine"] == pytest.approx(skm.silhouette_score(X, labels, metric="cosine"), abs=1e-6)
+    centroids = np.stack([X[labels == c].mean(axis=0) for c in range(4)])
+    assert got["inertia"] == pytest.approx(((X - centroids[labels]) ** 2).sum(), rel=1e-9)
+
+
+def test_random_assignment_keeps_the_size_distribution(spark):
+    df = spark.range(20000)
+    counts = {r["random_id"]: r["count"] for r in random_assignment(df, [0.5, 0.3, 0.2], seed=1).groupBy("random_id").count().collect()}
+    assert set(counts) == {0, 1, 2}
+    assert counts[0] / 20000 == pytest.approx(0.5, abs=0.02)
+    assert counts[2] / 20000 == pytest.approx(0.2, abs=0.02)

@@ -1,0 +1,166 @@
+import datetime as dt
+
+import pytest
+from pyspark.sql import functions as F
+from seqclust import ingest
+from seqclust.config import ColumnsConfig, SourceConfig
+from seqclust.context import RunContext
+from seqclust.errors import InputError, MissingColumnError
+from seqclust.io import read_source
+
+NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+COLS = ["event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price"]
+
+
+def _validate(spark, rows, cfg=None):
+    df = spark.createDataFrame(rows, ",".join(f"{c} string" for c in COLS))
+    out = ingest.validate(df, cfg or SourceConfig(), NOW).collect()
+    return {r["event_id"]: r for r in out}
+
+
+def test_each_reason_exactly(spark):
+    rows = [
+        ("ok", "u1", "2026-10-01T10:00:00Z", "view", "i1", "c1", "9.5"),
+        ("nouser", None, "2026-10-01T10:00:00Z", "view", "i1", "c1", "1"),
+        ("blank", "  ", "2026-10-01T10:00:00Z", "view", "i1", "c1", "1"),
+        ("nots", "u1", None, "view", "i1", "c1", "1"),
+        ("badts", "u1", "yesterday-ish", "view", "i1", "c1", "1"),
+        ("old", "u1", "1999-12-31T23:59:59Z", "view", "i1", "c1", "1"),
+        ("future", "u1", "2026-11-03T00:00:00Z", "view", "i1", "c1", "1"),
+        ("unknown", "u1", "2026-10-01T10:00:00Z", "hover", "i1", "c1", "1"),
+        ("badtype", "u1", "2026-10-01T10:00:00Z", "cart", "i1", "c1", "ten"),
+        ("negprice", "u1", "2026-10-01T10:00:00Z", "cart", "i1", "c1", "-3"),
+        ("hugeprice", "u1", "2026-10-01T10:00:00Z", "cart", "i1", "c1", "1e9"),
+        ("noprice", "u1", "2026-10-01T10:00:00Z", "SEARCH", None, "c1", None),
+    ]
+    got = _validate(spark, rows)
+    assert {k: r["reason"] for k, r in got.items()} == {
+        "ok": None,
+        "nouser": "null_user_id",
+        "blank": "null_user_id",
+        "nots": "null_ts",
+        "badts": "bad_ts",
+        "old": "ts_too_old",
+        "future": "ts_in_future",
+        "unknown": "unknown_event_type",
+        "badtype": "bad_type",
+        "negprice": "bad_price",
+        "hugeprice": "bad_price",
+        "noprice": None,
+    }
+    assert got["ok"]["ts"] == dt.datetime(2026, 10, 1, 10, 0)  # session time zone is UTC
+    assert got["ok"]["price"] == 9.5
+    assert got["noprice"]["event_type"] == "search"  # case-insensitive mapping
+    assert '"user_id":"u1"' in got["badts"]["raw"] and "yesterday-ish" in got["badts"]["raw"]
+
+
+def test_unknown_event_type_can_map_to_other(spark):
+    got = _validate(spark, [("x", "u1", "2026-10-01T10:00:00Z", "hover", None, "c", None)], SourceConfig(unknown_event_type="other"))
+    assert got["x"]["reason"] is None and got["x"]["event_type"] == "other"
+
+
+@pytest.mark.parametrize(
+    "raw, fmt, tz, expected",
+    [
+        ("1790000000", "auto", "UTC", dt.datetime(2026, 9, 21, 14, 13, 20)),
+        ("1790000000000", "auto", "UTC", dt.datetime(2026, 9, 21, 14, 13, 20)),
+        ("1790000000", "epoch_s", "UTC", dt.datetime(2026, 9, 21, 14, 13, 20)),
+        ("1790000000123", "epoch_ms", "UTC", dt.datetime(2026, 9, 21, 14, 13, 20, 123000)),
+        ("2026-10-01 12:00:00", "iso8601", "Europe/Berlin", dt.datetime(2026, 10, 1, 10, 0)),
+        ("2026-10-01T12:00:00+02:00", "iso8601", "America/New_York", dt.datetime(2026, 10, 1, 10, 0)),
+        ("01/10/2026 12:00", "dd/MM/yyyy HH:mm", "UTC", dt.datetime(2026, 10, 1, 12, 0)),
+        ("01/10/2026 12:00", "dd/MM/yyyy HH:mm", "Asia/Tokyo", dt.datetime(2026, 10, 1, 3, 0)),
+    ],
+)
+def test_timestamp_formats(spark, raw, fmt, tz, expected):
+    got = _validate(spark, [("x", "u1", raw, "view", None, "c", None)], SourceConfig(ts_format=fmt, timezone=tz))
+    assert got["x"]["reason"] is None
+    assert got["x"]["ts"] == expected
+
+
+def test_dedup_by_event_id_keeps_earliest_and_by_key_without_id(spark):
+    rows = [
+        ("e1", "u1", dt.datetime(2026, 10, 1, 10, 0, 5), "view", "i1", "c1", 1.0),
+        ("e1", "u1", dt.datetime(2026, 10, 1, 10, 0, 0), "view", "i1", "c1", 1.0),
+        (None, "u2", dt.datetime(2026, 10, 1, 9, 0), "cart", "i2", "c1", 2.0),
+        (None, "u2", dt.datetime(2026, 10, 1, 9, 0), "cart", "i2", "c1", 2.0),
+        (None, "u2", dt.datetime(2026, 10, 1, 9, 0), "view", "i2", "c1", 2.0),
+    ]
+    df = spark.createDataFrame(
+        rows, "event_id string, user_id string, ts timestamp, event_type string, item_id string, category_id string, price double"
+    )
+    out = sorted(ingest.dedup(df).collect(), key=lambda r: (r["user_id"], r["event_type"]))
+    assert len(out) == 3
+    assert out[0]["event_id"] == "e1" and out[0]["ts"] == dt.datetime(2026, 10, 1, 10, 0, 0)
+    assert [r["event_type"] for r in out[1:]] == ["cart", "view"]
+
+
+def _ctx(store, path):
+    from seqclust.config import TablesConfig
+
+    return RunContext(run_id="ing", store=store, tables=TablesConfig(), started_at=NOW, input_path=str(path))
+
+
+def test_csv_with_malformed_lines_is_reconciled(spark, store, tmp_path):
+    p = tmp_path / "ev.csv"
+    p.write_text(
+        "uid;when;what;cat\n"
+        "u1;2026-10-01T10:00:00Z;view;c1\n"
+        "u1;2026-10-01T10:00:00Z;view;c1\n"  # duplicate without event id
+        "u2;2026-10-01T10:05:00Z;cart\n"  # too few fields
+        "u3;not a time;view;c2\n"
+        "u4;2026-10-01T10:07:00Z;purchase;c3\n"
+    )
+    cfg = SourceConfig(
+        format="csv",
+        delimiter=";",
+        columns=ColumnsConfig(user_id="uid", ts="when", event_type="what", category_id="cat", item_id=None, price=None, event_id=None),
+    )
+    r = ingest.run(spark, _ctx(store, p), cfg)
+    assert (r.input_rows, r.clean_rows, r.quarantined_rows, r.duplicate_rows) == (5, 2, 2, 1)
+    assert r.reasons == {"malformed": 1, "bad_ts": 1}
+    q = {row["reason"]: row for row in store.read(spark, "quarantine", "ing").collect()}
+    assert q["malformed"]["raw"] == "u2;2026-10-01T10:05:00Z;cart"
+    assert q["malformed"]["source_file"].endswith("ev.csv")
+    assert store.read(spark, "events", "ing").count() == 2
+
+
+def test_json_lines_with_corrupt_line(spark, store, tmp_path):
+    p = tmp_path / "ev.jsonl"
+    p.write_text(
+        '{"user_id": "u1", "ts": 1790000000, "event_type": "view", "price": 3}\n'
+        '{"user_id": "u1", "ts": \n'
+        '{"user_id": "u2", "ts": "2026-10-01T10:00:00Z", "event_type": "view", "price": "abc"}\n'
+    )
+    r = ingest.run(spark, _ctx(store, p), SourceConfig(format="json"))
+    assert (r.input_rows, r.clean_rows, r.quarantined_rows, r.duplicate_rows) == (3, 1, 2, 0)
+    assert r.reasons == {"malformed": 1, "bad_type": 1}
+
+
+def test_missing_required_column_is_named(spark, tmp_path):
+    p = tmp_path / "ev.csv"
+    p.write_text("user,ts,event_type\nu1,2026-10-01T10:00:00Z,view\n")
+    with pytest.raises(MissingColumnError, match="required column\\(s\\) user_id not found \\(columns: user, ts, event_type\\)"):
+        read_source(spark, str(p), SourceConfig(format="csv"))
+
+
+def test_missing_path_and_empty_input(spark, store, tmp_path):
+    with pytest.raises(InputError, match="path does not exist"):
+        read_source(spark, str(tmp_path / "nope"), SourceConfig())
+    p = tmp_path / "empty.csv"
+    p.write_text("user_id,ts,event_type\n")
+    with pytest.raises(InputError, match="no rows to ingest"):
+        ingest.run(spark, _ctx(store, p), SourceConfig(format="csv"))
+
+
+def test_parquet_native_types(spark, store, tmp_path):
+    df = spark.createDataFrame(
+        [("e1", "u1", dt.datetime(2026, 10, 1, 10), "view", 5, 7, 1.5), ("e2", "u1", None, "view", 5, 7, 1.5)],
+        "event_id string, user_id string, ts timestamp, event_type string, item_id int, category_id int, price double",
+    )
+    df.write.parquet(str(tmp_path / "pq"))
+    r = ingest.run(spark, _ctx(store, tmp_path / "pq"), SourceConfig())
+    assert (r.clean_rows, r.reasons) == (1, {"null_ts": 1})
+    row = store.read(spark, "events", "ing").first()
+    assert (row["item_id"], row["category_id"], row["price"]) == ("5", "7", 1.5)
+    assert store.read(spark, "events", "ing").where(F.col("ts").isNull()).count() == 0
