@@ -108,12 +108,13 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, tmp_path, capsys)
         (r["method"], r["metric"]): r["value"]
         for r in spark.read.format("delta").load(str(out / "metrics")).where("family != 'sweep'").collect()
     }
-    for method in ("encoder", "random"):
+    for method in ("encoder", "bag_of_events", "random"):
         for metric in ("silhouette", "davies_bouldin", "calinski_harabasz", "ari", "nmi", "homogeneity", "completeness", "v_measure"):
             assert (method, metric) in m, (method, metric)
     # 350 users and a few epochs: far from the full-size figure, far above chance
     assert m[("encoder", "ari")] > m[("random", "ari")] + 0.3
     assert m[("encoder", "silhouette")] > m[("random", "silhouette")]
+    assert m[("bag_of_events", "ari")] > m[("random", "ari")]
 
     # rerun with the same id: rows replaced, never duplicated
     _run(data, out, "e2e-1", capsys)

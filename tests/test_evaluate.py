@@ -52,3 +52,21 @@ def test_random_assignment_keeps_the_size_distribution(spark):
     assert set(counts) == {0, 1, 2}
     assert counts[0] / 20000 == pytest.approx(0.5, abs=0.02)
     assert counts[2] / 20000 == pytest.approx(0.2, abs=0.02)
+
+
+def test_bag_of_events_is_tfidf_l2_per_user(spark):
+    from seqclust.baseline import bag_of_events
+
+    sessions = spark.createDataFrame(
+        [("u1", ["view:a", "view:a", "cart:b"]), ("u1", ["view:a"]), ("u2", ["cart:b", "view:c"]), ("u3", ["view:c", "view:a"])],
+        "user_id string, tokens array<string>",
+    )
+    out = {r["entity_id"]: np.array(r["emb"]) for r in bag_of_events(sessions, vocab_size=10, min_df=1).collect()}
+    assert set(out) == {"u1", "u2", "u3"}
+    for v in out.values():
+        assert np.linalg.norm(v) == pytest.approx(1.0)
+    # u1: 3 x view:a and 1 x cart:b; idf(t) = ln((n + 1) / (df(t) + 1)) with n = 3 users
+    idf_a, idf_b = np.log(4 / 3), np.log(4 / 3)
+    expected = np.array([3 * idf_a, 1 * idf_b])
+    expected /= np.linalg.norm(expected)
+    assert sorted(out["u1"][out["u1"] > 0]) == pytest.approx(sorted(expected))

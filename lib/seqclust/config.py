@@ -200,6 +200,21 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """The bag-of-events baseline (TF-IDF of tokens per user), clustered at the encoder's k."""
+
+    bag_of_events: bool = True
+    vocab_size: int = 1000
+    min_df: int = 2
+    pca_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 2, "vocab_size", "must be >= 2")
+        _check(self.min_df >= 1, "min_df", "must be >= 1")
+        _check(self.pca_dim is None or self.pca_dim >= 2, "pca_dim", "must be >= 2 or null")
+
+
+@dataclass(frozen=True)
 class TablesConfig:
     """Table names (a folder under run.output locally; catalog.schema.<name> on Databricks)."""
 
@@ -253,6 +268,7 @@ class PipelineConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     tables: TablesConfig = field(default_factory=TablesConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 

@@ -22,7 +22,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from seqclust.cluster import silhouette
+from seqclust.baseline import bag_of_events
+from seqclust.cluster import fit_kmeans, silhouette
+from seqclust.config import BaselineConfig, ClusterConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
 
@@ -188,10 +190,27 @@ class EvaluateResult:
     labelled_users: int
 
 
+def _external_rows(lab: DataFrame, col: str, method: str, k: int, details: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    scores = external_scores(contingency(lab, "label", col))
+    return scores, [
+        {"method": method, "k": k, "family": "external", "metric": m, "value": v, "details": details} for m, v in scores.items()
+    ]
+
+
 def run(
-    spark: SparkSession, ctx: RunContext, seed: int, labels_format: str = "auto", user_col: str = "user_id", label_col: str = "persona"
+    spark: SparkSession,
+    ctx: RunContext,
+    seed: int,
+    labels: LabelsConfig,
+    cluster_cfg: ClusterConfig,
+    baseline: BaselineConfig,
 ) -> EvaluateResult:
-    """Evaluate this run's user clusters and a random baseline; write ``metrics``."""
+    """Evaluate this run's user clusters beside a random baseline (same cluster sizes) and the
+    bag-of-events baseline (KMeans at the same k); write ``metrics``.
+
+    Internal indices are computed in each method's own space (``details.space``); external
+    agreement is comparable across methods as is.
+    """
     emb = (
         ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
         .where(F.col("entity_type") == "user")
@@ -202,33 +221,62 @@ def run(
     k = len(sizes)
     shares = [sizes[i] / sum(sizes.values()) for i in sorted(sizes)]
     users = random_assignment(emb.join(cl, "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
+    boe = None
     try:
         results: dict[str, dict[str, float]] = {}
         rows: list[dict[str, Any]] = []
+        spaces = {"encoder": "encoder", "random": "encoder"}
         for method, col in (("encoder", "cluster_id"), ("random", "random_id")):
             scores = internal_scores(users, "emb", col)
             results[method] = dict(scores)
-            rows += [{"method": method, "k": k, "family": "internal", "metric": m, "value": v} for m, v in scores.items()]
+            details = json.dumps({"space": spaces[method]})
+            rows += [
+                {"method": method, "k": k, "family": "internal", "metric": m, "value": v, "details": details} for m, v in scores.items()
+            ]
+        if baseline.bag_of_events:
+            sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+            vecs = bag_of_events(sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim)
+            boe = fit_kmeans(vecs, k, seed, cluster_cfg).transform(vecs).persist(StorageLevel.MEMORY_AND_DISK)
+            scores = internal_scores(boe, "emb", "cluster_id")
+            results["bag_of_events"] = dict(scores)
+            details = json.dumps({"space": "bag_of_events", "vocab_size": baseline.vocab_size, "pca_dim": baseline.pca_dim})
+            rows += [
+                {"method": "bag_of_events", "k": k, "family": "internal", "metric": m, "value": v, "details": details}
+                for m, v in scores.items()
+            ]
+            log.info("evaluate: bag-of-events baseline clustered at k=%d", k)
         n_labelled = 0
         if ctx.labels_path:
-            labels = read_labels(spark, ctx.labels_path, labels_format, user_col, label_col)
-            lab = users.join(labels.withColumnRenamed("user_id", "entity_id"), "entity_id")
+            lab_df = read_labels(spark, ctx.labels_path, labels.format, labels.user_col, labels.label_col).withColumnRenamed(
+                "user_id", "entity_id"
+            )
+            lab = users.join(lab_df, "entity_id")
             n_labelled = lab.count()
+            details = json.dumps({"labels": ctx.labels_path, "label_col": labels.label_col, "labelled_users": n_labelled})
             if n_labelled == 0:
-                log.warning(
-                    "evaluate: labels at %s match none of the %d clustered users; external metrics skipped", ctx.labels_path, users.count()
-                )
-            for method, col in (("encoder", "cluster_id"), ("random", "random_id")):
-                if n_labelled == 0:
-                    break
-                scores = external_scores(contingency(lab, "label", col))
-                results[method].update(scores)
-                details = json.dumps({"labels": ctx.labels_path, "label_col": label_col, "labelled_users": n_labelled})
-                rows += [
-                    {"method": method, "k": k, "family": "external", "metric": m, "value": v, "details": details} for m, v in scores.items()
-                ]
-            rows.append({"method": "encoder", "k": k, "family": "external", "metric": "labelled_users", "value": float(n_labelled)})
+                log.warning("evaluate: labels at %s match none of the clustered users; external metrics skipped", ctx.labels_path)
+            else:
+                for method, df, col in (("encoder", lab, "cluster_id"), ("random", lab, "random_id")) + (
+                    (("bag_of_events", boe.join(lab_df, "entity_id"), "cluster_id"),) if boe is not None else ()
+                ):
+                    scores, new_rows = _external_rows(df, col, method, k, details)
+                    results[method].update(scores)
+                    rows += new_rows
+            rows.append(
+                {
+                    "method": "encoder",
+                    "k": k,
+                    "family": "external",
+                    "metric": "labelled_users",
+                    "value": float(n_labelled),
+                    "details": details,
+                }
+            )
         write_metrics(spark, ctx, rows, families=("internal", "external"))
+        for method, vals in results.items():
+            log.info("evaluate: %s %s", method, ", ".join(f"{m}={v:.4f}" for m, v in sorted(vals.items())))
         return EvaluateResult(k, results, n_labelled)
     finally:
         users.unpersist()
+        if boe is not None:
+            boe.unpersist()

@@ -174,7 +174,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
         rec.k = c.k
         rec.users = c.users
     elif name == "evaluate":
-        e = evaluate_stage.run(spark, ctx, seed, cfg.labels.format, cfg.labels.user_col, cfg.labels.label_col)
+        e = evaluate_stage.run(spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline)
         state["metrics"] = e.metrics
     else:  # pragma: no cover
         raise ValueError(name)
