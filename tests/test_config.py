@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from seqclust.config import PipelineConfig, load_config, validate_run_id
 from seqclust.errors import ConfigError
 

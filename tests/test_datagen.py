@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+
 from seqclust.datagen import BAD_KINDS, PERSONAS, generate_events, write_dataset
 
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from seqclust.cli import main
 from seqclust.datagen import write_dataset
 

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from seqclust.encoder import embedding_fn, load_artifact, save_artifact, train, weights_to_npz
 from seqclust.errors import ArtifactError
 from seqclust.features import Vocab, featurize
@@ -139,3 +140,32 @@ def test_spark_embeddings_equal_driver_model(spark, trained):
 def test_manifest_names_the_content_hash(trained):
     _, art, _ = trained
     assert json.loads((art.path / "manifest.json").read_text())["encoder_id"] == art.path.name == art.encoder_id
+
+
+def test_contrastive_objective_trains_and_is_deterministic():
+    kw = dict(TRAIN_KW, objective="contrastive", epochs=2)
+    feats = featurize(_sessions(80), VOCAB)
+    cfg, w1, metrics = train(feats, VOCAB, **kw)
+    _, w2, _ = train(feats, VOCAB, **kw)
+    assert cfg["objective"] == "contrastive"
+    assert all(np.array_equal(a, b) for a, b in zip(w1, w2))
+    # InfoNCE starts near log(batch size) and goes down on a learnable task
+    h = metrics["history"]
+    assert h[-1]["loss"] < h[0]["loss"] <= np.log(32) + 0.5
+
+
+def test_crop_keeps_a_contiguous_window_of_each_session():
+    from seqclust.encoder import _crop, _tf
+
+    tf = _tf()
+    tok = np.array([[5, 6, 7, 8, 9, 0], [3, 4, 0, 0, 0, 0]], dtype=np.int32)
+    x = {f: tf.constant(tok) for f in ("tok", "etype", "gap", "price")}
+    for i in range(5):
+        out = _crop(tf, x, tf.constant([1, i], tf.int32))["tok"].numpy()
+        for row, orig in zip(out, tok):
+            kept = row[row > 0]
+            n = int((orig > 0).sum())
+            assert int(np.ceil(0.6 * n)) <= len(kept) <= n
+            start = list(orig).index(kept[0])
+            assert list(orig[start : start + len(kept)]) == list(kept)
+            assert (row[len(kept) :] == 0).all()

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
-from seqclust.evaluate import contingency, external_scores, internal_scores, random_assignment
 from sklearn import metrics as skm
 from sklearn.datasets import make_blobs
+
+from seqclust.evaluate import contingency, external_scores, internal_scores, random_assignment
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -1,5 +1,6 @@
 import numpy as np
 import pyarrow as pa
+
 from seqclust.features import MASK, OOV, PAD, TOKEN_OFFSET, Vocab, featurize, price_edges_from_ratios
 
 

@@ -2,6 +2,7 @@ import datetime as dt
 
 import pytest
 from pyspark.sql import functions as F
+
 from seqclust import ingest
 from seqclust.config import ColumnsConfig, SourceConfig
 from seqclust.context import RunContext

@@ -146,7 +146,7 @@ class TokenizeConfig:
 @dataclass(frozen=True)
 class EncoderConfig:
     architecture: Literal["gru", "transformer"] = "gru"
-    objective: Literal["bag_reconstruction"] = "bag_reconstruction"
+    objective: Literal["bag_reconstruction", "contrastive"] = "bag_reconstruction"
     embedding_dim: int = 32
     token_dim: int = 32
     hidden: int = 64

@@ -221,6 +221,21 @@ def _augment(tf: Any, x: dict[str, Any], mask_prob: float, mask_ids: dict[str, i
     return {f: tf.where(hide, tf.cast(mask_ids[f], tf.int32), x[f]) for f in FIELDS}
 
 
+def _crop(tf: Any, x: dict[str, Any], seed: Any, min_ratio: float = 0.6) -> dict[str, Any]:
+    """Keep a random contiguous window of each session (at least ``min_ratio`` of it)."""
+    lens = tf.reduce_sum(tf.cast(tf.not_equal(x["tok"], PAD), tf.int32), axis=1)
+    u = tf.random.stateless_uniform(tf.shape(lens), seed=seed)
+    want = tf.math.ceil(tf.cast(lens, tf.float32) * (min_ratio + (1.0 - min_ratio) * u))
+    crop_len = tf.minimum(tf.maximum(tf.cast(want, tf.int32), 1), tf.maximum(lens, 1))
+    u2 = tf.random.stateless_uniform(tf.shape(lens), seed=seed + tf.constant([0, 7919], tf.int32))
+    start = tf.cast(tf.floor(u2 * tf.cast(lens - crop_len + 1, tf.float32)), tf.int32)
+    length = tf.shape(x["tok"])[1]
+    pos = tf.range(length)[None, :]
+    idx = tf.minimum(start[:, None] + pos, length - 1)
+    keep = pos < crop_len[:, None]
+    return {f: tf.where(keep, tf.gather(x[f], idx, batch_dims=1), tf.zeros_like(x[f])) for f in FIELDS}
+
+
 def train(
     features: dict[str, np.ndarray],
     vocab: Vocab,
@@ -240,10 +255,14 @@ def train(
 ) -> tuple[dict[str, Any], list[np.ndarray], dict[str, Any]]:
     """Train the encoder self-supervised on featurised sessions.
 
-    Objective ``bag_reconstruction``: from a view of the session with random positions
-    masked, predict the session's full distribution of tokens, event types, pace buckets and
-    price bands (a denoising set autoencoder). The embedding must therefore summarise what a
-    session is about, how the user acts, how fast and at what price.
+    Objectives:
+        ``bag_reconstruction``: from a view of the session with random positions masked,
+        predict the session's full distribution of tokens, event types, pace buckets and price
+        bands (a denoising set autoencoder). The embedding must summarise what a session is
+        about, how the user acts, how fast and at what price.
+        ``contrastive``: InfoNCE between two augmented views (random crop + mask, as in
+        CL4SRec) of each session, the other sessions of the batch as negatives, through a
+        projection head (SimCLR); temperature 0.1.
 
     Returns:
         (model config, weights, training metrics with per-epoch history).
@@ -256,7 +275,7 @@ def train(
         tf.config.experimental.enable_op_determinism()
     except Exception:  # pragma: no cover - older TF
         pass
-    if objective != "bag_reconstruction":
+    if objective not in ("bag_reconstruction", "contrastive"):
         raise ValueError(f"unknown objective {objective!r}")
     model_cfg = {
         "architecture": architecture,
@@ -269,11 +288,16 @@ def train(
         "format_version": FORMAT_VERSION,
     }
     encoder = build_encoder(model_cfg)
-    heads = {f: keras.layers.Dense(vocab.sizes[f], name=f"head_{f}") for f in FIELDS}
     z_in = keras.Input(shape=(embedding_dim,))
-    head_model = keras.Model(z_in, {f: heads[f](keras.layers.Activation("gelu")(z_in)) for f in FIELDS})
+    if objective == "bag_reconstruction":
+        act = keras.layers.Activation("gelu")(z_in)
+        head_model = keras.Model(z_in, {f: keras.layers.Dense(vocab.sizes[f], name=f"head_{f}")(act) for f in FIELDS})
+    else:
+        proj = keras.layers.Dense(embedding_dim, activation="gelu", name="proj1")(z_in)
+        head_model = keras.Model(z_in, keras.layers.Dense(embedding_dim, name="proj2")(proj))
     optimizer = keras.optimizers.Adam(learning_rate)
     mask_ids = vocab.mask_ids
+    temperature = 0.1
 
     n = len(features["tok"])
     rng = np.random.default_rng(seed)
@@ -282,32 +306,41 @@ def train(
     val_idx, tr_idx = order[:n_val], order[n_val:]
     train_vars = encoder.trainable_variables + head_model.trainable_variables
 
-    def loss_fn(x: dict[str, Any], view: dict[str, Any]) -> Any:
-        z = encoder(view, training=True)
-        logits = head_model(z, training=True)
-        valid = tf.cast(tf.not_equal(x["tok"], PAD), tf.float32)
-        count = tf.maximum(tf.reduce_sum(valid, axis=1), 1.0)
-        total = 0.0
-        for f in FIELDS:
-            logp = tf.nn.log_softmax(logits[f], axis=-1)
-            picked = tf.gather(logp, x[f], batch_dims=1)  # [B, L]
-            total += tf.reduce_mean(-tf.reduce_sum(picked * valid, axis=1) / count)
-        return total
+    def sub_seed(s: Any, i: int) -> Any:
+        return tf.stack([s[0], s[1] * 8 + i])
+
+    def loss_fn(x: dict[str, Any], s: Any, training: bool) -> Any:
+        if objective == "bag_reconstruction":
+            view = _augment(tf, x, mask_prob, mask_ids, s)
+            logits = head_model(encoder(view, training=training), training=training)
+            valid = tf.cast(tf.not_equal(x["tok"], PAD), tf.float32)
+            count = tf.maximum(tf.reduce_sum(valid, axis=1), 1.0)
+            total = 0.0
+            for f in FIELDS:
+                logp = tf.nn.log_softmax(logits[f], axis=-1)
+                picked = tf.gather(logp, x[f], batch_dims=1)  # [B, L]
+                total += tf.reduce_mean(-tf.reduce_sum(picked * valid, axis=1) / count)
+            return total
+        views = [_augment(tf, _crop(tf, x, sub_seed(s, 2 * i)), mask_prob, mask_ids, sub_seed(s, 2 * i + 1)) for i in range(2)]
+        p1, p2 = (tf.math.l2_normalize(head_model(encoder(v, training=training), training=training), axis=1) for v in views)
+        logits = tf.matmul(p1, p2, transpose_b=True) / temperature
+        labels = tf.range(tf.shape(logits)[0])
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits
+        return 0.5 * (tf.reduce_mean(ce(labels, logits)) + tf.reduce_mean(ce(labels, tf.transpose(logits))))
 
     spec = {f: tf.TensorSpec([None, vocab.max_len], tf.int32) for f in FIELDS}
 
     @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
     def train_step(x: dict[str, Any], s: Any) -> Any:
-        view = _augment(tf, x, mask_prob, mask_ids, s)
         with tf.GradientTape() as tape:
-            loss = loss_fn(x, view)
+            loss = loss_fn(x, s, True)
         grads = tape.gradient(loss, train_vars)
         optimizer.apply_gradients(zip(grads, train_vars))
         return loss
 
     @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
     def eval_step(x: dict[str, Any], s: Any) -> Any:
-        return loss_fn(x, _augment(tf, x, mask_prob, mask_ids, s))
+        return loss_fn(x, s, False)
 
     def batches(idx: np.ndarray):
         for b in range(0, len(idx), batch_size):
