@@ -170,3 +170,52 @@ def test_k_larger_than_users_is_a_clear_error(spark, data, tmp_path, capsys):
     assert code == 2 and "cluster.k: 5000 is not below the number of users (350)" in err[-1]
     runs = spark.read.format("delta").load(str(tmp_path / "o" / "runs")).first()
     assert runs["status"] == "failed" and runs["error"].startswith("cluster:")
+
+
+def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark, data, tmp_path, capsys):
+    """Stages run one by one (as scheduler tasks do) on new data with an existing artifact."""
+    import pandas as pd
+
+    out = tmp_path / "out"
+    _run(data, out, "train-1", capsys)
+    art = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'train-1'").first()["encoder_path"]
+
+    new = tmp_path / "new"
+    write_dataset(new, users=40, seed=99)
+    base = ["--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out), "--input", str(new / "events")]
+    for stage in ("ingest", "sessionize", "train", "embed"):
+        assert main([stage, "--run-id", "reuse-1", "--encoder", art, *base]) == 0, capsys.readouterr().err[-2000:]
+    emb = spark.read.format("delta").load(str(out / "embeddings")).where("run_id = 'reuse-1' AND entity_type = 'user'")
+    assert emb.count() == 40
+    assert {r["encoder_id"] for r in emb.select("encoder_id").distinct().collect()} == {Path(art).name}
+    rec = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'reuse-1'").first()
+    assert rec["stages_completed"] == ["ingest", "sessionize", "train", "embed"] and rec["encoder_id"] == Path(art).name
+
+    # a catalogue the encoder never saw: refused with one line, not embedded as all-OOV noise
+    foreign = tmp_path / "foreign.csv"
+    pd.DataFrame(
+        {
+            "user_id": [f"x{i % 5}" for i in range(50)],
+            "ts": [f"2026-10-01T10:{i:02d}:00Z" for i in range(50)],
+            "event_type": "view",
+            "category_id": [f"zz{i}" for i in range(50)],
+        }
+    ).to_csv(foreign, index=False)
+    base = [
+        "--conf",
+        str(REPO / "conf" / "local.yaml"),
+        "--output",
+        str(out),
+        "--input",
+        str(foreign),
+        "--set",
+        "source.columns.item_id=null",
+        "--set",
+        "source.columns.price=null",
+        "--set",
+        "source.columns.event_id=null",
+    ]
+    capsys.readouterr()
+    code = main(["run", "--run-id", "foreign-1", "--encoder", art, *base])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "does not fit this data: 100% of its tokens are outside the encoder's vocabulary" in err[-1]

@@ -165,3 +165,14 @@ def test_parquet_native_types(spark, store, tmp_path):
     row = store.read(spark, "events", "ing").first()
     assert (row["item_id"], row["category_id"], row["price"]) == ("5", "7", 1.5)
     assert store.read(spark, "events", "ing").where(F.col("ts").isNull()).count() == 0
+
+
+def test_write_run_counts_rows_and_empty_rewrites(spark, store):
+    df = spark.range(5).withColumn("x", F.lit(1))
+    assert store.write_run(df, "tbl", "a") == 5
+    assert store.write_run(df.limit(2), "tbl", "b") == 2
+    # an empty write into a new run: no rows, not the previous commit's count
+    assert store.write_run(df.limit(0), "tbl", "c") == 0
+    # an empty rewrite of an existing run removes its rows (idempotent replace)
+    assert store.write_run(df.limit(0), "tbl", "a") == 0
+    assert {r["run_id"]: r["count"] for r in store.read(spark, "tbl").groupBy("run_id").count().collect()} == {"b": 2}

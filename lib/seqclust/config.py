@@ -177,9 +177,14 @@ class EmbedConfig:
     arrow_batch_size: int = 4096
     pooling: Literal["mean", "recency"] = "mean"
     recency_half_life_days: float = 14.0
+    # a reused encoder must know most of this data's tokens, else it is for another catalogue
+    max_oov_rate: float = 0.5
+    # gpu: each task pins the GPU Spark assigned it (spark.task.resource.gpu.amount=1)
+    device: Literal["cpu", "gpu"] = "cpu"
 
     def __post_init__(self) -> None:
         _check(self.arrow_batch_size >= 1, "arrow_batch_size", "must be >= 1")
+        _check(0 < self.max_oov_rate <= 1, "max_oov_rate", "must be in (0, 1]")
         _check(self.recency_half_life_days > 0, "recency_half_life_days", "must be > 0")
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.ml.stat import Summarizer
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -26,6 +28,7 @@ from pyspark.sql import types as T
 
 from seqclust.config import EmbedConfig
 from seqclust.context import RunContext
+from seqclust.errors import ArtifactError
 from seqclust.features import INPUT_COLUMNS, Vocab, featurize
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,12 @@ def _worker_model(encoder_id: str, payload: Any) -> tuple[Vocab, Callable[[dict[
         cfg_json, vocab_json, npz = payload.value
         ctx = TaskContext.get()
         threads = max(1, int(ctx.cpus())) if ctx is not None else 1
+        gpus = ctx.resources().get("gpu") if ctx is not None else None
+        if gpus is not None and gpus.addresses:
+            # before TensorFlow starts in this worker: see only the GPU Spark assigned
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
+        else:
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
         cached = (Vocab.from_json(vocab_json), embedding_fn(json.loads(cfg_json), weights_from_npz(npz), threads=threads))
         _MODELS[encoder_id] = cached
     return cached
@@ -111,10 +120,32 @@ class EmbedResult:
     encoder_id: str
 
 
-def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any) -> EmbedResult:
-    """Embed this run's modelled sessions, pool to users, write ``embeddings``."""
+def oov_rate(sessions: DataFrame, vocab: Vocab, sample: int = 20000, seed: int = 0) -> float:
+    """Share of event tokens (in a bounded sample of sessions) the vocabulary does not know."""
+    rows = sessions.select("tokens").orderBy(F.xxhash64("session_id", F.lit(seed))).limit(sample).toArrow()
+    flat = pc.list_flatten(rows.column("tokens"))
+    if len(flat) == 0:
+        return 0.0
+    known = pc.sum(pc.is_in(flat, value_set=pa.array(vocab.tokens, pa.string()))).as_py() or 0
+    return 1.0 - known / len(flat)
+
+
+def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any, reused: bool = False) -> EmbedResult:
+    """Embed this run's modelled sessions, pool to users, write ``embeddings``.
+
+    A reused encoder (``--encoder``) is first checked against the data: if more than
+    ``max_oov_rate`` of the tokens are unknown to its vocabulary, it is refused.
+    """
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_size))
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+    if reused:
+        rate = oov_rate(sessions, artifact.vocab)
+        log.info("embed: reused encoder %s misses %.1f%% of this data's tokens", artifact.encoder_id, 100 * rate)
+        if rate > cfg.max_oov_rate:
+            raise ArtifactError(
+                f"encoder {artifact.encoder_id} does not fit this data: {100 * rate:.0f}% of its tokens are outside the encoder's "
+                f"vocabulary (embed.max_oov_rate={cfg.max_oov_rate}); train a new encoder for this source"
+            )
     emb = embed_sessions(spark, sessions, artifact)
     session_rows = emb.select(
         F.lit("session").alias("entity_type"),

@@ -166,8 +166,9 @@ class TableStore:
         if "run_id" not in df.columns:
             df = df.withColumn("run_id", F.lit(run_id))
         path = self.path(name)
+        before = self._version(name)
         try:
-            (df.write.format("delta").mode("overwrite").option("replaceWhere", predicate).partitionBy(*partition_by).save(path))
+            df.write.format("delta").mode("overwrite").option("replaceWhere", predicate).partitionBy(*partition_by).save(path)
         except AnalysisException as e:
             raise SeqclustError(f"table {name} at {path}: write failed ({str(e).splitlines()[0][:300]})") from None
         except Exception as e:  # Py4J errors for unwritable paths and the like
@@ -175,16 +176,38 @@ class TableStore:
             if "Permission denied" in text or "AccessDenied" in text or "Mkdirs failed" in text:
                 raise SeqclustError(f"table {name} at {path}: output path is not writable") from None
             raise
-        return self.last_rows_written(name)
+        return self._rows_written(name, before, predicate)
 
-    def last_rows_written(self, name: str) -> int:
+    def _version(self, name: str) -> int:
+        if not self.exists(name):
+            return -1
         from delta.tables import DeltaTable
 
         spark = SparkSession.getActiveSession()
         assert spark is not None
-        row = DeltaTable.forPath(spark, self.path(name)).history(1).select("operationMetrics").first()
-        metrics = (row["operationMetrics"] if row else None) or {}
-        return int(metrics.get("numOutputRows", 0))
+        row = DeltaTable.forPath(spark, self.path(name)).history(1).select("version").first()
+        return int(row["version"]) if row else -1
+
+    def _rows_written(self, name: str, before: int, predicate: str) -> int:
+        """Rows added by our commit after version ``before``: found by its predicate, so a
+        concurrent writer's commit is not mistaken for ours. 0 when Delta made no commit (an
+        empty write into a partition that did not exist changes nothing)."""
+        from delta.tables import DeltaTable
+
+        spark = SparkSession.getActiveSession()
+        assert spark is not None
+        ours = (
+            DeltaTable.forPath(spark, self.path(name))
+            .history()
+            .where(F.col("version") > before)
+            .where(F.col("operationParameters")["predicate"] == predicate)
+            .orderBy(F.desc("version"))
+            .select("operationMetrics")
+            .first()
+        )
+        if ours is None:
+            return 0
+        return int((ours["operationMetrics"] or {}).get("numOutputRows", 0))
 
     def read(self, spark: SparkSession, name: str, run_id: str | None = None) -> DataFrame:
         path = self.path(name)

@@ -168,7 +168,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
                 raise InputError(f"run {ctx.run_id}: no encoder yet; run the train stage first or pass --encoder PATH")
             art = load_artifact(path)
             rec.encoder_id, rec.encoder_path = art.encoder_id, str(art.path)
-        embed_stage.run(spark, ctx, cfg.embed, art)
+        embed_stage.run(spark, ctx, cfg.embed, art, reused=bool(cfg.encoder.path))
     elif name == "cluster":
         c = cluster_stage.run(spark, ctx, cfg.cluster, seed)
         rec.k = c.k
