@@ -31,6 +31,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "lib"},
     packages=find_packages("lib"),
+    package_data={"seqclust": ["presets/*.yaml"]},
     install_requires=CORE + ML,
     extras_require={"dev": DEV},
     entry_points={"console_scripts": ["seqclust=seqclust.cli:main"]},

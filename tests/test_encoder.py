@@ -169,3 +169,18 @@ def test_crop_keeps_a_contiguous_window_of_each_session():
             start = list(orig).index(kept[0])
             assert list(orig[start : start + len(kept)]) == list(kept)
             assert (row[len(kept) :] == 0).all()
+
+
+def test_recency_pooling_weighs_recent_sessions_more(spark):
+    from seqclust.embed import pool_users
+
+    t = dt.datetime(2026, 10, 31)
+    df = spark.createDataFrame(
+        [("u", t, [1.0, 0.0]), ("u", t - dt.timedelta(days=14), [0.0, 1.0])],
+        "user_id string, end_ts timestamp, embedding array<float>",
+    )
+    mean = pool_users(df, "mean").first()["embedding"]
+    rec = pool_users(df, "recency", half_life_days=14.0).first()["embedding"]
+    np.testing.assert_allclose(mean, np.array([1, 1]) / np.sqrt(2), atol=1e-6)
+    # weights 1 and 1/2 (one half-life older)
+    np.testing.assert_allclose(rec, np.array([1, 0.5]) / np.linalg.norm([1, 0.5]), atol=1e-6)

@@ -71,3 +71,15 @@ def test_bag_of_events_is_tfidf_l2_per_user(spark):
     expected = np.array([3 * idf_a, 1 * idf_b])
     expected /= np.linalg.norm(expected)
     assert sorted(out["u1"][out["u1"] > 0]) == pytest.approx(sorted(expected))
+
+
+def test_bag_of_events_with_pca_is_reduced_and_normalised(spark):
+    from seqclust.baseline import bag_of_events
+
+    rng = np.random.default_rng(0)
+    toks = [f"view:c{i}" for i in range(12)]
+    rows = [(f"u{i}", list(rng.choice(toks, 6))) for i in range(40)]
+    out = bag_of_events(spark.createDataFrame(rows, "user_id string, tokens array<string>"), vocab_size=12, min_df=1, pca_dim=3).collect()
+    assert len(out) == 40
+    for r in out:
+        assert len(r["emb"]) == 3 and np.linalg.norm(r["emb"]) == pytest.approx(1.0)

@@ -30,6 +30,10 @@ def _common(p: argparse.ArgumentParser, stage: bool) -> None:
     p.add_argument("--labels", help="known labels per user (user_id, persona) for external agreement")
     p.add_argument("--encoder", help="reuse an encoder artifact directory instead of training")
     p.add_argument("--conf", help="environment YAML (e.g. conf/local.yaml); conf/base.yaml beside it is applied first")
+    p.add_argument(
+        "--preset",
+        help="source preset: column mapping and formats of a known log (taobao_userbehavior, yoochoose_clicks, rees46, generated)",
+    )
     p.add_argument("--env", help="environment name when --conf is not given (default $SEQCLUST_ENV or local)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set cluster.k=8 (repeatable)"
@@ -106,7 +110,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from seqclust import pipeline
     from seqclust.config import load_config
 
-    cfg = load_config(args.conf, overrides=_overrides(args), env=args.env)
+    cfg = load_config(args.conf, overrides=_overrides(args), env=args.env, preset=args.preset)
     input_path = args.input or cfg.source.path
     labels_path = args.labels or cfg.labels.path
     if input_path is None:

@@ -70,7 +70,7 @@ class ColumnsConfig:
 
     user_id: str = "user_id"
     ts: str = "ts"
-    event_type: str = "event_type"
+    event_type: str | None = "event_type"  # None: every event is source.default_event_type
     item_id: str | None = "item_id"
     category_id: str | None = "category_id"
     price: str | None = "price"
@@ -80,7 +80,7 @@ class ColumnsConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             _check(v is None or (isinstance(v, str) and v.strip() != ""), f.name, "must be a non-empty column name or null")
-        for req in ("user_id", "ts", "event_type"):
+        for req in ("user_id", "ts"):
             _check(getattr(self, req) is not None, req, "is required")
 
 
@@ -90,6 +90,7 @@ class SourceConfig:
     format: Literal["auto", "parquet", "csv", "json", "delta"] = "auto"
     delimiter: str = ","
     header: bool = True
+    file_glob: str | None = None  # only files whose name matches, e.g. "*.csv" (Spark pathGlobFilter)
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     # auto: native timestamps as is, strings as ISO-8601, numbers as epoch seconds
     ts_format: str = "auto"
@@ -97,6 +98,7 @@ class SourceConfig:
     # raw value -> canonical type; raw values not listed are unknown
     event_types: dict[str, str] = field(default_factory=lambda: {t: t for t in CANONICAL_EVENT_TYPES})
     unknown_event_type: Literal["quarantine", "other"] = "quarantine"
+    default_event_type: str = "view"  # used when columns.event_type is null
     min_ts: str = "2000-01-01T00:00:00Z"
     max_clock_skew_hours: float = 24.0
     max_price: float = 1.0e7
@@ -106,6 +108,7 @@ class SourceConfig:
         for raw, canon in self.event_types.items():
             _check(canon in CANONICAL_EVENT_TYPES, f"event_types.{raw}", f"must be one of {', '.join(CANONICAL_EVENT_TYPES)}")
         _check(self.max_price > 0, "max_price", "must be > 0")
+        _check(self.default_event_type in CANONICAL_EVENT_TYPES, "default_event_type", f"must be one of {', '.join(CANONICAL_EVENT_TYPES)}")
         _check(self.max_clock_skew_hours >= 0, "max_clock_skew_hours", "must be >= 0")
 
 
@@ -441,10 +444,19 @@ def default_conf_dir() -> Path | None:
     return p if p.is_dir() else None
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def presets() -> list[str]:
+    """Names of the source presets shipped with the package."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
 def load_config(
     conf: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
     env: str | None = None,
+    preset: str | None = None,
 ) -> PipelineConfig:
     """Load the configuration.
 
@@ -452,6 +464,7 @@ def load_config(
         conf: an environment YAML file (e.g. ``conf/local.yaml``); its folder's ``base.yaml``
             is applied first. When None, ``<conf dir>/<env>.yaml`` is used if it exists.
         overrides: ``key=value`` strings applied last.
+        preset: a source preset (``presets()``), applied after the files, before overrides.
         env: environment name when ``conf`` is None (default ``$SEQCLUST_ENV`` or ``local``).
 
     Returns:
@@ -474,6 +487,10 @@ def load_config(
             for f in (d / "base.yaml", d / f"{name}.yaml"):
                 if f.is_file():
                     files.append(f)
+    if preset is not None:
+        if preset not in presets():
+            raise ConfigError(f"--preset {preset!r}: unknown preset (known: {', '.join(presets())})")
+        files.append(PRESETS_DIR / f"{preset}.yaml")
     for f in files:
         data = _deep_merge(data, _read_yaml(f))
     for item in overrides:

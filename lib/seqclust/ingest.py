@@ -113,6 +113,8 @@ def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "
     etype_raw = F.lower(F.trim(opt(c.event_type).cast("string")))
     etype_known = etype_map[etype_raw]
     etype = etype_known if cfg.unknown_event_type == "quarantine" else F.coalesce(etype_known, F.lit("other"))
+    if c.event_type is None:
+        etype = F.lit(cfg.default_event_type)
     price_src = opt(c.price)
     price = (
         price_src.cast("double")

@@ -69,16 +69,17 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
     fmt = cfg.format
     if fmt == "auto":
         fmt = detect_format(path)
+    glob = {"pathGlobFilter": cfg.file_glob} if cfg.file_glob else {}
     try:
         if fmt in ("parquet", "delta"):
-            df = spark.read.format(fmt).load(path)
+            df = spark.read.format(fmt).options(**(glob if fmt == "parquet" else {})).load(path)
             df = df.withColumn(FILE_COL, F.col("_metadata.file_path")) if fmt == "parquet" else df.withColumn(FILE_COL, F.lit(path))
         elif fmt == "csv":
-            probe = spark.read.options(header=cfg.header, sep=cfg.delimiter, inferSchema=False).csv(path)
+            probe = spark.read.options(header=cfg.header, sep=cfg.delimiter, inferSchema=False, **glob).csv(path)
             names = probe.columns
             schema = T.StructType([T.StructField(n, T.StringType()) for n in names] + [T.StructField(CORRUPT_COL, T.StringType())])
             df = (
-                spark.read.options(header=cfg.header, sep=cfg.delimiter, mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL)
+                spark.read.options(header=cfg.header, sep=cfg.delimiter, mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL, **glob)
                 .schema(schema)
                 .csv(path)
                 .withColumn(FILE_COL, F.col("_metadata.file_path"))
@@ -87,7 +88,7 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
             wanted = [c for c in _mapped_columns(cfg)]
             schema = T.StructType([T.StructField(n, T.StringType()) for n in wanted] + [T.StructField(CORRUPT_COL, T.StringType())])
             df = (
-                spark.read.options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL)
+                spark.read.options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL, **glob)
                 .schema(schema)
                 .json(path)
                 .withColumn(FILE_COL, F.col("_metadata.file_path"))
@@ -120,7 +121,7 @@ def _mapped_columns(cfg: SourceConfig) -> list[str]:
 
 def _required_columns(cfg: SourceConfig) -> list[str]:
     c = cfg.columns
-    return [c.user_id, c.ts, c.event_type]
+    return [x for x in (c.user_id, c.ts, c.event_type) if x is not None]
 
 
 # ---------------------------------------------------------------------------------------
