@@ -16,6 +16,7 @@ CONTRACT = {
     "embeddings": {"run_id", "entity_type", "entity_id", "embedding", "encoder_id"},
     "clusters": {"run_id", "entity_id", "cluster_id", "distance_to_centroid"},
     "centroids": {"run_id", "cluster_id", "centroid", "size"},
+    "session_quarantine": {"run_id", "session_id", "user_id", "start_ts", "end_ts", "n_events", "reason"},
     "metrics": {"run_id", "method", "k", "metric", "value", "ci_low", "ci_high", "details"},
     "runs": {
         "run_id",

@@ -2,6 +2,7 @@
 PROVENANCE.md); skipped with a reason where that folder is absent (a user's fresh clone)."""
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
@@ -11,7 +12,7 @@ from seqclust.config import TablesConfig, load_config, presets
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError
 
-from conftest import SHARED_DATA
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"public samples not found at {SHARED_DATA} (CI has them)")
 

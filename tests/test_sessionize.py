@@ -40,3 +40,46 @@ def test_session_ids_are_deterministic_and_distinct(spark):
     b = {(r["user_id"], r["start_ts"]): r["session_id"] for r in sessionize(_events(spark, rows[::-1]).repartition(3)).collect()}
     assert a == b
     assert len(set(a.values())) == 12 and all(len(v) == 32 for v in a.values())
+
+
+def _ts_rows(user, minutes, etype="view"):
+    return [(f"{user}-{i}", user, T0 + dt.timedelta(minutes=m), etype, f"i{i}", "c", None) for i, m in enumerate(minutes)]
+
+
+def _starts(df):
+    return sorted((r["user_id"], r["start_ts"], r["n_events"]) for r in df.collect())
+
+
+def test_max_events_and_max_duration_cut_sessions(spark):
+    m = dt.timedelta(minutes=1)
+    got = _starts(sessionize(_events(spark, _ts_rows("a", [0, 1, 2, 3, 4])), max_events=2))
+    assert got == [("a", T0, 2), ("a", T0 + 2 * m, 2), ("a", T0 + 4 * m, 1)]
+    got = _starts(sessionize(_events(spark, _ts_rows("b", [0, 5, 9, 12, 25])), max_duration_minutes=10))
+    assert got == [("b", T0, 3), ("b", T0 + 12 * m, 1), ("b", T0 + 25 * m, 1)]
+    ids = [r["session_id"] for r in sessionize(_events(spark, _ts_rows("a", [0, 1, 2, 3, 4])), max_events=2).collect()]
+    assert len(set(ids)) == 3
+
+
+def test_midnight_split_is_optional_and_uses_the_time_zone(spark):
+    rows = [
+        ("x1", "u", dt.datetime(2026, 10, 1, 23, 50), "view", None, "c", None),
+        ("x2", "u", dt.datetime(2026, 10, 2, 0, 10), "view", None, "c", None),
+    ]
+    assert len(sessionize(_events(spark, rows)).collect()) == 1  # off by default, as in GA4
+    assert len(sessionize(_events(spark, rows), midnight_split=True).collect()) == 2
+    # 23:50 and 00:10 UTC are 08:50 and 09:10 in Tokyo: same day there
+    assert len(sessionize(_events(spark, rows), midnight_split=True, timezone="Asia/Tokyo").collect()) == 1
+
+
+def test_runaway_sessions_are_quarantined_with_a_reason(spark):
+    from seqclust.config import SessionizeConfig
+    from seqclust.sessionize import assign_sessions, build_sessions, runaway_sessions
+
+    fast = [(f"f{i}", "bot", T0 + dt.timedelta(seconds=i), "view", None, "c", None) for i in range(120)]  # 60/min for 2 min
+    many = _ts_rows("heavy", [i * 0.9 for i in range(40)])  # slow but long
+    normal = _ts_rows("human", [0, 3, 7])
+    cfg = SessionizeConfig(bot_events_per_minute=50, bot_min_events=100, bot_max_events=30)
+    assigned = assign_sessions(_events(spark, fast + many + normal), cfg)
+    bad = {r["user_id"]: (r["reason"], r["n_events"]) for r in runaway_sessions(assigned).collect()}
+    assert bad == {"bot": ("too_fast", 120), "heavy": ("too_many_events", 40)}
+    assert [r["user_id"] for r in build_sessions(assigned).collect()] == ["human"]

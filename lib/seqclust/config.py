@@ -124,12 +124,27 @@ class LabelsConfig:
 
 @dataclass(frozen=True)
 class SessionizeConfig:
+    """Analytics-style rules (GA4/Snowplow defaults where they have one)."""
+
     gap_minutes: float = 30.0
-    min_events: int = 1
+    max_duration_minutes: float = 24 * 60.0  # longer sessions are cut into windows of this
+    max_events: int = 1000  # longer sessions are cut into chunks of this many events
+    min_events: int = 1  # shorter sessions are kept but not modelled
+    midnight_split: bool = False  # GA4 does not split at midnight
+    timezone: str = "UTC"  # whose midnight
+    # runaway/bot sessions (before any cut) go to the session quarantine, not to modelling
+    bot_events_per_minute: float = 60.0
+    bot_min_events: int = 100  # the rate rule applies from this many events on
+    bot_max_events: int = 5000
 
     def __post_init__(self) -> None:
         _check(self.gap_minutes > 0, "gap_minutes", "must be > 0")
+        _check(self.max_duration_minutes > 0, "max_duration_minutes", "must be > 0")
+        _check(self.max_events >= 1, "max_events", "must be >= 1")
         _check(self.min_events >= 1, "min_events", "must be >= 1")
+        _check(self.bot_events_per_minute > 0, "bot_events_per_minute", "must be > 0")
+        _check(self.bot_min_events >= 1, "bot_min_events", "must be >= 1")
+        _check(self.bot_max_events >= 1, "bot_max_events", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -229,6 +244,7 @@ class TablesConfig:
     quarantine: str = "quarantine"
     events: str = "events"
     sessions: str = "sessions"
+    session_quarantine: str = "session_quarantine"
     embeddings: str = "embeddings"
     clusters: str = "clusters"
     centroids: str = "centroids"

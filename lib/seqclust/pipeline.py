@@ -55,6 +55,7 @@ RUNS_SCHEMA = T.StructType(
         T.StructField("rows_duplicates", T.LongType()),
         T.StructField("quarantine_reasons", T.MapType(T.StringType(), T.LongType())),
         T.StructField("sessions", T.LongType()),
+        T.StructField("sessions_quarantined", T.LongType()),
         T.StructField("users", T.LongType()),
         T.StructField("k", T.IntegerType()),
         T.StructField("stage_seconds", T.MapType(T.StringType(), T.DoubleType())),
@@ -93,6 +94,7 @@ class RunRecord:
     rows_duplicates: int | None = None
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     sessions: int | None = None
+    sessions_quarantined: int | None = None
     users: int | None = None
     k: int | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -153,7 +155,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
         rec.quarantine_reasons = r.reasons
     elif name == "sessionize":
         s = sessionize_stage.run(spark, ctx, cfg.sessionize)
-        rec.sessions, rec.users = s.sessions, s.users
+        rec.sessions, rec.users, rec.sessions_quarantined = s.sessions, s.users, s.quarantined_sessions
     elif name == "train":
         t, art = train_stage.run(spark, ctx, cfg.tokenize, cfg.encoder, seed)
         rec.encoder_id, rec.encoder_path = t.encoder_id, t.path
@@ -220,7 +222,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
     rec.finished_at = dt.datetime.now(dt.timezone.utc)
     save_record(spark, ctx, rec)
     table_rows = {}
-    for name in ("quarantine", "events", "sessions", "embeddings", "clusters", "centroids", "metrics", "runs"):
+    for name in ("quarantine", "events", "sessions", "session_quarantine", "embeddings", "clusters", "centroids", "metrics", "runs"):
         tname = getattr(ctx.tables, name)
         if ctx.store.exists(tname):
             table_rows[tname] = ctx.store.read(spark, tname, ctx.run_id).count()
@@ -247,7 +249,7 @@ def format_summary(s: RunSummary) -> str:
         )
     lines.append(f"  Delta tables under {s.table_root} (rows of this run):")
     for t, n in s.table_rows.items():
-        lines.append(f"    {t:<12} {n:>10}")
+        lines.append(f"    {t:<18} {n:>10}")
     if rec.stage_seconds:
         lines.append("  stage wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rec.stage_seconds.items()))
     if rec.encoder_id:
