@@ -16,6 +16,18 @@ CONTRACT = {
     "embeddings": {"run_id", "entity_type", "entity_id", "embedding", "encoder_id"},
     "clusters": {"run_id", "entity_id", "cluster_id", "distance_to_centroid"},
     "centroids": {"run_id", "cluster_id", "centroid", "size"},
+    "cluster_profiles": {
+        "run_id",
+        "cluster_id",
+        "size",
+        "share",
+        "event_mix",
+        "top_categories",
+        "conversion_rate",
+        "median_session_events",
+        "price_index",
+        "description",
+    },
     "session_quarantine": {"run_id", "session_id", "user_id", "start_ts", "end_ts", "n_events", "reason"},
     "metrics": {"run_id", "method", "k", "metric", "value", "ci_low", "ci_high", "details"},
     "runs": {

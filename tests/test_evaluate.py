@@ -3,7 +3,8 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.datasets import make_blobs
 
-from seqclust.evaluate import contingency, external_scores, internal_scores, random_assignment
+from seqclust.evaluate import internal_scores, random_assignment
+from seqclust.metrics import bootstrap_ci, contingency, external_scores
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -83,3 +84,43 @@ def test_bag_of_events_with_pca_is_reduced_and_normalised(spark):
     assert len(out) == 40
     for r in out:
         assert len(r["emb"]) == 3 and np.linalg.norm(r["emb"]) == pytest.approx(1.0)
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    mean, lo, hi = bootstrap_ci([0.8, 0.9, 1.0, 0.7], seed=1)
+    assert mean == pytest.approx(0.85) and lo < mean < hi and 0.7 <= lo and hi <= 1.0
+    assert bootstrap_ci([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_choose_k_rule():
+    from seqclust.cluster import choose_k
+
+    sweep = [
+        {"k": 2, "silhouette": 0.40, "stability": 0.95},
+        {"k": 3, "silhouette": 0.30, "stability": 0.99},  # most stable but far below the best silhouette
+        {"k": 4, "silhouette": 0.37, "stability": 0.97},  # within 10% and more stable than k=2
+        {"k": 5, "silhouette": 0.41, "stability": 0.60},
+    ]
+    assert choose_k(sweep, "silhouette", 0.1)[0] == 5
+    k, rule = choose_k(sweep, "stability", 0.1)
+    assert k == 4 and "within 10%" in rule
+    assert choose_k(sweep, "stability", 0.0)[0] == 5
+
+
+def test_stability_is_high_for_separated_blobs_and_lower_for_noise(spark):
+    from pyspark.ml.functions import array_to_vector
+
+    from seqclust.cluster import fit_kmeans, stability
+    from seqclust.config import ClusterConfig
+
+    cfg = ClusterConfig(stability_runs=3, max_iter=20)
+    X, _ = make_blobs(n_samples=400, centers=3, n_features=4, cluster_std=0.3, random_state=0)
+    noise = np.random.default_rng(0).normal(size=(400, 4))
+    scores = {}
+    for name, data in (("blobs", X), ("noise", noise)):
+        df = spark.createDataFrame([(str(i), x.tolist()) for i, x in enumerate(data)], "entity_id string, emb array<double>")
+        users = df.withColumn("features", array_to_vector("emb")).cache()
+        ref = fit_kmeans(users, 3, 1, cfg).transform(users).select("entity_id", "cluster_id")
+        scores[name] = np.mean(stability(users, ref, 3, 1, cfg))
+    assert scores["blobs"] > 0.99
+    assert scores["noise"] < scores["blobs"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from pyspark.sql import types as T
 from seqclust.config import ClusterConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError
+from seqclust.metrics import bootstrap_ci, contingency, external_scores
+from seqclust.profiles import cluster_profiles
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,36 @@ def with_distance(pred: DataFrame, centers: list[list[float]]) -> DataFrame:
     return pred.withColumn("distance_to_centroid", F.sqrt(sq))
 
 
+def stability(users: DataFrame, reference: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> list[float]:
+    """ARI between the full fit's assignment and refits on ``stability_runs`` seeded subsamples
+    (each refit assigns every user); contingency tables are built in Spark."""
+    out = []
+    for b in range(cfg.stability_runs):
+        sub = users.sample(fraction=cfg.stability_fraction, seed=seed + 7919 * (b + 1))
+        refit = fit_kmeans(sub, k, seed + b + 1, cfg).transform(users).select("entity_id", F.col("cluster_id").alias("refit"))
+        out.append(external_scores(contingency(reference.join(refit, "entity_id"), "cluster_id", "refit"))["ari"])
+    return out
+
+
+def choose_k(sweep: list[dict[str, float]], selection: str, tolerance: float) -> tuple[int, str]:
+    """The documented rule: with ``stability``, among the k whose silhouette is within
+    ``tolerance`` (relative) of the best, the one with the highest mean stability (ties: the
+    higher silhouette); with ``silhouette``, the best silhouette."""
+    best = max(sweep, key=lambda r: (r["silhouette"], -r["k"]))
+    if selection == "silhouette" or "stability" not in best:
+        return int(best["k"]), "best silhouette"
+    floor = best["silhouette"] - tolerance * abs(best["silhouette"])
+    candidates = [r for r in sweep if r["silhouette"] >= floor]
+    pick = max(candidates, key=lambda r: (round(r["stability"], 6), r["silhouette"], -r["k"]))
+    return int(pick["k"]), f"most stable k with silhouette within {tolerance:.0%} of the best ({best['silhouette']:.4f} at k={best['k']})"
+
+
 @dataclass(frozen=True)
 class ClusterResult:
     k: int
     users: int
     sweep: list[dict[str, float]]
+    rule: str = ""
 
 
 def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> ClusterResult:
@@ -78,19 +106,27 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
             raise ConfigError(f"cluster.k: {cfg.k} is not below the number of users ({n})")
         if not ks:
             raise InputError(f"only {n} users: too few to cluster (need at least {cfg.k_min + 1})")
-        sweep = []
-        best = None
+        sweep, models = [], {}
         for k in ks:
             model = fit_kmeans(users, k, seed, cfg)
             pred = model.transform(users)
-            sil = silhouette(pred)
-            row = {"k": k, "silhouette": sil, "inertia": float(model.summary.trainingCost)}
+            row = {"k": k, "silhouette": silhouette(pred), "inertia": float(model.summary.trainingCost)}
+            if cfg.stability_runs > 0:
+                runs = stability(users, pred.select("entity_id", "cluster_id"), k, seed, cfg)
+                row["stability"], row["stability_low"], row["stability_high"] = bootstrap_ci(runs, seed=seed)
             sweep.append(row)
-            log.info("cluster: k=%d silhouette %.4f inertia %.2f", k, sil, row["inertia"])
-            if best is None or sil > best[0] + 1e-9:
-                best = (sil, k, model)
-        assert best is not None
-        _, k, model = best
+            models[k] = model
+            log.info(
+                "cluster: k=%d silhouette %.4f inertia %.2f%s",
+                k,
+                row["silhouette"],
+                row["inertia"],
+                f" stability {row['stability']:.3f} [{row['stability_low']:.3f}, {row['stability_high']:.3f}]"
+                if "stability" in row
+                else "",
+            )
+        k, rule = choose_k(sweep, cfg.selection, cfg.silhouette_tolerance)
+        model = models[k]
         centers = [c.tolist() for c in model.clusterCenters()]
         pred = with_distance(model.transform(users), centers)
         clusters = pred.select(
@@ -115,22 +151,30 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
         )
         ctx.store.write_run(spark.createDataFrame(cent_rows, cent_schema), ctx.tables.centroids, ctx.run_id)
         model.write().overwrite().save(str(ctx.run_dir / "kmeans"))
+        sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+        profiles = cluster_profiles(spark, sessions, ctx.store.read(spark, ctx.tables.clusters, ctx.run_id))
+        ctx.store.write_run(profiles, ctx.tables.cluster_profiles, ctx.run_id)
+        for p in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("cluster_id").collect():
+            log.info("cluster %d: %s", p["cluster_id"], p["description"])
         sweep_rows = [
             {
                 "method": "encoder",
                 "k": r["k"],
                 "metric": m,
                 "value": r[m],
+                "ci_low": r.get(f"{m}_low"),
+                "ci_high": r.get(f"{m}_high"),
                 "family": "sweep",
-                "details": "k sweep; chosen by silhouette" if r["k"] == k else "k sweep",
+                "details": json.dumps({"chosen": r["k"] == k, "rule": rule}),
             }
             for r in sweep
-            for m in ("silhouette", "inertia")
+            for m in ("silhouette", "inertia", "stability")
+            if m in r
         ]
         from seqclust.evaluate import write_metrics
 
         write_metrics(spark, ctx, sweep_rows, families=("sweep",))
-        log.info("cluster: k=%d chosen for %d users", k, n)
-        return ClusterResult(k, n, sweep)
+        log.info("cluster: k=%d chosen for %d users (%s)", k, n, rule)
+        return ClusterResult(k, n, sweep, rule)
     finally:
         users.unpersist()

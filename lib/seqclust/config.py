@@ -214,8 +214,16 @@ class ClusterConfig:
     max_iter: int = 40
     init_steps: int = 2
     solver: Literal["auto", "row", "block"] = "block"
+    # k rule: the most stable k among those within silhouette_tolerance of the best silhouette
+    selection: Literal["stability", "silhouette"] = "stability"
+    silhouette_tolerance: float = 0.1
+    stability_runs: int = 3  # refits on subsamples per k (ARI vs the full fit)
+    stability_fraction: float = 0.8
 
     def __post_init__(self) -> None:
+        _check(0 <= self.silhouette_tolerance < 1, "silhouette_tolerance", "must be in [0, 1)")
+        _check(self.stability_runs >= 0, "stability_runs", "must be >= 0")
+        _check(0 < self.stability_fraction <= 1, "stability_fraction", "must be in (0, 1]")
         _check(self.k is None or self.k >= 2, "k", "must be >= 2 or null")
         _check(self.k_min >= 2, "k_min", "must be >= 2")
         _check(self.k_max >= self.k_min, "k_max", "must be >= k_min")
@@ -247,6 +255,7 @@ class TablesConfig:
     session_quarantine: str = "session_quarantine"
     embeddings: str = "embeddings"
     clusters: str = "clusters"
+    cluster_profiles: str = "cluster_profiles"
     centroids: str = "centroids"
     metrics: str = "metrics"
     runs: str = "runs"

@@ -27,6 +27,7 @@ from seqclust.cluster import fit_kmeans, silhouette
 from seqclust.config import BaselineConfig, ClusterConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
+from seqclust.metrics import contingency, external_scores
 
 log = logging.getLogger(__name__)
 
@@ -43,62 +44,6 @@ METRICS_SCHEMA = T.StructType(
         T.StructField("details", T.StringType(), True),
     ]
 )
-
-
-# ---------------------------------------------------------------------------------------
-# External agreement from a contingency table
-
-
-def contingency(df: DataFrame, label_col: str, cluster_col: str) -> np.ndarray:
-    """Counts of (label, cluster) pairs as a dense [labels, clusters] matrix (built in Spark)."""
-    rows = df.groupBy(label_col, cluster_col).count().collect()
-    labels = sorted({str(r[label_col]) for r in rows})
-    clusters = sorted({r[cluster_col] for r in rows})
-    li = {v: i for i, v in enumerate(labels)}
-    ci = {v: i for i, v in enumerate(clusters)}
-    m = np.zeros((len(labels), len(clusters)), dtype=np.int64)
-    for r in rows:
-        m[li[str(r[label_col])], ci[r[cluster_col]]] += r["count"]
-    return m
-
-
-def _comb2(x: np.ndarray | float) -> Any:
-    return x * (x - 1) / 2.0
-
-
-def _entropy(counts: np.ndarray) -> float:
-    counts = counts[counts > 0].astype(np.float64)
-    n = counts.sum()
-    if n == 0:
-        return 0.0
-    p = counts / n
-    return float(-(p * np.log(p)).sum())
-
-
-def external_scores(table: np.ndarray) -> dict[str, float]:
-    """ARI, NMI (arithmetic), homogeneity, completeness, V-measure from a contingency table
-    (rows = true labels, columns = clusters), matching scikit-learn's definitions."""
-    t = np.asarray(table, dtype=np.float64)
-    n = t.sum()
-    a, b = t.sum(axis=1), t.sum(axis=0)
-    sum_ij, sum_a, sum_b = _comb2(t).sum(), _comb2(a).sum(), _comb2(b).sum()
-    total = _comb2(n)
-    expected = sum_a * sum_b / total if total > 0 else 0.0
-    max_index = (sum_a + sum_b) / 2.0
-    ari = 1.0 if max_index == expected else float((sum_ij - expected) / (max_index - expected))
-    h_c, h_k = _entropy(a), _entropy(b)
-    nz = t > 0
-    outer = np.outer(a, b)
-    mi = float((t[nz] / n * (np.log(t[nz] * n) - np.log(outer[nz]))).sum()) if n > 0 else 0.0
-    mi = max(mi, 0.0)
-    homogeneity = 1.0 if h_c == 0 else mi / h_c
-    completeness = 1.0 if h_k == 0 else mi / h_k
-    v = 0.0 if homogeneity + completeness == 0 else 2 * homogeneity * completeness / (homogeneity + completeness)
-    if (t.shape[0] == 1 and t.shape[1] == 1) or (t.shape[0] == 0 and t.shape[1] == 0):
-        nmi = 1.0
-    else:
-        nmi = mi / max((h_c + h_k) / 2.0, np.finfo(np.float64).eps)
-    return {"ari": ari, "nmi": float(nmi), "homogeneity": float(homogeneity), "completeness": float(completeness), "v_measure": float(v)}
 
 
 # ---------------------------------------------------------------------------------------

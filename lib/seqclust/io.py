@@ -169,7 +169,15 @@ class TableStore:
         path = self.path(name)
         before = self._version(name)
         try:
-            df.write.format("delta").mode("overwrite").option("replaceWhere", predicate).partitionBy(*partition_by).save(path)
+            # mergeSchema: a newer version may add columns to a table written by an older one
+            (
+                df.write.format("delta")
+                .mode("overwrite")
+                .option("replaceWhere", predicate)
+                .option("mergeSchema", "true")
+                .partitionBy(*partition_by)
+                .save(path)
+            )
         except AnalysisException as e:
             raise SeqclustError(f"table {name} at {path}: write failed ({str(e).splitlines()[0][:300]})") from None
         except Exception as e:  # Py4J errors for unwritable paths and the like

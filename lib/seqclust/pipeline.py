@@ -140,6 +140,7 @@ class RunSummary:
     metrics: dict[str, dict[str, float]]
     table_root: str
     seconds: float
+    k_choice: dict[str, Any] | None = None
 
 
 def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
@@ -175,6 +176,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
         c = cluster_stage.run(spark, ctx, cfg.cluster, seed)
         rec.k = c.k
         rec.users = c.users
+        state["k_choice"] = next(({"rule": c.rule, **r} for r in c.sweep if r["k"] == c.k), None)
     elif name == "evaluate":
         e = evaluate_stage.run(spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline)
         state["metrics"] = e.metrics
@@ -222,12 +224,23 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
     rec.finished_at = dt.datetime.now(dt.timezone.utc)
     save_record(spark, ctx, rec)
     table_rows = {}
-    for name in ("quarantine", "events", "sessions", "session_quarantine", "embeddings", "clusters", "centroids", "metrics", "runs"):
+    for name in (
+        "quarantine",
+        "events",
+        "sessions",
+        "session_quarantine",
+        "embeddings",
+        "clusters",
+        "cluster_profiles",
+        "centroids",
+        "metrics",
+        "runs",
+    ):
         tname = getattr(ctx.tables, name)
         if ctx.store.exists(tname):
             table_rows[tname] = ctx.store.read(spark, tname, ctx.run_id).count()
     metrics = state.get("metrics") or _read_metrics(spark, ctx)
-    return RunSummary(ctx.run_id, rec, table_rows, metrics, ctx.store.root, time.perf_counter() - t_run)
+    return RunSummary(ctx.run_id, rec, table_rows, metrics, ctx.store.root, time.perf_counter() - t_run, state.get("k_choice"))
 
 
 def _read_metrics(spark: SparkSession, ctx: RunContext) -> dict[str, dict[str, float]]:
@@ -254,6 +267,10 @@ def format_summary(s: RunSummary) -> str:
         lines.append("  stage wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rec.stage_seconds.items()))
     if rec.encoder_id:
         lines.append(f"  encoder: {rec.encoder_id} ({rec.encoder_path})")
+    if s.k_choice:
+        kc = s.k_choice
+        stab = f", stability {kc['stability']:.3f} [{kc['stability_low']:.3f}, {kc['stability_high']:.3f}]" if "stability" in kc else ""
+        lines.append(f"  k = {kc['k']}: {kc['rule']}{stab}")
     if s.metrics:
         methods = [m for m in ("encoder", "bag_of_events", "random") if m in s.metrics]
         names = [

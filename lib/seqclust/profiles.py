@@ -1,0 +1,143 @@
+"""Cluster profiles: what the users of each segment do, against everyone, in Spark aggregates.
+
+Only per-cluster figures (k rows, and k x top_n categories) reach the driver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+EVENT_TYPES = ("view", "search", "cart", "fav", "purchase", "other")
+
+PROFILE_SCHEMA = T.StructType(
+    [
+        T.StructField("cluster_id", T.IntegerType()),
+        T.StructField("size", T.LongType()),
+        T.StructField("share", T.DoubleType()),
+        T.StructField("sessions_per_user", T.DoubleType()),
+        T.StructField("event_mix", T.MapType(T.StringType(), T.DoubleType())),
+        T.StructField("event_mix_lift", T.MapType(T.StringType(), T.DoubleType())),
+        T.StructField("conversion_rate", T.DoubleType()),
+        T.StructField("median_session_events", T.DoubleType()),
+        T.StructField("median_session_duration_s", T.DoubleType()),
+        T.StructField("median_gap_s", T.DoubleType()),
+        T.StructField("median_price", T.DoubleType()),
+        T.StructField("price_index", T.DoubleType()),
+        T.StructField(
+            "top_categories",
+            T.ArrayType(
+                T.StructType(
+                    [
+                        T.StructField("category", T.StringType()),
+                        T.StructField("share", T.DoubleType()),
+                        T.StructField("lift", T.DoubleType()),
+                    ]
+                )
+            ),
+        ),
+        T.StructField("description", T.StringType()),
+    ]
+)
+
+
+def _describe(p: dict[str, Any], overall_conv: float) -> str:
+    mix = p["event_mix_lift"]
+    lifted = sorted(((v, t) for t, v in mix.items() if p["event_mix"].get(t, 0) >= 0.01), reverse=True)
+    parts = [f"{100 * p['share']:.0f}% of users"]
+    if lifted:
+        v, t = lifted[0]
+        parts.append(f"{t} events {v:.1f}x the average share")
+    if overall_conv > 0:
+        parts.append(f"conversion {100 * p['conversion_rate']:.0f}% ({p['conversion_rate'] / overall_conv:.1f}x)")
+    parts.append(f"median session {p['median_session_events']:.0f} events over {p['median_session_duration_s'] / 60:.1f} min")
+    if p["median_gap_s"] is not None:
+        parts.append(f"{p['median_gap_s']:.0f}s between events")
+    if p["price_index"] is not None:
+        parts.append(f"price level {p['price_index']:.2f}x overall")
+    if p["top_categories"]:
+        c = max(p["top_categories"], key=lambda x: x["lift"])
+        parts.append(f"most lifted category {c['category']} ({c['lift']:.1f}x)")
+    return "; ".join(parts)
+
+
+def cluster_profiles(spark: SparkSession, sessions: DataFrame, clusters: DataFrame, top_n: int = 5) -> DataFrame:
+    """One row per cluster (PROFILE_SCHEMA) from ``sessions`` and ``clusters`` (entity_id, cluster_id)."""
+    s = sessions.join(clusters.select(F.col("entity_id").alias("user_id"), "cluster_id"), "user_id")
+    per_cluster = (
+        s.groupBy("cluster_id")
+        .agg(
+            F.countDistinct("user_id").alias("size"),
+            F.count("*").alias("n_sessions"),
+            F.percentile_approx("n_events", 0.5).cast("double").alias("med_events"),
+            F.percentile_approx("duration_s", 0.5).cast("double").alias("med_duration"),
+        )
+        .collect()
+    )
+    users = s.groupBy("cluster_id", "user_id").agg(F.max(F.coalesce(F.col("event_counts")["purchase"], F.lit(0))).alias("p"))
+    conv = {r["cluster_id"]: r["c"] for r in users.groupBy("cluster_id").agg(F.avg((F.col("p") > 0).cast("double")).alias("c")).collect()}
+    overall_conv = users.agg(F.avg((F.col("p") > 0).cast("double"))).first()[0] or 0.0
+    mix_rows = (
+        s.select("cluster_id", F.explode("event_counts").alias("t", "n")).groupBy("cluster_id", "t").agg(F.sum("n").alias("n")).collect()
+    )
+    events = s.select("cluster_id", F.explode(F.arrays_zip("categories", "prices", "gaps_s")).alias("e"))
+    stats = events.groupBy("cluster_id").agg(
+        F.percentile_approx(F.when(F.col("e.prices") > 0, F.col("e.prices")), 0.5).alias("med_price"),
+        F.percentile_approx(F.when(F.col("e.gaps_s") > 0, F.col("e.gaps_s")), 0.5).alias("med_gap"),
+    )
+    med = {r["cluster_id"]: (r["med_price"], r["med_gap"]) for r in stats.collect()}
+    overall_price = events.agg(F.percentile_approx(F.when(F.col("e.prices") > 0, F.col("e.prices")), 0.5)).first()[0]
+    cats = events.groupBy("cluster_id", F.col("e.categories").alias("category")).count()
+    totals = cats.groupBy("cluster_id").agg(F.sum("count").alias("tot"))
+    overall = cats.groupBy("category").agg(F.sum("count").alias("all"))
+    grand = overall.agg(F.sum("all")).first()[0] or 1
+    top = (
+        cats.join(totals, "cluster_id")
+        .join(overall, "category")
+        .withColumn("share", F.col("count") / F.col("tot"))
+        .withColumn("lift", F.col("share") / (F.col("all") / F.lit(grand)))
+        .withColumn("r", F.row_number().over(Window.partitionBy("cluster_id").orderBy(F.desc("count"), "category")))
+        .where(F.col("r") <= top_n)
+        .collect()
+    )
+    n_users = sum(r["size"] for r in per_cluster) or 1
+    mix: dict[int, dict[str, float]] = {}
+    for r in mix_rows:
+        mix.setdefault(r["cluster_id"], {})[r["t"]] = float(r["n"])
+    all_mix: dict[str, float] = {}
+    for m in mix.values():
+        for t, v in m.items():
+            all_mix[t] = all_mix.get(t, 0.0) + v
+    all_total = sum(all_mix.values()) or 1.0
+    rows = []
+    for r in sorted(per_cluster, key=lambda x: x["cluster_id"]):
+        c = r["cluster_id"]
+        m = mix.get(c, {})
+        tot = sum(m.values()) or 1.0
+        shares = {t: m.get(t, 0.0) / tot for t in sorted(all_mix)}
+        lifts = {t: (shares[t] / (all_mix[t] / all_total)) if all_mix[t] else 0.0 for t in shares}
+        price, gap = med.get(c, (None, None))
+        p = {
+            "cluster_id": int(c),
+            "size": int(r["size"]),
+            "share": r["size"] / n_users,
+            "sessions_per_user": r["n_sessions"] / max(r["size"], 1),
+            "event_mix": shares,
+            "event_mix_lift": lifts,
+            "conversion_rate": float(conv.get(c, 0.0)),
+            "median_session_events": r["med_events"],
+            "median_session_duration_s": r["med_duration"],
+            "median_gap_s": float(gap) if gap is not None else None,
+            "median_price": float(price) if price is not None else None,
+            "price_index": float(price) / overall_price if price is not None and overall_price else None,
+            "top_categories": [
+                {"category": t["category"], "share": float(t["share"]), "lift": float(t["lift"])}
+                for t in sorted((t for t in top if t["cluster_id"] == c), key=lambda t: t["r"])
+            ],
+        }
+        p["description"] = _describe(p, overall_conv)
+        rows.append(p)
+    return spark.createDataFrame([tuple(p[f.name] for f in PROFILE_SCHEMA.fields) for p in rows], PROFILE_SCHEMA)
