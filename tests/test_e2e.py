@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from seqclust.cli import main
@@ -130,10 +131,26 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, tmp_path, capsys)
     assert m[("encoder", "silhouette")] > m[("random", "silhouette")]
     assert m[("bag_of_events", "ari")] > m[("random", "ari")]
 
-    # rerun with the same id: rows replaced, never duplicated
+    def snapshot():
+        emb = {
+            r["entity_id"]: r["embedding"]
+            for r in spark.read.format("delta").load(str(out / "embeddings")).where("entity_type = 'user'").collect()
+        }
+        cl = {r["entity_id"]: r["cluster_id"] for r in spark.read.format("delta").load(str(out / "clusters")).collect()}
+        sess = sorted(r["session_id"] for r in spark.read.format("delta").load(str(out / "sessions")).collect())
+        return emb, cl, sess, spark.read.format("delta").load(str(out / "runs")).first()["encoder_id"]
+
+    emb1, cl1, sess1, enc1 = snapshot()
+    assert runs["input_fingerprint"] and runs["input_files"] == 4
+
+    # rerun with the same id: rows replaced, never duplicated; and the same input and seeds
+    # give the same sessions, encoder weights (content hash), embeddings and clusters
     _run(data, out, "e2e-1", capsys)
     assert counts() == first
     assert spark.read.format("delta").load(str(out / "runs")).count() == 1
+    emb2, cl2, sess2, enc2 = snapshot()
+    assert sess1 == sess2 and enc1 == enc2 and cl1 == cl2
+    assert max(float(np.max(np.abs(np.array(emb1[u]) - np.array(emb2[u])))) for u in emb1) <= 1e-6
 
 
 def test_bad_input_path_exits_with_one_line(tmp_path, capsys):
@@ -195,7 +212,7 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
 
     new = tmp_path / "new"
     write_dataset(new, users=40, seed=99)
-    base = ["--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out), "--input", str(new / "events")]
+    base = ["--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out), "--input", str(new / "events"), "--set", "cluster.k=3"]
     for stage in ("ingest", "sessionize", "train", "embed"):
         assert main([stage, "--run-id", "reuse-1", "--encoder", art, *base]) == 0, capsys.readouterr().err[-2000:]
     emb = spark.read.format("delta").load(str(out / "embeddings")).where("run_id = 'reuse-1' AND entity_type = 'user'")
@@ -203,6 +220,18 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
     assert {r["encoder_id"] for r in emb.select("encoder_id").distinct().collect()} == {Path(art).name}
     rec = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'reuse-1'").first()
     assert rec["stages_completed"] == ["ingest", "sessionize", "train", "embed"] and rec["encoder_id"] == Path(art).name
+    assert rec["status"] == "running"
+
+    # resume: only the stages not yet completed run; a changed config is refused
+    capsys.readouterr()
+    assert main(["run", "--resume", "--run-id", "reuse-1", "--encoder", art, *base, "--set", "run.seed=5"]) == 2
+    assert "was started with another configuration" in capsys.readouterr().err
+    assert main(["run", "--resume", "--run-id", "reuse-1", "--encoder", art, *base]) == 0, capsys.readouterr().err[-2000:]
+    done = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'reuse-1'").first()
+    assert done["status"] == "succeeded"
+    assert done["stages_completed"] == ["ingest", "sessionize", "train", "embed", "cluster", "evaluate"]
+    assert done["stage_seconds"]["ingest"] == rec["stage_seconds"]["ingest"]  # not run again
+    assert spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'reuse-1'").count() == 40
 
     # a catalogue the encoder never saw: refused with one line, not embedded as all-OOV noise
     foreign = tmp_path / "foreign.csv"

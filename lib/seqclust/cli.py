@@ -44,7 +44,9 @@ def _common(p: argparse.ArgumentParser, stage: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqclust", description="User-behaviour segments from e-commerce event logs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("run", help="run every stage: ingest, sessionize, train, embed, cluster, evaluate"), stage=False)
+    run_p = sub.add_parser("run", help="run every stage: ingest, sessionize, train, embed, cluster, evaluate")
+    _common(run_p, stage=False)
+    run_p.add_argument("--resume", action="store_true", help="skip the stages this run id already completed (needs --run-id)")
     for name in STAGE_COMMANDS:
         _common(sub.add_parser(name, help=f"run the {name} stage of an existing run id"), stage=True)
     g = sub.add_parser("generate", help="write a synthetic event log with planted personas")
@@ -124,7 +126,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     spark = get_spark(cfg.spark)
     stages = pipeline.STAGES if args.command == "run" else (args.command,)
-    summary = pipeline.run(spark, cfg, ctx, stages)
+    resume = bool(getattr(args, "resume", False))
+    if resume and not (args.run_id or cfg.run.run_id):
+        raise ConfigError("--resume needs the --run-id of the run to continue")
+    summary = pipeline.run(spark, cfg, ctx, stages, resume=resume)
     print(pipeline.format_summary(summary))
     return 0
 

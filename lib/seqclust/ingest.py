@@ -20,7 +20,7 @@ from pyspark.sql import types as T
 from seqclust.config import SourceConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError, ReconciliationError
-from seqclust.io import CORRUPT_COL, FILE_COL, read_source
+from seqclust.io import CORRUPT_COL, FILE_COL, read_source, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,9 @@ class IngestResult:
     quarantined_rows: int
     duplicate_rows: int
     reasons: dict[str, int]
+    input_fingerprint: str | None = None
+    input_version: int | None = None
+    input_files: int = 0
 
 
 def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig) -> IngestResult:
@@ -181,6 +184,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig) -> IngestResult
     if not ctx.input_path:
         raise InputError("no input: pass --input PATH (or run without it for the generated demo data)")
     raw_df = read_source(spark, ctx.input_path, cfg)
+    fingerprint, version, n_files = source_fingerprint(spark, raw_df, ctx.input_path, cfg.format)
     n_input = raw_df.count()
     if n_input == 0:
         raise InputError(f"--input {ctx.input_path}: no rows to ingest")
@@ -212,4 +216,4 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig) -> IngestResult
         raise InputError(
             f"--input {ctx.input_path}: all {n_input} rows were quarantined ({by_reason}); check source.columns and source.ts_format"
         )
-    return IngestResult(n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()})
+    return IngestResult(n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()}, fingerprint, version, n_files)

@@ -109,6 +109,28 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
     return df
 
 
+def source_fingerprint(spark: SparkSession, df: DataFrame, path: str, fmt: str) -> tuple[str, int | None, int]:
+    """What exactly was read, for lineage: (sha256 of the sorted file listing with sizes and
+    modification times where the files are local, Delta version or None, number of files)."""
+    import hashlib
+
+    version = None
+    if fmt == "delta" or (fmt == "auto" and detect_format(path) == "delta"):
+        from delta.tables import DeltaTable
+
+        version = int(DeltaTable.forPath(spark, path).history(1).select("version").first()[0])
+    files = sorted(df.inputFiles())
+    h = hashlib.sha256()
+    for f in files:
+        local = f[5:] if f.startswith("file:") else f
+        try:
+            st = os.stat(local)
+            h.update(f"{f}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+        except OSError:
+            h.update(f"{f}\n".encode())
+    return h.hexdigest()[:32], version, len(files)
+
+
 def _mapped_columns(cfg: SourceConfig) -> list[str]:
     cols = cfg.columns
     out = []

@@ -28,7 +28,7 @@ from seqclust import sessionize as sessionize_stage
 from seqclust import train as train_stage
 from seqclust.config import PipelineConfig
 from seqclust.context import RunContext
-from seqclust.errors import InputError, SeqclustError
+from seqclust.errors import ConfigError, InputError, SeqclustError
 from seqclust.io import TableStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ RUNS_SCHEMA = T.StructType(
         T.StructField("code_version", T.StringType()),
         T.StructField("git_commit", T.StringType()),
         T.StructField("input_path", T.StringType()),
+        T.StructField("input_fingerprint", T.StringType()),
+        T.StructField("input_delta_version", T.LongType()),
+        T.StructField("input_files", T.LongType()),
         T.StructField("labels_path", T.StringType()),
         T.StructField("encoder_id", T.StringType()),
         T.StructField("encoder_path", T.StringType()),
@@ -85,6 +88,9 @@ class RunRecord:
     code_version: str | None = __version__
     git_commit: str | None = None
     input_path: str | None = None
+    input_fingerprint: str | None = None
+    input_delta_version: int | None = None
+    input_files: int | None = None
     labels_path: str | None = None
     encoder_id: str | None = None
     encoder_path: str | None = None
@@ -154,6 +160,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
             r.duplicate_rows,
         )
         rec.quarantine_reasons = r.reasons
+        rec.input_fingerprint, rec.input_delta_version, rec.input_files = r.input_fingerprint, r.input_version, r.input_files
     elif name == "sessionize":
         s = sessionize_stage.run(spark, ctx, cfg.sessionize)
         rec.sessions, rec.users, rec.sessions_quarantined = s.sessions, s.users, s.quarantined_sessions
@@ -184,13 +191,31 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
         raise ValueError(name)
 
 
-def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple[str, ...] = STAGES) -> RunSummary:
-    """Run ``stages`` for ``ctx.run_id``; the ``runs`` row says how far it got and why it stopped."""
+def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple[str, ...] = STAGES, resume: bool = False) -> RunSummary:
+    """Run ``stages`` for ``ctx.run_id``; the ``runs`` row says how far it got and why it stopped.
+
+    With ``resume``, stages the run already completed are skipped (each stage commits its
+    tables before it is marked complete, so a completed stage's output is whole).
+    """
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     t_run = time.perf_counter()
-    rec = load_record(spark, ctx) or RunRecord()
-    if stages[0] == STAGES[0] or rec.started_at is None:
+    previous = load_record(spark, ctx)
+    if resume and previous is not None:
+        if previous.config_hash and previous.config_hash != cfg.config_hash():
+            raise ConfigError(
+                f"--resume: run {ctx.run_id} was started with another configuration (hash {previous.config_hash}, now {cfg.config_hash()}); "
+                "resume with the same options or use a new run id"
+            )
+        done = [s for s in stages if s in previous.stages_completed]
+        stages = tuple(s for s in stages if s not in previous.stages_completed)
+        log.info("resume run %s: %s already completed", ctx.run_id, ", ".join(done) or "no stage")
+        rec = previous
+    elif previous is not None and stages[0] != STAGES[0]:
+        rec = previous  # a single later stage of an existing run
+    else:
         rec = RunRecord(started_at=ctx.started_at, git_commit=git_commit())
+    if not stages:
+        log.info("run %s: every stage already completed", ctx.run_id)
     rec.status, rec.error, rec.finished_at = "running", None, None
     rec.config_json, rec.config_hash = cfg.to_json(), cfg.config_hash()
     rec.input_path = ctx.input_path or rec.input_path
@@ -220,7 +245,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
         if isinstance(e, SeqclustError) or not isinstance(e, Exception):
             raise
         raise SeqclustError(f"stage {current} failed: {msg[:500]}") from e
-    rec.status = "succeeded" if stages[-1] == STAGES[-1] or set(STAGES) <= set(rec.stages_completed) else "running"
+    rec.status = "succeeded" if set(STAGES) <= set(rec.stages_completed) else "running"
     rec.finished_at = dt.datetime.now(dt.timezone.utc)
     save_record(spark, ctx, rec)
     table_rows = {}
