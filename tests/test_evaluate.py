@@ -124,3 +124,15 @@ def test_stability_is_high_for_separated_blobs_and_lower_for_noise(spark):
         scores[name] = np.mean(stability(users, ref, 3, 1, cfg))
     assert scores["blobs"] > 0.99
     assert scores["noise"] < scores["blobs"]
+
+
+def test_proxy_labels(spark):
+    from seqclust.evaluate import proxy_labels
+
+    sessions = spark.createDataFrame(
+        [("u1", {"view": 2, "purchase": 1}, ["b", "a", "a"]), ("u1", {"view": 1}, ["b"]), ("u2", {"view": 2}, ["c", "d"])],
+        "user_id string, event_counts map<string,int>, categories array<string>",
+    )
+    got = {r["entity_id"]: (r["buyer"], r["dominant_category"]) for r in proxy_labels(sessions).collect()}
+    # u1: a x2, b x2 -> tie to the smaller name; u2: c/d tie -> c
+    assert got == {"u1": ("buyer", "a"), "u2": ("non_buyer", "c")}

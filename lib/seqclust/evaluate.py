@@ -128,6 +128,22 @@ def write_metrics(spark: SparkSession, ctx: RunContext, rows: Iterable[dict[str,
     return ctx.store.write_run(df, ctx.tables.metrics, ctx.run_id, extra_predicate=f"family IN ({fam})")
 
 
+def proxy_labels(sessions: DataFrame) -> DataFrame:
+    """Labels any event log has, for external agreement where no true labels exist:
+    ``buyer`` (the user purchased in the window) and ``dominant_category`` (the user's most
+    frequent category, ties to the smallest). Named as proxies wherever they are reported."""
+    buyer = sessions.groupBy("user_id").agg(
+        F.when(F.max(F.coalesce(F.col("event_counts")["purchase"], F.lit(0))) > 0, "buyer").otherwise("non_buyer").alias("buyer")
+    )
+    cats = sessions.select("user_id", F.explode("categories").alias("c")).groupBy("user_id", "c").count()
+    dom = (
+        cats.groupBy("user_id")
+        .agg(F.min(F.struct(-F.col("count"), F.col("c"))).alias("m"))
+        .select("user_id", F.col("m.c").alias("dominant_category"))
+    )
+    return buyer.join(dom, "user_id", "left").withColumnRenamed("user_id", "entity_id")
+
+
 @dataclass(frozen=True)
 class EvaluateResult:
     k: int
@@ -179,8 +195,12 @@ def run(
                 {"method": method, "k": k, "family": "internal", "metric": m, "value": v, "details": details} for m, v in scores.items()
             ]
         if baseline.bag_of_events:
-            sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
-            vecs = bag_of_events(sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim)
+            vecs = bag_of_events(
+                ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled"),
+                baseline.vocab_size,
+                baseline.min_df,
+                baseline.pca_dim,
+            )
             boe = fit_kmeans(vecs, k, seed, cluster_cfg).transform(vecs).persist(StorageLevel.MEMORY_AND_DISK)
             scores = internal_scores(boe, "emb", "cluster_id")
             results["bag_of_events"] = dict(scores)
@@ -217,7 +237,28 @@ def run(
                     "details": details,
                 }
             )
-        write_metrics(spark, ctx, rows, families=("internal", "external"))
+        sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+        proxies = proxy_labels(sessions).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            assigned = users.select("entity_id", "cluster_id", "random_id")
+            if boe is not None:
+                assigned = assigned.join(boe.select("entity_id", F.col("cluster_id").alias("boe_id")), "entity_id")
+            lab = assigned.join(proxies, "entity_id")
+            for proxy in ("buyer", "dominant_category"):
+                details = json.dumps({"labels": f"proxy:{proxy}", "note": "proxy label derived from the events, not ground truth"})
+                for method, col in (("encoder", "cluster_id"), ("random", "random_id")) + (
+                    (("bag_of_events", "boe_id"),) if boe is not None else ()
+                ):
+                    scores = external_scores(contingency(lab.where(F.col(proxy).isNotNull()), proxy, col))
+                    results.setdefault(method, {}).update({f"{m}_{proxy}": scores[m] for m in ("ari", "nmi")})
+                    rows += [
+                        {"method": method, "k": k, "family": "proxy", "metric": f"{m}_{proxy}", "value": v, "details": details}
+                        for m, v in scores.items()
+                        if m in ("ari", "nmi", "v_measure")
+                    ]
+        finally:
+            proxies.unpersist()
+        write_metrics(spark, ctx, rows, families=("internal", "external", "proxy"))
         for method, vals in results.items():
             log.info("evaluate: %s %s", method, ", ".join(f"{m}={v:.4f}" for m, v in sorted(vals.items())))
         return EvaluateResult(k, results, n_labelled)

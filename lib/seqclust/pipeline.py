@@ -310,11 +310,16 @@ def format_summary(s: RunSummary) -> str:
                 "homogeneity",
                 "completeness",
                 "v_measure",
+                "ari_buyer",
+                "nmi_buyer",
+                "ari_dominant_category",
+                "nmi_dominant_category",
             )
             if any(m in s.metrics[x] for x in methods)
         ]
-        lines.append(f"  metrics at k={rec.k}:   " + "".join(f"{m:>14}" for m in methods))
+        lines.append(f"  metrics at k={rec.k} (*_buyer, *_dominant_category: vs proxy labels)")
+        lines.append(" " * 28 + "".join(f"{m:>14}" for m in methods))
         for n in names:
             vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in methods)
-            lines.append(f"    {n:<20}{vals}")
+            lines.append(f"    {n:<24}{vals}")
     return "\n".join(lines)
