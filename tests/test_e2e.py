@@ -66,23 +66,15 @@ def data(tmp_path_factory):
     return root
 
 
+def _args(data, out, run_id, labels=True):
+    args = ["run", "--conf", str(REPO / "conf" / "local.yaml"), "--input", str(data / "events"), "--output", str(out), "--run-id", run_id]
+    if labels:
+        args += ["--labels", str(data / "personas")]
+    return args + [x for s in SMALL for x in ("--set", s)]
+
+
 def _run(data, out, run_id, capsys):
-    args = [
-        "run",
-        "--conf",
-        str(REPO / "conf" / "local.yaml"),
-        "--input",
-        str(data / "events"),
-        "--labels",
-        str(data / "personas"),
-        "--output",
-        str(out),
-        "--run-id",
-        run_id,
-    ]
-    for s in SMALL:
-        args += ["--set", s]
-    code = main(args)
+    code = main(_args(data, out, run_id))
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     return captured.out
@@ -180,22 +172,8 @@ def test_bad_set_key_exits_with_one_line(tmp_path, capsys):
 
 
 def test_k_larger_than_users_is_a_clear_error(spark, data, tmp_path, capsys):
-    from seqclust.cli import main as cli
-
-    args = [
-        "run",
-        "--conf",
-        str(REPO / "conf" / "local.yaml"),
-        "--input",
-        str(data / "events"),
-        "--output",
-        str(tmp_path / "o"),
-        "--run-id",
-        "bigk",
-        "--set",
-        "cluster.k=5000",
-    ] + [x for s in SMALL for x in ("--set", s)]
-    code = cli(args)
+    args = _args(data, tmp_path / "o", "bigk", labels=False) + ["--set", "cluster.k=5000"]
+    code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "cluster.k: 5000 is not below the number of users (350)" in err[-1]
     runs = spark.read.format("delta").load(str(tmp_path / "o" / "runs")).first()
