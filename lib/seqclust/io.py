@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyspark.errors import AnalysisException
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import AnalysisException, PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -27,6 +28,19 @@ FILE_COL = "_source_file"
 
 # ---------------------------------------------------------------------------------------
 # Sources
+
+
+def spark_error_line(e: BaseException) -> str:
+    """The first meaningful line of a Spark/Py4J error (the Java message, not the Py4J frame)."""
+    if isinstance(e, Py4JJavaError):
+        try:
+            text = str(e.java_exception.getMessage() or "")
+        except Exception:  # pragma: no cover - gateway gone
+            text = str(e)
+    else:
+        text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def detect_format(path: str) -> str:
@@ -95,16 +109,18 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
             )
         else:
             raise InputError(f"source.format: unknown format {fmt!r}")
-    except AnalysisException as e:
-        msg = str(e).splitlines()[0]
-        raise InputError(f"--input {path}: cannot read as {fmt} ({msg[:300]})") from None
+    except (AnalysisException, Py4JJavaError, PySparkException) as e:
+        raise InputError(f"--input {path}: cannot read as {fmt} ({spark_error_line(e)[:300]})") from None
     missing = [c for c in _required_columns(cfg) if c not in df.columns]
     if missing:
         from seqclust.errors import MissingColumnError
 
         shown = [c for c in df.columns if c not in (CORRUPT_COL, FILE_COL)]
+        hint = "map them with source.columns.*"
+        if fmt == "csv" and len(shown) == 1 and any(d in shown[0] for d in (";", "\t", "|", ",")):
+            hint = f"one column only: is source.delimiter ({cfg.delimiter!r}) right?"
         raise MissingColumnError(
-            f"--input {path}: required column(s) {', '.join(missing)} not found (columns: {', '.join(shown[:20])}); map them with source.columns.*"
+            f"--input {path}: required column(s) {', '.join(missing)} not found (columns: {', '.join(shown[:20])}); {hint}"
         )
     return df
 
@@ -200,13 +216,22 @@ class TableStore:
                 .partitionBy(*partition_by)
                 .save(path)
             )
-        except AnalysisException as e:
-            raise SeqclustError(f"table {name} at {path}: write failed ({str(e).splitlines()[0][:300]})") from None
-        except Exception as e:  # Py4J errors for unwritable paths and the like
-            text = str(e)
-            if "Permission denied" in text or "AccessDenied" in text or "Mkdirs failed" in text:
-                raise SeqclustError(f"table {name} at {path}: output path is not writable") from None
-            raise
+        except (AnalysisException, Py4JJavaError, PySparkException) as e:
+            line = spark_error_line(e)
+            full = f"{line} {e}"
+            if any(
+                t in full
+                for t in (
+                    "Permission denied",
+                    "AccessDenied",
+                    "Mkdirs failed",
+                    "Not a directory",
+                    "ParentNotDirectory",
+                    "Read-only file system",
+                )
+            ):
+                raise SeqclustError(f"table {name} at {path}: output path is not writable ({line[:200]})") from None
+            raise SeqclustError(f"table {name} at {path}: write failed ({line[:300]})") from None
         return self._rows_written(name, before, predicate)
 
     def _version(self, name: str) -> int:
