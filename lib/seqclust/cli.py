@@ -115,12 +115,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.conf, overrides=_overrides(args), env=args.env, preset=args.preset)
     input_path = args.input or cfg.source.path
     labels_path = args.labels or cfg.labels.path
-    if input_path is None:
-        if args.command not in ("run", "ingest"):
-            input_path = None
-        else:
-            input_path, gen_labels = demo_data(cfg.run.output, cfg.generate.users, cfg.generate.seed, cfg.generate.bad_rate)
-            labels_path = labels_path or gen_labels
+    if input_path is None and args.command in ("run", "ingest"):
+        input_path, gen_labels = demo_data(cfg.run.output, cfg.generate.users, cfg.generate.seed, cfg.generate.bad_rate)
+        labels_path = labels_path or gen_labels
     ctx = pipeline.make_context(cfg, input_path, labels_path, args.run_id)
     from seqclust.spark import get_spark
 

@@ -522,8 +522,3 @@ def load_config(
         path, value = parse_override(item)
         _apply_override(data, path, value)
     return _build(PipelineConfig, data)
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    """dataclasses.replace re-exported: configs are frozen, derive new ones."""
-    return dataclasses.replace(cfg, **changes)

@@ -182,6 +182,7 @@ def run(
     k = len(sizes)
     shares = [sizes[i] / sum(sizes.values()) for i in sorted(sizes)]
     users = random_assignment(emb.join(cl, "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
+    sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
     boe = None
     try:
         results: dict[str, dict[str, float]] = {}
@@ -196,7 +197,7 @@ def run(
             ]
         if baseline.bag_of_events:
             vecs = bag_of_events(
-                ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled"),
+                sessions,
                 baseline.vocab_size,
                 baseline.min_df,
                 baseline.pca_dim,
@@ -237,7 +238,6 @@ def run(
                     "details": details,
                 }
             )
-        sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
         proxies = proxy_labels(sessions).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             assigned = users.select("entity_id", "cluster_id", "random_id")

@@ -272,7 +272,7 @@ def _read_metrics(spark: SparkSession, ctx: RunContext) -> dict[str, dict[str, f
     if not ctx.store.exists(ctx.tables.metrics):
         return {}
     out: dict[str, dict[str, float]] = {}
-    for r in ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).where(F.col("family").isin("internal", "external")).collect():
+    for r in ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).where(F.col("family").isin("internal", "external", "proxy")).collect():
         out.setdefault(r["method"], {})[r["metric"]] = r["value"]
     return out
 

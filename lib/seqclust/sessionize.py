@@ -6,6 +6,7 @@ session's events as ordered arrays; ``run`` reads ``events`` and writes ``sessio
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -138,8 +139,6 @@ def sessionize(events: DataFrame, cfg: SessionizeConfig | None = None, **overrid
     Args:
         cfg: the rules; keyword overrides (e.g. ``gap_minutes=10``) are applied on top.
     """
-    import dataclasses
-
     cfg = dataclasses.replace(cfg or SessionizeConfig(), **overrides)
     return build_sessions(assign_sessions(events, cfg), cfg.min_events)
 
