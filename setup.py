@@ -20,7 +20,8 @@ CORE = [
     "PyYAML>=6",
 ]
 ML = ["tensorflow-cpu==2.21.*", "keras>=3.10,<4"]
-DEV = ["pytest>=8", "deltalake>=0.25", "ruff>=0.6"]
+# duckdb: the independent sessionizer in tests and bench/sessionize.py; hypothesis: property tests
+DEV = ["pytest>=8", "deltalake>=0.25", "ruff>=0.6", "duckdb>=1.1", "hypothesis>=6.100"]
 
 setup(
     name="seqclust",

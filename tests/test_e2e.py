@@ -211,6 +211,18 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
     assert done["stage_seconds"]["ingest"] == rec["stage_seconds"]["ingest"]  # not run again
     assert spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'reuse-1'").count() == 40
 
+    # labels that match none of the users: the evaluation still runs, says so, and records 0
+    nobody = tmp_path / "nobody.csv"
+    pd.DataFrame({"user_id": ["nobody-1", "nobody-2"], "persona": ["a", "b"]}).to_csv(nobody, index=False)
+    capsys.readouterr()
+    assert main(["evaluate", "--run-id", "reuse-1", "--labels", str(nobody), *base]) == 0
+    assert "match none of the clustered users; external metrics skipped" in capsys.readouterr().err
+    ext = {
+        r["metric"]: r["value"]
+        for r in spark.read.format("delta").load(str(out / "metrics")).where("run_id = 'reuse-1' AND family = 'external'").collect()
+    }
+    assert ext == {"labelled_users": 0.0}
+
     # a catalogue the encoder never saw: refused with one line, not embedded as all-OOV noise
     foreign = tmp_path / "foreign.csv"
     pd.DataFrame(

@@ -4,6 +4,7 @@ session, calls the library. User errors end with one line on stderr and a non-ze
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import os
 import sys
@@ -28,6 +29,12 @@ def _common(p: argparse.ArgumentParser, stage: bool) -> None:
     p.add_argument("--output", help="root folder of the Delta tables (default: run.output)")
     p.add_argument("--run-id", required=stage, help="run id (letters, digits, _ - .); rerunning an id replaces its rows")
     p.add_argument("--labels", help="known labels per user (user_id, persona) for external agreement")
+    p.add_argument(
+        "--since",
+        help="incremental mode: add the events with ts >= SINCE (ISO-8601, UTC unless zoned) to the run id's tables; "
+        "sessions the new events touch are recomputed whole and merged",
+    )
+    p.add_argument("--until", help="incremental mode: only events with ts < UNTIL (ISO-8601)")
     p.add_argument("--encoder", help="reuse an encoder artifact directory instead of training")
     p.add_argument("--conf", help="environment YAML (e.g. conf/local.yaml); conf/base.yaml beside it is applied first")
     p.add_argument(
@@ -108,6 +115,24 @@ def demo_data(output: str, users: int, seed: int, bad_rate: float) -> tuple[str,
     return str(root / "events"), str(root / "personas")
 
 
+def parse_window(since: str | None, until: str | None) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """Parse --since/--until (ISO-8601; UTC when no zone is given); since must precede until."""
+
+    def one(flag: str, value: str | None) -> dt.datetime | None:
+        if value is None:
+            return None
+        try:
+            t = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"{flag}: {value!r} is not an ISO-8601 date or timestamp (e.g. 2026-11-01 or 2026-11-01T06:00:00Z)") from None
+        return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+
+    s, u = one("--since", since), one("--until", until)
+    if s and u and s >= u:
+        raise ConfigError(f"--since {since} must be before --until {until}")
+    return s, u
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from seqclust import pipeline
     from seqclust.config import load_config
@@ -118,7 +143,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if input_path is None and args.command in ("run", "ingest"):
         input_path, gen_labels = demo_data(cfg.run.output, cfg.generate.users, cfg.generate.seed, cfg.generate.bad_rate)
         labels_path = labels_path or gen_labels
-    ctx = pipeline.make_context(cfg, input_path, labels_path, args.run_id)
+    since, until = parse_window(args.since, args.until)
+    if (since or until) and not (args.run_id or cfg.run.run_id):
+        raise ConfigError("--since/--until add to an existing run id's tables: pass --run-id")
+    ctx = pipeline.make_context(cfg, input_path, labels_path, args.run_id, since=since, until=until)
     from seqclust.spark import get_spark
 
     spark = get_spark(cfg.spark)

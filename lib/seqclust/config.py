@@ -136,6 +136,9 @@ class SessionizeConfig:
     bot_events_per_minute: float = 60.0
     bot_min_events: int = 100  # the rate rule applies from this many events on
     bot_max_events: int = 5000
+    # arrow: one shuffle + sort + vectorised numpy over Arrow batches (fast);
+    # sql: Spark window functions (the reference engine; same rules, same ids)
+    engine: Literal["arrow", "sql"] = "arrow"
 
     def __post_init__(self) -> None:
         _check(self.gap_minutes > 0, "gap_minutes", "must be > 0")
@@ -278,6 +281,35 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Optional pseudonymisation of user ids at ingest, before anything is written.
+
+    The salt is a secret: it never sits in a config file; it is read from the environment
+    variable named here (on Databricks, set it from a secret scope in the cluster's env).
+    """
+
+    pseudonymize: bool = False
+    salt_env: str = "SEQCLUST_PSEUDONYM_SALT"
+    min_salt_length: int = 16
+
+    def __post_init__(self) -> None:
+        _check(bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.salt_env)), "salt_env", "must be an environment variable name")
+        _check(self.min_salt_length >= 8, "min_salt_length", "must be >= 8")
+
+    def salt(self) -> str | None:
+        """The salt when pseudonymisation is on (ConfigError if it is missing or short), else None."""
+        if not self.pseudonymize:
+            return None
+        value = os.environ.get(self.salt_env, "")
+        if len(value) < self.min_salt_length:
+            raise ConfigError(
+                f"privacy.pseudonymize is on but ${self.salt_env} is {'unset' if not value else 'too short'}: "
+                f"export a secret of at least {self.min_salt_length} characters (never put it in conf/)"
+            )
+        return value
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     """Defaults for the embedded demo run (no --input): generated data."""
 
@@ -303,6 +335,7 @@ class PipelineConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     tables: TablesConfig = field(default_factory=TablesConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,9 +18,21 @@ class RunContext:
     started_at: dt.datetime  # fixed per run: "now" for validation is this, so reruns agree
     input_path: str | None = None
     labels_path: str | None = None
+    # incremental mode: this run adds the events with since <= ts < until to the run id's tables
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
 
     def __post_init__(self) -> None:
         validate_run_id(self.run_id)
+
+    @property
+    def incremental(self) -> bool:
+        return self.since is not None or self.until is not None
+
+    @property
+    def window_start(self) -> dt.datetime:
+        """The window's key in ``events``/``quarantine`` (the epoch for an open start)."""
+        return self.since or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
     @property
     def artifacts_dir(self) -> Path:

@@ -28,6 +28,7 @@ from seqclust.config import BaselineConfig, ClusterConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
 from seqclust.metrics import contingency, external_scores
+from seqclust.privacy import pseudonym
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def run(
     labels: LabelsConfig,
     cluster_cfg: ClusterConfig,
     baseline: BaselineConfig,
+    salt: str | None = None,
 ) -> EvaluateResult:
     """Evaluate this run's user clusters beside a random baseline (same cluster sizes) and the
     bag-of-events baseline (KMeans at the same k); write ``metrics``.
@@ -213,9 +215,10 @@ def run(
             log.info("evaluate: bag-of-events baseline clustered at k=%d", k)
         n_labelled = 0
         if ctx.labels_path:
-            lab_df = read_labels(spark, ctx.labels_path, labels.format, labels.user_col, labels.label_col).withColumnRenamed(
-                "user_id", "entity_id"
-            )
+            lab_df = read_labels(spark, ctx.labels_path, labels.format, labels.user_col, labels.label_col)
+            if salt is not None:  # user ids were pseudonymised at ingest: join on the pseudonym
+                lab_df = lab_df.withColumn("user_id", pseudonym(F.col("user_id"), salt))
+            lab_df = lab_df.withColumnRenamed("user_id", "entity_id")
             lab = users.join(lab_df, "entity_id")
             n_labelled = lab.count()
             details = json.dumps({"labels": ctx.labels_path, "label_col": labels.label_col, "labelled_users": n_labelled})

@@ -21,6 +21,7 @@ from seqclust.config import SourceConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError, ReconciliationError
 from seqclust.io import CORRUPT_COL, FILE_COL, read_source, source_fingerprint
+from seqclust.privacy import pseudonym, redacted
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,13 @@ def parse_ts(col: Column, dtype: T.DataType, ts_format: str, timezone: str) -> C
     return parsed
 
 
-def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "") -> DataFrame:
+def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "", salt: str | None = None) -> DataFrame:
     """Map source columns to the canonical event schema and tag each row with a reason.
 
     Returns the canonical columns plus ``reason`` (null for a valid row), ``raw`` (the
     original record as text) and ``source_file``. The first failing check wins, in the
-    order of ``REASONS``.
+    order of ``REASONS``. With a ``salt``, user ids are pseudonymised (also inside ``raw``)
+    and malformed lines keep only their length and digest.
     """
     c = cfg.columns
     src_cols = [x for x in df.columns if x not in (CORRUPT_COL, FILE_COL)]
@@ -100,12 +102,16 @@ def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "
     def opt(name: str | None) -> Column:
         return F.col(f"`{name}`") if name is not None and name in df.columns else F.lit(None)
 
-    raw_json = F.to_json(F.struct(*[F.col(f"`{x}`") for x in src_cols]))
-    raw = F.coalesce(F.col(CORRUPT_COL), raw_json) if has_corrupt else raw_json
+    user = F.trim(opt(c.user_id).cast("string"))
+    if salt is not None:
+        user = F.when(user != "", pseudonym(user, salt)).otherwise(user)
+    raw_fields = [(user if salt is not None and x == c.user_id else F.col(f"`{x}`")).alias(x) for x in src_cols]
+    raw_json = F.to_json(F.struct(*raw_fields))
+    corrupt_raw = redacted(F.col(CORRUPT_COL)) if salt is not None else F.col(CORRUPT_COL)
+    raw = F.coalesce(corrupt_raw, raw_json) if has_corrupt else raw_json
     corrupt = F.col(CORRUPT_COL).isNotNull() if has_corrupt else F.lit(False)
     file_col = F.col(FILE_COL) if FILE_COL in df.columns else F.lit(source)
 
-    user = F.trim(opt(c.user_id).cast("string"))
     ts_src = opt(c.ts)
     ts = parse_ts(ts_src, schema_types[c.ts], cfg.ts_format, cfg.timezone)
     mapping = {str(k).strip().lower(): v for k, v in cfg.event_types.items()}
@@ -167,6 +173,15 @@ def dedup(events: DataFrame) -> DataFrame:
     return events.groupBy(key.alias("_k")).agg(F.min(ordered).alias("_e")).select("_e.*").select(*EVENT_COLUMNS)
 
 
+def event_key(prefix: str = "") -> str:
+    """The dedup key as SQL over a table alias (``prefix``: ``"t."``/``"s."``), for MERGE."""
+    p = prefix
+    return (
+        f"coalesce(concat('id:', {p}event_id), concat_ws('|', 'k', {p}user_id, cast({p}ts as string), {p}event_type, "
+        f"coalesce({p}item_id, '')))"
+    )
+
+
 @dataclass(frozen=True)
 class IngestResult:
     input_rows: int
@@ -177,10 +192,17 @@ class IngestResult:
     input_fingerprint: str | None = None
     input_version: int | None = None
     input_files: int = 0
+    out_of_window_rows: int = 0
 
 
-def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig) -> IngestResult:
-    """Read the source, write ``quarantine`` and ``events`` for this run, reconcile counts."""
+def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | None = None) -> IngestResult:
+    """Read the source, write ``quarantine`` and ``events`` for this run, reconcile counts.
+
+    With a ``salt`` (``privacy.pseudonymize``), user ids are pseudonymised before any write.
+    In incremental mode (``ctx.since``/``ctx.until``) only rows whose timestamp falls in the
+    window count (the rest are counted as outside it); clean events are MERGEd into the run
+    id's ``events`` (an event already there is a duplicate), tagged with ``window_start``.
+    """
     if not ctx.input_path:
         raise InputError("no input: pass --input PATH (or run without it for the generated demo data)")
     raw_df = read_source(spark, ctx.input_path, cfg)
@@ -188,34 +210,64 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig) -> IngestResult
     n_input = raw_df.count()
     if n_input == 0:
         raise InputError(f"--input {ctx.input_path}: no rows to ingest")
-    log.info("ingest: %d input rows from %s", n_input, ctx.input_path)
-    validated = validate(raw_df, cfg, ctx.started_at, source=ctx.input_path).persist(StorageLevel.MEMORY_AND_DISK)
+    log.info("ingest: %d input rows from %s%s", n_input, ctx.input_path, _window_text(ctx))
+    validated = validate(raw_df, cfg, ctx.started_at, source=ctx.input_path, salt=salt)
+    if ctx.incremental:
+        # a row without a readable timestamp belongs to no window: it is quarantined by every
+        # windowed run that reads it (its reason says why)
+        in_window = F.col("ts").isNull()
+        lo = F.lit(ctx.since) if ctx.since else None
+        hi = F.lit(ctx.until) if ctx.until else None
+        cond = (F.col("ts") >= lo if lo is not None else F.lit(True)) & (F.col("ts") < hi if hi is not None else F.lit(True))
+        validated = validated.withColumn("reason", F.when(in_window | cond, F.col("reason")).otherwise(F.lit(OUT_OF_WINDOW)))
+    window_start = F.lit(ctx.window_start if ctx.incremental else None).cast("timestamp")
+    validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         by_reason = {r["reason"]: r["count"] for r in validated.groupBy("reason").count().collect()}
         n_valid = by_reason.pop(None, 0)
+        n_out = by_reason.pop(OUT_OF_WINDOW, 0)
         n_quar = sum(by_reason.values())
-        quarantine = validated.where(F.col("reason").isNotNull()).select(
+        quarantine = validated.where(F.col("reason").isNotNull() & (F.col("reason") != OUT_OF_WINDOW)).select(
             F.lit(ctx.input_path).alias("source"),
             "source_file",
             "raw",
             "reason",
             F.lit(ctx.started_at).cast("timestamp").alias("ingested_at"),
+            window_start.alias("window_start"),
         )
-        n_q_written = ctx.store.write_run(quarantine, ctx.tables.quarantine, ctx.run_id)
-        clean = dedup(validated.where(F.col("reason").isNull()))
-        n_clean = ctx.store.write_run(clean, ctx.tables.events, ctx.run_id)
+        window_pred = f"window_start = TIMESTAMP '{ctx.window_start.isoformat()}'" if ctx.incremental else None
+        n_q_written = ctx.store.write_run(quarantine, ctx.tables.quarantine, ctx.run_id, extra_predicate=window_pred)
+        clean = dedup(validated.where(F.col("reason").isNull())).withColumn("window_start", window_start)
+        if ctx.incremental and ctx.store.exists(ctx.tables.events):
+            n_clean = ctx.store.merge_insert(clean, ctx.tables.events, ctx.run_id, event_key("t."), event_key("s."))
+        else:
+            n_clean = ctx.store.write_run(clean, ctx.tables.events, ctx.run_id)
     finally:
         validated.unpersist()
     n_dup = n_valid - n_clean
-    log.info("ingest: %d clean, %d quarantined %s, %d duplicates", n_clean, n_quar, by_reason, n_dup)
+    log.info("ingest: %d clean, %d quarantined %s, %d duplicates, %d outside the window", n_clean, n_quar, by_reason, n_dup, n_out)
     # input is counted on the source, the rest on what was tagged and written: rows lost
     # between them (a filter, a join, a failed write) break one of these
-    if n_input != n_valid + n_quar or n_q_written != n_quar or n_dup < 0:
+    if n_input != n_valid + n_quar + n_out or n_q_written != n_quar or n_dup < 0:
         raise ReconciliationError(
             f"row accounting failed: input {n_input} != clean {n_clean} + quarantined {n_q_written} (tagged {n_quar}) + duplicates {n_dup}"
+            f" + outside the window {n_out}"
         )
-    if n_clean == 0:
+    if n_clean == 0 and not ctx.incremental:
         raise InputError(
             f"--input {ctx.input_path}: all {n_input} rows were quarantined ({by_reason}); check source.columns and source.ts_format"
         )
-    return IngestResult(n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()}, fingerprint, version, n_files)
+    if n_valid == 0 and ctx.incremental:
+        log.warning("ingest: no valid events in the window%s", _window_text(ctx))
+    return IngestResult(
+        n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()}, fingerprint, version, n_files, n_out
+    )
+
+
+OUT_OF_WINDOW = "_out_of_window"
+
+
+def _window_text(ctx: RunContext) -> str:
+    if not ctx.incremental:
+        return ""
+    return f" (window {ctx.since.isoformat() if ctx.since else '-inf'} .. {ctx.until.isoformat() if ctx.until else '+inf'})"

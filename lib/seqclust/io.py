@@ -184,7 +184,10 @@ class TableStore:
         p = self.path(name)
         if "://" in p and not p.startswith("file:"):
             return True
-        return (Path(p) / "_delta_log").is_dir()
+        log_dir = Path(p.removeprefix("file:")) / "_delta_log"
+        # a first write killed before its commit leaves a _delta_log without any commit:
+        # that is no table yet (Delta refuses to read it), not a table to read or append to
+        return log_dir.is_dir() and any(log_dir.glob("*.json")) or any(log_dir.glob("*.checkpoint*.parquet"))
 
     def write_run(
         self,
@@ -193,19 +196,23 @@ class TableStore:
         run_id: str,
         partition_by: Iterable[str] = ("run_id",),
         extra_predicate: str | None = None,
+        count: bool = True,
     ) -> int:
         """Atomically replace ``run_id``'s rows of table ``name`` with ``df``; return rows written.
 
         Args:
             extra_predicate: narrows what is replaced (a fixed SQL predicate from code, never
                 from user input), e.g. ``entity_type = 'user'``.
+            count: read the row count of our commit back from the Delta log (two small jobs);
+                False returns -1 (bookkeeping tables written many times per run).
         """
         validate_run_id(run_id)
         predicate = f"run_id = '{run_id}'" + (f" AND ({extra_predicate})" if extra_predicate else "")
         if "run_id" not in df.columns:
             df = df.withColumn("run_id", F.lit(run_id))
         path = self.path(name)
-        before = self._version(name)
+        before = self._version(name) if count else -1
+        log.info("table %s: writing run %s", name, run_id)
         try:
             # mergeSchema: a newer version may add columns to a table written by an older one
             (
@@ -232,7 +239,86 @@ class TableStore:
             ):
                 raise SeqclustError(f"table {name} at {path}: output path is not writable ({line[:200]})") from None
             raise SeqclustError(f"table {name} at {path}: write failed ({line[:300]})") from None
-        return self._rows_written(name, before, predicate)
+        if not count:
+            log.info("table %s: committed run %s", name, run_id)
+            return -1
+        n = self._rows_written(name, before, predicate)
+        log.info("table %s: committed %d rows of run %s", name, n, run_id)
+        return n
+
+    def merge_insert(self, df: DataFrame, name: str, run_id: str, target_key: str, source_key: str) -> int:
+        """MERGE ``df`` into ``run_id``'s rows of table ``name``, inserting only rows whose key
+        is not there yet (keys are SQL expressions from code); return the rows inserted."""
+        from delta.tables import DeltaTable
+
+        validate_run_id(run_id)
+        spark = df.sparkSession
+        before = self._version(name)
+        log.info("table %s: merging new rows into run %s", name, run_id)
+        src = df.withColumn("run_id", F.lit(run_id))
+        try:
+            (
+                DeltaTable.forPath(spark, self.path(name))
+                .alias("t")
+                .merge(src.alias("s"), f"t.run_id = '{run_id}' AND {target_key} = {source_key}")
+                .whenNotMatchedInsertAll()
+                .execute()
+            )
+        except (AnalysisException, Py4JJavaError, PySparkException) as e:
+            raise SeqclustError(f"table {name} at {self.path(name)}: merge failed ({spark_error_line(e)[:300]})") from None
+        n = self._merge_metric(name, before, "numTargetRowsInserted")
+        log.info("table %s: merged %d new rows into run %s", name, n, run_id)
+        return n
+
+    def merge_replace(self, new: DataFrame, stale_keys: DataFrame, name: str, run_id: str, key: str) -> tuple[int, int]:
+        """One atomic MERGE into ``run_id``'s rows of ``name``: rows of ``new`` replace or join
+        the rows with the same ``key``; rows keyed in ``stale_keys`` and absent from ``new`` are
+        deleted. Returns (rows inserted or updated, rows deleted). Creates the table if needed."""
+        from delta.tables import DeltaTable
+
+        validate_run_id(run_id)
+        if not self.exists(name):
+            return self.write_run(new, name, run_id), 0
+        spark = new.sparkSession
+        before = self._version(name)
+        cols = [c for c in new.columns if c != "run_id"]
+        gone = stale_keys.select(key).distinct().join(new.select(key), key, "left_anti")
+        src = new.withColumn("_op", F.lit("upsert")).withColumn("run_id", F.lit(run_id))
+        empty = [F.lit(None).cast(new.schema[c].dataType).alias(c) for c in cols if c != key]
+        src = src.unionByName(gone.select(key, *empty, F.lit("delete").alias("_op"), F.lit(run_id).alias("run_id")))
+        values = {c: f"s.`{c}`" for c in [*cols, "run_id"]}
+        log.info("table %s: merging recomputed rows into run %s", name, run_id)
+        try:
+            (
+                DeltaTable.forPath(spark, self.path(name))
+                .alias("t")
+                .merge(src.alias("s"), f"t.run_id = '{run_id}' AND t.`{key}` = s.`{key}`")
+                .whenMatchedDelete(condition="s._op = 'delete'")
+                .whenMatchedUpdate(set=values)
+                .whenNotMatchedInsert(condition="s._op = 'upsert'", values=values)
+                .execute()
+            )
+        except (AnalysisException, Py4JJavaError, PySparkException) as e:
+            raise SeqclustError(f"table {name} at {self.path(name)}: merge failed ({spark_error_line(e)[:300]})") from None
+        ins = self._merge_metric(name, before, "numTargetRowsInserted") + self._merge_metric(name, before, "numTargetRowsUpdated")
+        deleted = self._merge_metric(name, before, "numTargetRowsDeleted")
+        log.info("table %s: run %s: %d rows inserted or replaced, %d deleted", name, run_id, ins, deleted)
+        return ins, deleted
+
+    def _merge_metric(self, name: str, before: int, metric: str) -> int:
+        from delta.tables import DeltaTable
+
+        spark = SparkSession.getActiveSession()
+        assert spark is not None
+        row = (
+            DeltaTable.forPath(spark, self.path(name))
+            .history()
+            .where((F.col("version") > before) & (F.col("operation") == "MERGE"))
+            .orderBy(F.desc("version"))
+            .select("operationMetrics")
+            .first()
+        )
+        return int(((row["operationMetrics"] if row else None) or {}).get(metric, 0))
 
     def _version(self, name: str) -> int:
         if not self.exists(name):

@@ -56,6 +56,9 @@ RUNS_SCHEMA = T.StructType(
         T.StructField("rows_clean", T.LongType()),
         T.StructField("rows_quarantined", T.LongType()),
         T.StructField("rows_duplicates", T.LongType()),
+        T.StructField("rows_out_of_window", T.LongType()),
+        T.StructField("window_since", T.TimestampType()),
+        T.StructField("window_until", T.TimestampType()),
         T.StructField("quarantine_reasons", T.MapType(T.StringType(), T.LongType())),
         T.StructField("sessions", T.LongType()),
         T.StructField("sessions_quarantined", T.LongType()),
@@ -98,6 +101,9 @@ class RunRecord:
     rows_clean: int | None = None
     rows_quarantined: int | None = None
     rows_duplicates: int | None = None
+    rows_out_of_window: int | None = None
+    window_since: dt.datetime | None = None
+    window_until: dt.datetime | None = None
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     sessions: int | None = None
     sessions_quarantined: int | None = None
@@ -112,7 +118,7 @@ class RunRecord:
 
 def save_record(spark: SparkSession, ctx: RunContext, rec: RunRecord) -> None:
     df = spark.createDataFrame([rec.row()], RUNS_SCHEMA)
-    ctx.store.write_run(df, ctx.tables.runs, ctx.run_id)
+    ctx.store.write_run(df, ctx.tables.runs, ctx.run_id, count=False)
 
 
 def load_record(spark: SparkSession, ctx: RunContext) -> RunRecord | None:
@@ -125,7 +131,14 @@ def load_record(spark: SparkSession, ctx: RunContext) -> RunRecord | None:
     return RunRecord(**{f.name: d.get(f.name) for f in RUNS_SCHEMA.fields if d.get(f.name) is not None})
 
 
-def make_context(cfg: PipelineConfig, input_path: str | None, labels_path: str | None, run_id: str | None = None) -> RunContext:
+def make_context(
+    cfg: PipelineConfig,
+    input_path: str | None,
+    labels_path: str | None,
+    run_id: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> RunContext:
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     rid = run_id or cfg.run.run_id or f"{now:%Y%m%dT%H%M%S}-{cfg.config_hash()[:6]}"
     return RunContext(
@@ -135,6 +148,8 @@ def make_context(cfg: PipelineConfig, input_path: str | None, labels_path: str |
         started_at=now,
         input_path=input_path,
         labels_path=labels_path,
+        since=since,
+        until=until,
     )
 
 
@@ -152,7 +167,7 @@ class RunSummary:
 def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
     seed = cfg.run.seed
     if name == "ingest":
-        r = ingest_stage.run(spark, ctx, cfg.source)
+        r = ingest_stage.run(spark, ctx, cfg.source, salt=cfg.privacy.salt())
         rec.rows_input, rec.rows_clean, rec.rows_quarantined, rec.rows_duplicates = (
             r.input_rows,
             r.clean_rows,
@@ -160,6 +175,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
             r.duplicate_rows,
         )
         rec.quarantine_reasons = r.reasons
+        rec.rows_out_of_window = r.out_of_window_rows
         rec.input_fingerprint, rec.input_delta_version, rec.input_files = r.input_fingerprint, r.input_version, r.input_files
     elif name == "sessionize":
         s = sessionize_stage.run(spark, ctx, cfg.sessionize)
@@ -185,7 +201,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
         rec.users = c.users
         state["k_choice"] = next(({"rule": c.rule, **r} for r in c.sweep if r["k"] == c.k), None)
     elif name == "evaluate":
-        e = evaluate_stage.run(spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline)
+        e = evaluate_stage.run(spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline, salt=cfg.privacy.salt())
         state["metrics"] = e.metrics
     else:  # pragma: no cover
         raise ValueError(name)
@@ -198,6 +214,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
     tables before it is marked complete, so a completed stage's output is whole).
     """
     spark.conf.set("spark.sql.session.timeZone", "UTC")
+    cfg.privacy.salt()  # a missing salt fails before any work, not after ingest
     t_run = time.perf_counter()
     previous = load_record(spark, ctx)
     if resume and previous is not None:
@@ -218,6 +235,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
         log.info("run %s: every stage already completed", ctx.run_id)
     rec.status, rec.error, rec.finished_at = "running", None, None
     rec.config_json, rec.config_hash = cfg.to_json(), cfg.config_hash()
+    rec.window_since, rec.window_until = ctx.since, ctx.until
     rec.input_path = ctx.input_path or rec.input_path
     rec.labels_path = ctx.labels_path or rec.labels_path
     save_record(spark, ctx, rec)
@@ -283,6 +301,7 @@ def format_summary(s: RunSummary) -> str:
     if rec.rows_input is not None:
         lines.append(
             f"  rows: input {rec.rows_input} = clean {rec.rows_clean} + quarantined {rec.rows_quarantined} + duplicates {rec.rows_duplicates}"
+            + (f" + outside the window {rec.rows_out_of_window}" if rec.rows_out_of_window else "")
             + (f"  (quarantine reasons: {json.dumps(rec.quarantine_reasons, sort_keys=True)})" if rec.quarantine_reasons else "")
         )
     lines.append(f"  Delta tables under {s.table_root} (rows of this run):")

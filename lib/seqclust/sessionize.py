@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 
 from seqclust.config import SessionizeConfig
 from seqclust.context import RunContext
+from seqclust.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ SESSION_COLUMNS = (
     "gaps_s",
     "tokens",
     "is_modelled",
+    "root_start_ts",  # start of the uncut session a piece belongs to (= start_ts unless cut)
 )
 
 
@@ -44,7 +46,16 @@ def session_id(user_id: F.Column, start_ts: F.Column, part: F.Column | None = No
     return F.substring(F.sha2(F.concat_ws("|", *parts), 256), 1, 32)
 
 
-ORDER = ("ts", "event_type", "category_id", "item_id", "event_id")
+def _order() -> list[F.Column]:
+    """Event order inside a user: ties on the timestamp broken by type, category, item, event id."""
+    return [
+        F.col("ts"),
+        F.col("event_type"),
+        F.coalesce("category_id", F.lit("")),
+        F.coalesce("item_id", F.lit("")),
+        F.coalesce("event_id", F.lit("")),
+        F.col("price"),
+    ]
 
 
 def assign_sessions(events: DataFrame, cfg: SessionizeConfig) -> DataFrame:
@@ -55,7 +66,7 @@ def assign_sessions(events: DataFrame, cfg: SessionizeConfig) -> DataFrame:
     Ties on the timestamp are ordered by event type, category, item and event id, so the
     result does not depend on partitioning. One shuffle (by user); the rest are sorts.
     """
-    w = Window.partitionBy("user_id").orderBy(*ORDER)
+    w = Window.partitionBy("user_id").orderBy(*_order())
     prev = F.lag("ts").over(w)
     new = prev.isNull() | ((F.unix_micros("ts") - F.unix_micros(prev)) > cfg.gap_minutes * 60 * 1e6)
     if cfg.midnight_split:
@@ -74,7 +85,7 @@ def assign_sessions(events: DataFrame, cfg: SessionizeConfig) -> DataFrame:
     )
     win = F.floor((F.unix_micros("ts") - F.unix_micros("_first")) / (cfg.max_duration_minutes * 60 * 1e6))
     df = df.withColumn("_win", win)
-    wp = Window.partitionBy("user_id", "_sess", "_win").orderBy(*ORDER)
+    wp = Window.partitionBy("user_id", "_sess", "_win").orderBy(*_order())
     chunk = F.floor((F.row_number().over(wp) - 1) / cfg.max_events)
     return df.withColumn("_piece", F.col("_win") * 1_000_000 + chunk)
 
@@ -95,7 +106,7 @@ def build_sessions(assigned: DataFrame, min_events: int = 1) -> DataFrame:
     grouped = (
         assigned.where(F.col("_bot").isNull())
         .groupBy("user_id", "_sess", "_piece")
-        .agg(F.sort_array(F.collect_list(_event_struct())).alias("e"))
+        .agg(F.sort_array(F.collect_list(_event_struct())).alias("e"), F.min("_first").alias("root_start_ts"))
     )
     micros = F.transform("e", lambda x: F.unix_micros(x["ts"]))
     # a piece that is not its session's first keeps its number in the id
@@ -120,6 +131,7 @@ def build_sessions(assigned: DataFrame, min_events: int = 1) -> DataFrame:
         F.transform(micros, lambda m, i: F.when(i == 0, F.lit(0.0)).otherwise((m - micros[i - 1]) / 1e6)).alias("gaps_s"),
         F.transform("e", lambda x: F.concat_ws(":", x["event_type"], x["category_id"])).alias("tokens"),
         (F.size("e") >= min_events).alias("is_modelled"),
+        "root_start_ts",
     )
 
 
@@ -133,6 +145,18 @@ def runaway_sessions(assigned: DataFrame) -> DataFrame:
     )
 
 
+def sessions_and_runaways(events: DataFrame, cfg: SessionizeConfig) -> tuple[DataFrame, DataFrame]:
+    """Clean events -> (sessions as SESSION_COLUMNS, runaway sessions), by ``cfg.engine``."""
+    if cfg.engine == "arrow":
+        from seqclust.sessionize_arrow import sessionize_arrow
+
+        out = sessionize_arrow(events, cfg)
+        runaway = out.where(F.col("reason").isNotNull()).select("session_id", "user_id", "start_ts", "end_ts", "n_events", "reason")
+        return out.where(F.col("reason").isNull()).select(*SESSION_COLUMNS), runaway
+    assigned = assign_sessions(events, cfg)
+    return build_sessions(assigned, cfg.min_events), runaway_sessions(assigned)
+
+
 def sessionize(events: DataFrame, cfg: SessionizeConfig | None = None, **overrides: object) -> DataFrame:
     """Clean events -> sessions (SESSION_COLUMNS), runaway sessions left out.
 
@@ -140,7 +164,42 @@ def sessionize(events: DataFrame, cfg: SessionizeConfig | None = None, **overrid
         cfg: the rules; keyword overrides (e.g. ``gap_minutes=10``) are applied on top.
     """
     cfg = dataclasses.replace(cfg or SessionizeConfig(), **overrides)
-    return build_sessions(assign_sessions(events, cfg), cfg.min_events)
+    return sessions_and_runaways(events, cfg)[0]
+
+
+def recompute_points(new_events: DataFrame, state: DataFrame, gap_minutes: float) -> DataFrame:
+    """Where each user touched by ``new_events`` must be sessionized again: ``(user_id,
+    recompute_from)``.
+
+    ``state`` holds the existing sessions and runaway sessions as ``(user_id, root_start_ts,
+    end_ts)``. A session can absorb a new event only if it ends less than one gap before the
+    user's earliest new event (or later); the recompute starts at the earliest uncut start of
+    such a session, else at the earliest new event. The boundary before that point is a gap
+    (or midnight) no new event can close, so everything before it stays as it is.
+    """
+    first_new = new_events.groupBy("user_id").agg(F.min("ts").alias("t_new"))
+    gap_us = int(gap_minutes * 60 * 1_000_000)
+    touched = (
+        state.join(first_new, "user_id")
+        .where(F.unix_micros("end_ts") >= F.unix_micros("t_new") - gap_us)
+        .groupBy("user_id")
+        .agg(F.min("root_start_ts").alias("r"))
+    )
+    return first_new.join(touched, "user_id", "left").select("user_id", F.least("t_new", F.coalesce("r", "t_new")).alias("recompute_from"))
+
+
+def incremental_sessions(
+    events: DataFrame, new_events: DataFrame, state: DataFrame, cfg: SessionizeConfig
+) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """Sessions to merge after ``new_events`` joined ``events`` (which already holds them).
+
+    Returns (recomputed sessions, recomputed runaway sessions, recompute points); the rows of
+    ``state`` of the same users with ``root_start_ts >= recompute_from`` are the stale ones.
+    """
+    points = recompute_points(new_events, state, cfg.gap_minutes)
+    redo = events.join(points, "user_id").where(F.col("ts") >= F.col("recompute_from")).drop("recompute_from")
+    sessions, runaway = sessions_and_runaways(redo, cfg)
+    return sessions, runaway, points
 
 
 @dataclass(frozen=True)
@@ -151,15 +210,69 @@ class SessionizeResult:
     quarantined_sessions: int = 0
 
 
-def run(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig) -> SessionizeResult:
-    """Read this run's ``events``; write its ``sessions`` and ``session_quarantine``."""
-    events = ctx.store.read(spark, ctx.tables.events, ctx.run_id).drop("run_id")
-    assigned = assign_sessions(events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+def _run_incremental(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig, events: DataFrame) -> SessionizeResult:
+    new = events.where(F.col("window_start") == F.lit(ctx.window_start))
+    parts = []
+    if ctx.store.exists(ctx.tables.sessions):
+        parts.append(ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).select("user_id", "session_id", "root_start_ts", "end_ts"))
+    if ctx.store.exists(ctx.tables.session_quarantine):
+        q = ctx.store.read(spark, ctx.tables.session_quarantine, ctx.run_id)
+        parts.append(q.select("user_id", "session_id", F.col("start_ts").alias("root_start_ts"), "end_ts"))
+    schema = "user_id string, session_id string, root_start_ts timestamp, end_ts timestamp"
+    state = parts[0] if parts else spark.createDataFrame([], schema)
+    for p in parts[1:]:
+        state = state.unionByName(p)
+    state = state.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        n_bot = ctx.store.write_run(runaway_sessions(assigned), ctx.tables.session_quarantine, ctx.run_id)
-        n = ctx.store.write_run(build_sessions(assigned, cfg.min_events), ctx.tables.sessions, ctx.run_id)
+        sessions, runaway, points = incremental_sessions(events, new, state, cfg)
+        points = points.persist(StorageLevel.MEMORY_AND_DISK)
+        n_users = points.count()
+        log.info("sessionize (incremental): %d users touched by the window's events; their sessions are recomputed", n_users)
+        stale = state.join(points, "user_id").where(F.col("root_start_ts") >= F.col("recompute_from")).select("session_id")
+        out = sessions.persist(StorageLevel.MEMORY_AND_DISK)
+        bots = runaway.persist(StorageLevel.MEMORY_AND_DISK)
+        n_bot, _ = ctx.store.merge_replace(bots, stale, ctx.tables.session_quarantine, ctx.run_id, "session_id")
+        n, n_del = ctx.store.merge_replace(out, stale, ctx.tables.sessions, ctx.run_id, "session_id")
+        log.info("sessionize (incremental): %d sessions written, %d stale sessions removed", n, n_del)
+        for df in (out, bots, points):
+            df.unpersist()
     finally:
-        assigned.unpersist()
+        state.unpersist()
+    stats = (
+        ctx.store.read(spark, ctx.tables.sessions, ctx.run_id)
+        .agg(F.count("*").alias("n"), F.sum(F.col("is_modelled").cast("int")).alias("m"), F.countDistinct("user_id").alias("u"))
+        .first()
+    )
+    return SessionizeResult(int(stats["n"]), int(stats["m"] or 0), int(stats["u"]), n_bot)
+
+
+def run(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig) -> SessionizeResult:
+    """Read this run's ``events``; write its ``sessions`` and ``session_quarantine``.
+
+    In incremental mode only the users with events in the window are sessionized again, from
+    their recompute point on, and the result is MERGEd (see ``recompute_points``).
+    """
+    events = ctx.store.read(spark, ctx.tables.events, ctx.run_id).drop("run_id")
+    if ctx.incremental:
+        if "window_start" not in events.columns:
+            raise InputError(f"run {ctx.run_id}: its events were not ingested in incremental mode; ingest with --since/--until first")
+        return _run_incremental(spark, ctx, cfg, events)
+    if cfg.engine == "arrow":
+        from seqclust.sessionize_arrow import sessionize_arrow
+
+        # sessions are ~10x fewer rows than events: keep them for the two writes
+        out = sessionize_arrow(events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+        sessions = out.where(F.col("reason").isNull()).select(*SESSION_COLUMNS)
+        runaway = out.where(F.col("reason").isNotNull()).select("session_id", "user_id", "start_ts", "end_ts", "n_events", "reason")
+    else:
+        out = assign_sessions(events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+        sessions, runaway = build_sessions(out, cfg.min_events), runaway_sessions(out)
+    try:
+        log.info("sessionize: %s engine, gap %.0f min", cfg.engine, cfg.gap_minutes)
+        n_bot = ctx.store.write_run(runaway, ctx.tables.session_quarantine, ctx.run_id)
+        n = ctx.store.write_run(sessions, ctx.tables.sessions, ctx.run_id)
+    finally:
+        out.unpersist()
     stats = (
         ctx.store.read(spark, ctx.tables.sessions, ctx.run_id)
         .agg(F.sum(F.col("is_modelled").cast("int")).alias("m"), F.countDistinct("user_id").alias("u"))
