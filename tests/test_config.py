@@ -84,3 +84,15 @@ def test_valid_run_ids(rid):
 def test_invalid_run_ids(rid):
     with pytest.raises(ConfigError):
         validate_run_id(rid)
+
+
+def test_token_fields_are_checked():
+    import pytest
+
+    from seqclust.config import load_config
+    from seqclust.errors import ConfigError
+
+    cfg = load_config(None, overrides=["tokenize.token_fields=[item, gap_bucket]"])
+    assert cfg.tokenize.token_fields == ["item", "gap_bucket"]
+    with pytest.raises(ConfigError, match="token_fields: unknown field\\(s\\) 'brand'"):
+        load_config(None, overrides=["tokenize.token_fields=[event_type, brand]"])

@@ -65,3 +65,48 @@ def test_vocab_sizes_masks_and_json_round_trip():
 def test_price_edges_are_quantiles():
     edges = price_edges_from_ratios(np.arange(100, dtype=float), 4)
     np.testing.assert_allclose(edges, [24.75, 49.5, 74.25])
+
+
+def test_token_fields_compose_tokens_the_same_way_everywhere():
+    from seqclust.features import compose_tokens, event_parts
+
+    batch = pa.table(
+        {
+            "tokens": [["view:c1", "cart:c1"], ["view:zz"]],
+            "event_types": [["view", "cart"], ["view"]],
+            "categories": [["c1", "c1"], ["zz"]],
+            "items": [["i1", "i2"], ["i9"]],
+            "prices": [[10.0, 30.0], [None]],
+            "gaps_s": [[0.0, 70.0], [0.0]],
+        }
+    )
+    v = _vocab()
+    parts = event_parts(batch, v)
+    assert compose_tokens(parts, ("event_type", "category")).to_pylist() == ["view:c1", "cart:c1", "view:zz"]
+    assert compose_tokens(parts, ("item",)).to_pylist() == ["i1", "i2", "i9"]
+    # price band ids (1 = no price) and pace bucket ids (1 = first event) as p<id>, g<id>
+    assert compose_tokens(parts, ("event_type", "price_band", "gap_bucket")).to_pylist() == ["view:p3:g1", "cart:p4:g6", "view:p1:g1"]
+    import dataclasses
+
+    # featurize looks the composed tokens up in the vocabulary of the same fields
+    vi = dataclasses.replace(v, tokens=("i2", "i1"), token_fields=("item",))
+    np.testing.assert_array_equal(featurize(batch, vi)["tok"], [[TOKEN_OFFSET + 1, TOKEN_OFFSET + 0, PAD], [OOV, PAD, PAD]])
+    assert Vocab.from_json(vi.to_json()) == vi
+
+
+def test_vocab_of_other_token_fields_is_counted_in_spark(spark):
+    from seqclust.tokenize import build_vocab
+
+    rows = [
+        (["view:c1", "cart:c1"], ["view", "cart"], ["c1", "c1"], ["i1", "i2"], [1.0, 2.0], [0.0, 5.0]),
+        (["view:c2"], ["view"], ["c2"], ["i1"], [None], [0.0]),
+    ]
+    df = spark.createDataFrame(
+        rows,
+        "tokens array<string>, event_types array<string>, categories array<string>, items array<string>, "
+        "prices array<double>, gaps_s array<double>",
+    )
+    v = build_vocab(df, 5, 100, 1, 4, ("item",))
+    assert dict(zip(v.tokens, v.token_counts)) == {"i1": 2, "i2": 1} and v.token_fields == ("item",)
+    v = build_vocab(df, 5, 100, 1, 4)
+    assert dict(zip(v.tokens, v.token_counts)) == {"view:c1": 1, "cart:c1": 1, "view:c2": 1}

@@ -76,6 +76,9 @@ def test_pipeline_with_pseudonyms_joins_labels(spark, tmp_path, capsys, monkeypa
         "encoder.hidden=8",
         "cluster.k=3",
         "privacy.pseudonymize=true",
+        # also the path of non-default tokens (composed on the executors), at no extra cost
+        "tokenize.token_fields=[event_type, price_band, gap_bucket]",
+        "tokenize.min_count=1",
     ]
     args = ["run", "--run-id", "pseudo-1", *base, *[x for s in small for x in ("--set", s)]]
 
@@ -96,4 +99,10 @@ def test_pipeline_with_pseudonyms_joins_labels(spark, tmp_path, capsys, monkeypa
         for r in spark.read.format("delta").load(str(out / "metrics")).where("method = 'encoder' AND family = 'external'").collect()
     }
     assert m["labelled_users"] == 40 and "ari" in m
-    assert SALT not in spark.read.format("delta").load(str(out / "runs")).first()["config_json"]
+    run = spark.read.format("delta").load(str(out / "runs")).first()
+    assert SALT not in run["config_json"]
+    import json
+
+    vocab = json.loads((Path(run["encoder_path"]) / "vocab.json").read_text())
+    assert vocab["token_fields"] == ["event_type", "price_band", "gap_bucket"]
+    assert all(len(t.split(":")) == 3 and t.split(":")[1][0] == "p" and t.split(":")[2][0] == "g" for t in vocab["tokens"])

@@ -150,14 +150,23 @@ class SessionizeConfig:
         _check(self.bot_max_events >= 1, "bot_max_events", "must be >= 1")
 
 
+TOKEN_FIELDS = ("event_type", "category", "item", "price_band", "gap_bucket")
+
+
 @dataclass(frozen=True)
 class TokenizeConfig:
     max_len: int = 50
     vocab_size: int = 5000
     min_count: int = 2
     price_bands: int = 8
+    # what a token is: any of event_type, category, item, price_band, gap_bucket, joined by ':'
+    token_fields: list[str] = field(default_factory=lambda: ["event_type", "category"])
 
     def __post_init__(self) -> None:
+        _check(len(self.token_fields) >= 1, "token_fields", "must name at least one field")
+        bad = [f for f in self.token_fields if f not in TOKEN_FIELDS]
+        _check(not bad, "token_fields", f"unknown field(s) {', '.join(map(repr, bad))} (choose from {', '.join(TOKEN_FIELDS)})")
+        _check(len(set(self.token_fields)) == len(self.token_fields), "token_fields", "lists a field twice")
         _check(self.max_len >= 2, "max_len", "must be >= 2")
         _check(self.vocab_size >= 8, "vocab_size", "must be >= 8")
         _check(self.min_count >= 1, "min_count", "must be >= 1")
@@ -384,6 +393,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         kt, vt = args
         return {_coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value

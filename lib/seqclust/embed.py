@@ -29,7 +29,7 @@ from pyspark.sql import types as T
 from seqclust.config import EmbedConfig
 from seqclust.context import RunContext
 from seqclust.errors import ArtifactError
-from seqclust.features import INPUT_COLUMNS, Vocab, featurize
+from seqclust.features import DEFAULT_TOKEN_FIELDS, Vocab, compose_tokens, event_parts, featurize, input_columns
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def embed_sessions(
     payload = spark.sparkContext.broadcast(artifact.payload())
     encoder_id = artifact.encoder_id
     dim = int(artifact.model_cfg["embedding_dim"])
-    in_df = sessions.select(*keep, *INPUT_COLUMNS)
+    in_df = sessions.select(*keep, *input_columns(sessions.columns, artifact.vocab.token_fields))
     out_schema = T.StructType([in_df.schema[c] for c in keep] + [T.StructField("embedding", T.ArrayType(T.FloatType(), False))])
 
     def embed_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -122,8 +122,16 @@ class EmbedResult:
 
 def oov_rate(sessions: DataFrame, vocab: Vocab, sample: int = 20000, seed: int = 0) -> float:
     """Share of event tokens (in a bounded sample of sessions) the vocabulary does not know."""
-    rows = sessions.select("tokens").orderBy(F.xxhash64("session_id", F.lit(seed))).limit(sample).toArrow()
-    flat = pc.list_flatten(rows.column("tokens"))
+    rows = (
+        sessions.select(*input_columns(sessions.columns, vocab.token_fields))
+        .orderBy(F.xxhash64("session_id", F.lit(seed)))
+        .limit(sample)
+        .toArrow()
+    )
+    if tuple(vocab.token_fields) == DEFAULT_TOKEN_FIELDS:
+        flat = pc.list_flatten(rows.column("tokens"))
+    else:
+        flat = compose_tokens(event_parts(rows, vocab), tuple(vocab.token_fields))
     if len(flat) == 0:
         return 0.0
     known = pc.sum(pc.is_in(flat, value_set=pa.array(vocab.tokens, pa.string()))).as_py() or 0

@@ -25,7 +25,18 @@ EVENT_TYPES = ("view", "search", "cart", "fav", "purchase", "other")
 # seconds since the previous event; id 1 = first event of the session, 2.. = buckets
 GAP_EDGES = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
 FIELDS = ("tok", "etype", "gap", "price")
-INPUT_COLUMNS = ("tokens", "event_types", "categories", "prices", "gaps_s")
+INPUT_COLUMNS = ("tokens", "event_types", "categories", "items", "prices", "gaps_s")
+
+
+def input_columns(columns: list[str], token_fields: tuple[str, ...] | list[str] = ("item",)) -> list[str]:
+    """The INPUT_COLUMNS to read from a DataFrame with ``columns``: ``items`` only where it
+    exists and the tokens use it."""
+    return [c for c in INPUT_COLUMNS if c != "items" or (c in columns and "item" in token_fields)]
+
+
+# what a token is made of (tokenize.token_fields); the default is the event type x category
+TOKEN_FIELDS = ("event_type", "category", "item", "price_band", "gap_bucket")
+DEFAULT_TOKEN_FIELDS = ("event_type", "category")
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class Vocab:
     price_edges: tuple[float, ...]  # on log(price / category median)
     max_len: int
     token_counts: tuple[int, ...] = field(default=())
+    token_fields: tuple[str, ...] = DEFAULT_TOKEN_FIELDS
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -77,17 +89,27 @@ def _ids(values: pa.Array, value_set: pa.Array, offset: int, missing: int) -> np
     return pc.fill_null(pc.add(idx, offset), missing).to_numpy().astype(np.int32)
 
 
-def featurize(batch: pa.RecordBatch | pa.Table, vocab: Vocab) -> dict[str, np.ndarray]:
-    """Turn a batch with INPUT_COLUMNS into int32 matrices ``[rows, max_len]`` per field."""
-    offsets, tok_flat = _list_parts(batch.column("tokens"))
-    _, et_flat = _list_parts(batch.column("event_types"))
+@dataclass
+class EventParts:
+    """Per-event values of a batch of sessions, flat, with the list offsets."""
+
+    offsets: np.ndarray
+    event_type: pa.Array
+    category: pa.Array
+    item: pa.Array | None
+    etype: np.ndarray  # ids
+    gap: np.ndarray  # pace bucket ids (1 = first event)
+    band: np.ndarray  # price band ids (1 = no price)
+
+
+def event_parts(batch: pa.RecordBatch | pa.Table, vocab: Vocab) -> EventParts:
+    """Event-level ids of a batch with INPUT_COLUMNS (``items`` optional)."""
+    offsets, et_flat = _list_parts(batch.column("event_types"))
     _, cat_flat = _list_parts(batch.column("categories"))
     _, price_flat = _list_parts(batch.column("prices"))
     _, gap_flat = _list_parts(batch.column("gaps_s"))
-    n = len(offsets) - 1
-    L = vocab.max_len
+    item_flat = _list_parts(batch.column("items"))[1] if "items" in batch.schema.names else None
 
-    tok = _ids(tok_flat, pa.array(vocab.tokens, pa.string()), TOKEN_OFFSET, OOV)
     etype = _ids(et_flat, pa.array(EVENT_TYPES, pa.string()), 1, len(EVENT_TYPES))  # unknown -> other
     gaps = pc.fill_null(gap_flat.cast(pa.float64()), 0.0).to_numpy()
     gap = (np.searchsorted(np.asarray(GAP_EDGES), gaps, side="right") + 2).astype(np.int32)
@@ -103,6 +125,44 @@ def featurize(batch: pa.RecordBatch | pa.Table, vocab: Vocab) -> dict[str, np.nd
     ratio = np.log(np.maximum(p, 1e-9) / np.maximum(med, 1e-9))
     band = (np.searchsorted(np.asarray(vocab.price_edges), ratio, side="right") + 2).astype(np.int32)
     band[~has_price] = 1
+    return EventParts(offsets, et_flat, cat_flat, item_flat, etype, gap, band)
+
+
+def compose_tokens(parts: EventParts, fields: tuple[str, ...]) -> pa.Array:
+    """The flat token strings of ``parts``: the chosen fields joined by ``:`` (``p<band>`` and
+    ``g<bucket>`` for the price band and pace bucket). The default fields give the
+    ``event_type:category`` tokens the sessions table holds."""
+    cols: list[pa.Array] = []
+    for f in fields:
+        if f == "event_type":
+            cols.append(pc.fill_null(parts.event_type.cast(pa.string()), ""))
+        elif f == "category":
+            cols.append(pc.fill_null(parts.category.cast(pa.string()), ""))
+        elif f == "item":
+            if parts.item is None:
+                raise ValueError("tokenize.token_fields has 'item' but the sessions carry no items")
+            cols.append(pc.fill_null(parts.item.cast(pa.string()), ""))
+        elif f == "price_band":
+            cols.append(pc.binary_join_element_wise(pa.scalar("p"), pa.array(parts.band).cast(pa.string()), ""))
+        elif f == "gap_bucket":
+            cols.append(pc.binary_join_element_wise(pa.scalar("g"), pa.array(parts.gap).cast(pa.string()), ""))
+        else:
+            raise ValueError(f"unknown token field {f!r}")
+    return cols[0] if len(cols) == 1 else pc.binary_join_element_wise(*cols, ":")
+
+
+def featurize(batch: pa.RecordBatch | pa.Table, vocab: Vocab) -> dict[str, np.ndarray]:
+    """Turn a batch with INPUT_COLUMNS into int32 matrices ``[rows, max_len]`` per field."""
+    parts = event_parts(batch, vocab)
+    offsets = parts.offsets
+    n = len(offsets) - 1
+    L = vocab.max_len
+    if tuple(vocab.token_fields) == DEFAULT_TOKEN_FIELDS and "tokens" in batch.schema.names:
+        tok_flat = _list_parts(batch.column("tokens"))[1]  # already composed by sessionize
+    else:
+        tok_flat = compose_tokens(parts, tuple(vocab.token_fields))
+    tok = _ids(tok_flat, pa.array(vocab.tokens, pa.string()), TOKEN_OFFSET, OOV)
+    etype, gap, band = parts.etype, parts.gap, parts.band
 
     lens = np.diff(offsets)
     keep = np.minimum(lens, L)

@@ -14,8 +14,8 @@ from seqclust.config import EncoderConfig, TokenizeConfig
 from seqclust.context import RunContext
 from seqclust.encoder import Artifact, load_artifact, save_artifact, train
 from seqclust.errors import InputError
-from seqclust.features import INPUT_COLUMNS, featurize
-from seqclust.tokenize import build_vocab, with_price_edges
+from seqclust.features import featurize, input_columns
+from seqclust.tokenize import build_vocab
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def training_sample(sessions: DataFrame, n: int, seed: int) -> pa.Table:
     """Up to ``n`` sessions chosen by a seeded hash of the session id: the same sessions
     whatever the partitioning, and never more than ``n`` rows reach the driver."""
     return (
-        sessions.select("session_id", *INPUT_COLUMNS)
+        sessions.select("session_id", *input_columns(sessions.columns))
         .withColumn("_h", F.xxhash64("session_id", F.lit(seed)))
         .orderBy("_h", "session_id")
         .limit(n)
@@ -48,13 +48,12 @@ def run(spark: SparkSession, ctx: RunContext, tok: TokenizeConfig, cfg: EncoderC
         log.info("train: reusing encoder %s from %s", art.encoder_id, cfg.path)
         return TrainResult(art.encoder_id, str(art.path), False, 0), art
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
-    vocab = build_vocab(sessions, tok.max_len, tok.vocab_size, tok.min_count, tok.price_bands)
-    if not vocab.tokens:
-        raise InputError(f"no token occurs at least tokenize.min_count={tok.min_count} times; lower it or give more data")
     sample = training_sample(sessions, cfg.train_sample, seed)
     if sample.num_rows < 10:
         raise InputError(f"only {sample.num_rows} sessions to train on; need at least 10")
-    vocab = with_price_edges(vocab, sample, tok.price_bands)
+    vocab = build_vocab(sessions, tok.max_len, tok.vocab_size, tok.min_count, tok.price_bands, tuple(tok.token_fields), sample)
+    if not vocab.tokens:
+        raise InputError(f"no token occurs at least tokenize.min_count={tok.min_count} times; lower it or give more data")
     feats = featurize(sample, vocab)
     log.info("train: %s encoder on %d sessions (sample of at most %d)", cfg.architecture, sample.num_rows, cfg.train_sample)
     model_cfg, weights, metrics = train(
