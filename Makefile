@@ -27,6 +27,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/sessionize.py
+	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/kmeans.py
 
 clean:
 	rm -rf out build spark-warehouse .pytest_cache

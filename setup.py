@@ -17,6 +17,7 @@ CORE = [
     "pyarrow>=15",
     "numpy>=1.26",
     "scikit-learn>=1.4",
+    "matplotlib>=3.8",  # the HTML report's charts
     "PyYAML>=6",
 ]
 ML = ["tensorflow-cpu==2.21.*", "keras>=3.10,<4"]

@@ -23,6 +23,7 @@ SETTINGS = [
     "cluster.k=4",
     "cluster.stability_runs=0",
     "baseline.bag_of_events=false",
+    "evaluate.downstream=false",
     "spark.shuffle_partitions=2",
     "spark.master=local[2]",
     "spark.log_level=ERROR",

@@ -80,12 +80,25 @@ def _run(data, out, run_id, capsys):
     return captured.out
 
 
-def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def e2e_out(spark, data, tmp_path_factory):
+    """One full run (module-wide): the main test checks it, the report test renders it."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(_args(data, out, "e2e-1"))
+    assert code == 0
+    return out, buf.getvalue()
+
+
+def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, e2e_out, capsys):
     from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
-    out = tmp_path / "out"
-    summary = _run(data, out, "e2e-1", capsys)
+    out, summary = e2e_out
     assert "e2e-1: succeeded" in summary and "ari" in summary
 
     def counts():
@@ -122,6 +135,13 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, tmp_path, capsys)
     assert m[("encoder", "ari")] > m[("random", "ari")] + 0.3
     assert m[("encoder", "silhouette")] > m[("random", "silhouette")]
     assert m[("bag_of_events", "ari")] > m[("random", "ari")]
+    # next-session recommendation, every strategy beside the random segmentation, with CIs
+    down = spark.read.format("delta").load(str(out / "metrics")).where("family = 'downstream'")
+    for method in ("encoder", "random"):
+        for strat in ("global", "cluster", "own", "own_cluster_fill", "own_global_fill"):
+            assert (method, f"hitrate@10_categories_{strat}") in m and (method, f"ndcg@10_categories_{strat}") in m
+    assert down.where("NOT (ci_low <= value AND value <= ci_high)").count() == 0
+    assert m[("encoder", "hitrate@10_categories_own_global_fill")] >= m[("encoder", "hitrate@10_categories_own")]
 
     def snapshot():
         emb = {
@@ -190,6 +210,29 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
 
     new = tmp_path / "new"
     write_dataset(new, users=40, seed=99)
+
+    # new users assigned to train-1's segments (its encoder and KMeans, no refit), with drift
+    conf = ["--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out)]
+    assert main(["assign", "--model", "train-1", "--run-id", "assign-1", "--input", str(new / "events"), *conf]) == 0, (
+        capsys.readouterr().err[-2000:]
+    )
+    assert "drift vs the previous run" in capsys.readouterr().out
+    k_model = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'train-1'").first()["k"]
+    assigned = spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'assign-1'")
+    assert assigned.count() == 40 and assigned.agg({"cluster_id": "max"}).first()[0] < k_model
+    rec = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'assign-1'").first()
+    assert rec["status"] == "succeeded" and rec["encoder_id"] == Path(art).name
+    drift = {
+        r["metric"]: (r["value"], r["details"])
+        for r in spark.read.format("delta").load(str(out / "metrics")).where("run_id = 'assign-1' AND family = 'drift'").collect()
+    }
+    assert '"previous_run": "train-1"' in drift["psi_cluster_shares"][1] and '"alignment": "same_model"' in drift["psi_cluster_shares"][1]
+    assert drift["psi_cluster_shares"][0] >= 0 and 0 <= drift["js_cluster_shares"][0] <= 1
+    assert drift["users_compared"][0] == 40  # the generator names users u0, u1, ... in both datasets
+    assert 0 <= drift["users_changed_cluster"][0] <= 1
+    capsys.readouterr()
+    assert main(["assign", "--model", "nosuchrun", "--run-id", "assign-2", "--input", str(new / "events"), *conf]) == 2
+    assert "--model nosuchrun: no such run" in capsys.readouterr().err
     base = ["--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out), "--input", str(new / "events"), "--set", "cluster.k=3"]
     for stage in ("ingest", "sessionize", "train", "embed"):
         assert main([stage, "--run-id", "reuse-1", "--encoder", art, *base]) == 0, capsys.readouterr().err[-2000:]
@@ -251,3 +294,32 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
     code = main(["run", "--run-id", "foreign-1", "--encoder", art, *base])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "does not fit this data: 100% of its tokens are outside the encoder's vocabulary" in err[-1]
+
+
+def test_report_renders_in_headless_chromium(e2e_out, tmp_path):
+    import shutil
+    import subprocess
+
+    out, summary = e2e_out
+    report = out / "_artifacts" / "runs" / "e2e-1" / "report.html"
+    assert f"report: {report}" in summary
+    text = report.read_text()
+    for section in ("Internal indices", "Agreement with known labels", "Next-session recommendation", "Segments"):
+        assert section in text, section
+    n_img = text.count("<img ")
+    assert n_img == 3 and all((report.parent / f).is_file() for f in ("sweep.png", "sizes.png", "downstream.png"))
+    browser = next((b for b in (shutil.which(x) for x in ("chromium", "chromium-browser", "google-chrome")) if b), None)
+    if browser is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium; .ci/run installs it); the HTML was checked above")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=180)
+    # the page's own script counts images the browser decoded, after the load event
+    assert f'id="img-check">{n_img}/{n_img}<' in dom.stdout, dom.stderr[-1500:]
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=180)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2400)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50  # tables, text and charts, not a blank page

@@ -79,6 +79,7 @@ def test_pipeline_with_pseudonyms_joins_labels(spark, tmp_path, capsys, monkeypa
         # also the path of non-default tokens (composed on the executors), at no extra cost
         "tokenize.token_fields=[event_type, price_band, gap_bucket]",
         "tokenize.min_count=1",
+        "evaluate.downstream=false",
     ]
     args = ["run", "--run-id", "pseudo-1", *base, *[x for s in small for x in ("--set", s)]]
 

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_p = sub.add_parser("run", help="run every stage: ingest, sessionize, train, embed, cluster, evaluate")
     _common(run_p, stage=False)
     run_p.add_argument("--resume", action="store_true", help="skip the stages this run id already completed (needs --run-id)")
+    a = sub.add_parser("assign", help="assign users of new data to the segments of an earlier run (its encoder and KMeans, no refit)")
+    _common(a, stage=False)
+    a.add_argument("--model", required=True, metavar="RUN_ID", help="the run whose encoder and segments to use")
     for name in STAGE_COMMANDS:
         _common(sub.add_parser(name, help=f"run the {name} stage of an existing run id"), stage=True)
     g = sub.add_parser("generate", help="write a synthetic event log with planted personas")
@@ -87,6 +90,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"source.format={args.format}")
     if args.encoder:
         out.append(f"encoder.path={args.encoder}")
+    if getattr(args, "model", None):
+        out.append(f"cluster.model_run={args.model}")
     return out
 
 
@@ -150,7 +155,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from seqclust.spark import get_spark
 
     spark = get_spark(cfg.spark)
-    stages = pipeline.STAGES if args.command == "run" else (args.command,)
+    if args.command == "assign":
+        cfg = pipeline.with_model_run_encoder(spark, cfg)
+    stages = pipeline.STAGES if args.command in ("run", "assign") else (args.command,)
     resume = bool(getattr(args, "resume", False))
     if resume and not (args.run_id or cfg.run.run_id):
         raise ConfigError("--resume needs the --run-id of the run to continue")

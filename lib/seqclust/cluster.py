@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from seqclust.config import ClusterConfig
+from seqclust.config import ClusterConfig, validate_run_id
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError
 from seqclust.metrics import bootstrap_ci, contingency, external_scores
@@ -101,6 +101,17 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
         n = users.count()
         if n == 0:
             raise InputError("no user vectors to cluster (did the embed stage run?)")
+        if cfg.model_run:
+            from pyspark.ml.clustering import KMeansModel
+
+            validate_run_id(cfg.model_run)
+            path = ctx.artifacts_dir / "runs" / cfg.model_run / "kmeans"
+            if not path.is_dir():
+                raise InputError(f"cluster.model_run: run {cfg.model_run} has no KMeans model (looked in {path})")
+            model = KMeansModel.load(str(path))
+            k, rule, sweep = model.getK(), f"assigned to the segments of run {cfg.model_run} (no refit)", []
+            log.info("cluster: assigning %d users to the %d segments of run %s", n, k, cfg.model_run)
+            return _finish(spark, ctx, users, model, k, n, sweep, rule, save_model=False)
         ks = [cfg.k] if cfg.k is not None else list(range(cfg.k_min, min(cfg.k_max, n - 1) + 1))
         if cfg.k is not None and cfg.k >= n:
             raise ConfigError(f"cluster.k: {cfg.k} is not below the number of users ({n})")
@@ -126,55 +137,61 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
                 else "",
             )
         k, rule = choose_k(sweep, cfg.selection, cfg.silhouette_tolerance)
-        model = models[k]
-        centers = [c.tolist() for c in model.clusterCenters()]
-        pred = with_distance(model.transform(users), centers)
-        clusters = pred.select(
-            F.lit("user").alias("entity_type"),
-            "entity_id",
-            F.col("cluster_id").cast("int").alias("cluster_id"),
-            "distance_to_centroid",
-        )
-        ctx.store.write_run(clusters, ctx.tables.clusters, ctx.run_id)
-        sizes = {
-            r["cluster_id"]: r["count"]
-            for r in ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("cluster_id").count().collect()
-        }
-        cent_rows = [(i, "encoder", [float(v) for v in c], int(sizes.get(i, 0))) for i, c in enumerate(centers)]
-        cent_schema = T.StructType(
-            [
-                T.StructField("cluster_id", T.IntegerType()),
-                T.StructField("method", T.StringType()),
-                T.StructField("centroid", T.ArrayType(T.DoubleType())),
-                T.StructField("size", T.LongType()),
-            ]
-        )
-        ctx.store.write_run(spark.createDataFrame(cent_rows, cent_schema), ctx.tables.centroids, ctx.run_id)
-        model.write().overwrite().save(str(ctx.run_dir / "kmeans"))
-        sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
-        profiles = cluster_profiles(spark, sessions, ctx.store.read(spark, ctx.tables.clusters, ctx.run_id))
-        ctx.store.write_run(profiles, ctx.tables.cluster_profiles, ctx.run_id)
-        for p in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("cluster_id").collect():
-            log.info("cluster %d: %s", p["cluster_id"], p["description"])
-        sweep_rows = [
-            {
-                "method": "encoder",
-                "k": r["k"],
-                "metric": m,
-                "value": r[m],
-                "ci_low": r.get(f"{m}_low"),
-                "ci_high": r.get(f"{m}_high"),
-                "family": "sweep",
-                "details": json.dumps({"chosen": r["k"] == k, "rule": rule}),
-            }
-            for r in sweep
-            for m in ("silhouette", "inertia", "stability")
-            if m in r
-        ]
-        from seqclust.evaluate import write_metrics
-
-        write_metrics(spark, ctx, sweep_rows, families=("sweep",))
-        log.info("cluster: k=%d chosen for %d users (%s)", k, n, rule)
-        return ClusterResult(k, n, sweep, rule)
+        return _finish(spark, ctx, users, models[k], k, n, sweep, rule)
     finally:
         users.unpersist()
+
+
+def _finish(
+    spark: SparkSession, ctx: RunContext, users: DataFrame, model, k: int, n: int, sweep: list, rule: str, save_model: bool = True
+) -> ClusterResult:
+    """Write clusters, centroids, the model, profiles and the sweep for the chosen model."""
+    centers = [c.tolist() for c in model.clusterCenters()]
+    pred = with_distance(model.transform(users), centers)
+    clusters = pred.select(
+        F.lit("user").alias("entity_type"),
+        "entity_id",
+        F.col("cluster_id").cast("int").alias("cluster_id"),
+        "distance_to_centroid",
+    )
+    ctx.store.write_run(clusters, ctx.tables.clusters, ctx.run_id)
+    sizes = {
+        r["cluster_id"]: r["count"] for r in ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("cluster_id").count().collect()
+    }
+    cent_rows = [(i, "encoder", [float(v) for v in c], int(sizes.get(i, 0))) for i, c in enumerate(centers)]
+    cent_schema = T.StructType(
+        [
+            T.StructField("cluster_id", T.IntegerType()),
+            T.StructField("method", T.StringType()),
+            T.StructField("centroid", T.ArrayType(T.DoubleType())),
+            T.StructField("size", T.LongType()),
+        ]
+    )
+    ctx.store.write_run(spark.createDataFrame(cent_rows, cent_schema), ctx.tables.centroids, ctx.run_id)
+    if save_model:
+        model.write().overwrite().save(str(ctx.run_dir / "kmeans"))
+    sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+    profiles = cluster_profiles(spark, sessions, ctx.store.read(spark, ctx.tables.clusters, ctx.run_id))
+    ctx.store.write_run(profiles, ctx.tables.cluster_profiles, ctx.run_id)
+    for p in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("cluster_id").collect():
+        log.info("cluster %d: %s", p["cluster_id"], p["description"])
+    sweep_rows = [
+        {
+            "method": "encoder",
+            "k": r["k"],
+            "metric": m,
+            "value": r[m],
+            "ci_low": r.get(f"{m}_low"),
+            "ci_high": r.get(f"{m}_high"),
+            "family": "sweep",
+            "details": json.dumps({"chosen": r["k"] == k, "rule": rule}),
+        }
+        for r in sweep
+        for m in ("silhouette", "inertia", "stability")
+        if m in r
+    ]
+    from seqclust.evaluate import write_metrics
+
+    write_metrics(spark, ctx, sweep_rows, families=("sweep",))
+    log.info("cluster: k=%d for %d users (%s)", k, n, rule)
+    return ClusterResult(k, n, sweep, rule)

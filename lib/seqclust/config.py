@@ -231,8 +231,12 @@ class ClusterConfig:
     silhouette_tolerance: float = 0.1
     stability_runs: int = 3  # refits on subsamples per k (ARI vs the full fit)
     stability_fraction: float = 0.8
+    # assign users to the segments of an earlier run (its saved KMeans) instead of fitting
+    model_run: str | None = None
 
     def __post_init__(self) -> None:
+        if self.model_run is not None:
+            validate_run_id(self.model_run)
         _check(0 <= self.silhouette_tolerance < 1, "silhouette_tolerance", "must be in [0, 1)")
         _check(self.stability_runs >= 0, "stability_runs", "must be >= 0")
         _check(0 < self.stability_fraction <= 1, "stability_fraction", "must be in (0, 1]")
@@ -255,6 +259,19 @@ class BaselineConfig:
         _check(self.vocab_size >= 2, "vocab_size", "must be >= 2")
         _check(self.min_df >= 1, "min_df", "must be >= 1")
         _check(self.pca_dim is None or self.pca_dim >= 2, "pca_dim", "must be >= 2 or null")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Downstream usefulness: next-session HitRate/NDCG@top_n of segment-based lists."""
+
+    downstream: bool = True
+    top_n: int = 10
+    bootstrap: int = 200  # replicates for the confidence intervals
+
+    def __post_init__(self) -> None:
+        _check(self.top_n >= 1, "top_n", "must be >= 1")
+        _check(self.bootstrap >= 10, "bootstrap", "must be >= 10")
 
 
 @dataclass(frozen=True)
@@ -343,6 +360,7 @@ class PipelineConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tables: TablesConfig = field(default_factory=TablesConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

@@ -24,7 +24,7 @@ from pyspark.sql import types as T
 
 from seqclust.baseline import bag_of_events
 from seqclust.cluster import fit_kmeans, silhouette
-from seqclust.config import BaselineConfig, ClusterConfig, LabelsConfig
+from seqclust.config import BaselineConfig, ClusterConfig, EvaluateConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
 from seqclust.metrics import contingency, external_scores
@@ -101,6 +101,70 @@ def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col
     return df.withColumn("_u", F.rand(seed)).withColumn(out_col, expr.cast("int")).drop("_u")
 
 
+def _drift_rows(spark: SparkSession, ctx: RunContext, cluster_cfg: ClusterConfig, k: int) -> list[dict[str, Any]]:
+    """Drift against the model run (``cluster.model_run``) or else the latest earlier
+    succeeded run of the same input; [] when there is none."""
+    from seqclust.drift import segmentation_drift
+
+    runs_t = ctx.tables.runs
+    if not ctx.store.exists(runs_t):
+        return []
+    runs = ctx.store.read(spark, runs_t)
+    me = runs.where(F.col("run_id") == ctx.run_id).select("encoder_id").first()
+    if cluster_cfg.model_run:
+        prev_id, alignment = cluster_cfg.model_run, "same_model"
+    else:
+        if not ctx.input_path:
+            return []
+        prev = (
+            runs.where(
+                (F.col("status") == "succeeded")
+                & (F.col("input_path") == F.lit(ctx.input_path))
+                & (F.col("run_id") != ctx.run_id)
+                & (F.col("started_at") < F.lit(ctx.started_at))
+            )
+            .orderBy(F.desc("started_at"), F.desc("run_id"))
+            .select("run_id", "encoder_id")
+            .first()
+        )
+        if prev is None:
+            return []
+        prev_id = prev["run_id"]
+        alignment = "centroids" if me is not None and prev["encoder_id"] == me["encoder_id"] else "user_overlap"
+
+    def clusters(rid: str) -> DataFrame:
+        return ctx.store.read(spark, ctx.tables.clusters, rid).where(F.col("entity_type") == "user").select("entity_id", "cluster_id")
+
+    def centroids(rid: str) -> list[list[float]]:
+        rows = ctx.store.read(spark, ctx.tables.centroids, rid).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
+        return [r["centroid"] for r in rows]
+
+    old = clusters(prev_id)
+    if old.limit(1).count() == 0:
+        log.warning("evaluate: run %s has no clusters; drift skipped", prev_id)
+        return []
+    d = segmentation_drift(old, clusters(ctx.run_id), alignment, centroids(prev_id), centroids(ctx.run_id))
+    details = json.dumps({"previous_run": prev_id, "alignment": alignment, "matched": {str(a): b for a, b in d.matched.items()}})
+    log.info(
+        "evaluate: drift vs run %s (%s): PSI %.4f, JS %.4f, %.1f%% of %d shared users changed segment",
+        prev_id,
+        alignment,
+        d.psi,
+        d.js,
+        100 * d.changed_share,
+        d.users_compared,
+    )
+    return [
+        {"method": "encoder", "k": k, "family": "drift", "metric": m, "value": float(v), "details": details}
+        for m, v in (
+            ("psi_cluster_shares", d.psi),
+            ("js_cluster_shares", d.js),
+            ("users_changed_cluster", d.changed_share),
+            ("users_compared", d.users_compared),
+        )
+    ]
+
+
 # ---------------------------------------------------------------------------------------
 # Writing
 
@@ -167,6 +231,7 @@ def run(
     cluster_cfg: ClusterConfig,
     baseline: BaselineConfig,
     salt: str | None = None,
+    downstream: EvaluateConfig | None = None,
 ) -> EvaluateResult:
     """Evaluate this run's user clusters beside a random baseline (same cluster sizes) and the
     bag-of-events baseline (KMeans at the same k); write ``metrics``.
@@ -261,7 +326,32 @@ def run(
                     ]
         finally:
             proxies.unpersist()
-        write_metrics(spark, ctx, rows, families=("internal", "external", "proxy"))
+        families = ("internal", "external", "proxy")
+        drift_rows = _drift_rows(spark, ctx, cluster_cfg, k)
+        if drift_rows:
+            rows += drift_rows
+            for r in drift_rows:
+                results.setdefault("encoder", {})[r["metric"]] = r["value"]
+        families = (*families, "drift")
+        if downstream is not None and downstream.downstream:
+            from seqclust.downstream import evaluate_downstream
+
+            cents = (
+                ctx.store.read(spark, ctx.tables.centroids, ctx.run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
+            )
+            sess_emb = (
+                ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
+                .where(F.col("entity_type") == "session")
+                .select(F.col("entity_id").alias("session_id"), "embedding")
+            )
+            down = evaluate_downstream(
+                sessions, sess_emb, [r["centroid"] for r in cents], shares, seed, downstream.top_n, replicates=downstream.bootstrap
+            )
+            rows += [{**r, "k": k} for r in down]
+            for r in down:
+                results.setdefault(r["method"], {})[r["metric"]] = r["value"]
+            families = (*families, "downstream")
+        write_metrics(spark, ctx, rows, families=families)
         for method, vals in results.items():
             log.info("evaluate: %s %s", method, ", ".join(f"{m}={v:.4f}" for m, v in sorted(vals.items())))
         return EvaluateResult(k, results, n_labelled)

@@ -153,6 +153,22 @@ def make_context(
     )
 
 
+def with_model_run_encoder(spark: SparkSession, cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with ``encoder.path`` set to the encoder of ``cluster.model_run`` (for assign)."""
+    import dataclasses
+
+    rid = cfg.cluster.model_run
+    store = TableStore(str(Path(cfg.run.output).absolute()) if "://" not in cfg.run.output else cfg.run.output)
+    row = None
+    if rid and store.exists(cfg.tables.runs):
+        row = store.read(spark, cfg.tables.runs, rid).select("status", "encoder_path").first()
+    if row is None or not row["encoder_path"]:
+        raise InputError(f"--model {rid}: no such run with an encoder under {store.root}")
+    if row["status"] != "succeeded":
+        raise InputError(f"--model {rid}: that run did not succeed (status {row['status']})")
+    return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, path=cfg.encoder.path or row["encoder_path"]))
+
+
 @dataclass
 class RunSummary:
     run_id: str
@@ -162,6 +178,7 @@ class RunSummary:
     table_root: str
     seconds: float
     k_choice: dict[str, Any] | None = None
+    report: Path | None = None
 
 
 def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
@@ -201,7 +218,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
         rec.users = c.users
         state["k_choice"] = next(({"rule": c.rule, **r} for r in c.sweep if r["k"] == c.k), None)
     elif name == "evaluate":
-        e = evaluate_stage.run(spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline, salt=cfg.privacy.salt())
+        e = evaluate_stage.run(spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline, salt=cfg.privacy.salt(), downstream=cfg.evaluate)
         state["metrics"] = e.metrics
     else:  # pragma: no cover
         raise ValueError(name)
@@ -266,6 +283,11 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
     rec.status = "succeeded" if set(STAGES) <= set(rec.stages_completed) else "running"
     rec.finished_at = dt.datetime.now(dt.timezone.utc)
     save_record(spark, ctx, rec)
+    report = None
+    if "evaluate" in stages:
+        from seqclust.report import write_report
+
+        report = write_report(spark, ctx)
     table_rows = {}
     for name in (
         "quarantine",
@@ -283,14 +305,18 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
         if ctx.store.exists(tname):
             table_rows[tname] = ctx.store.read(spark, tname, ctx.run_id).count()
     metrics = state.get("metrics") or _read_metrics(spark, ctx)
-    return RunSummary(ctx.run_id, rec, table_rows, metrics, ctx.store.root, time.perf_counter() - t_run, state.get("k_choice"))
+    return RunSummary(ctx.run_id, rec, table_rows, metrics, ctx.store.root, time.perf_counter() - t_run, state.get("k_choice"), report)
 
 
 def _read_metrics(spark: SparkSession, ctx: RunContext) -> dict[str, dict[str, float]]:
     if not ctx.store.exists(ctx.tables.metrics):
         return {}
     out: dict[str, dict[str, float]] = {}
-    for r in ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).where(F.col("family").isin("internal", "external", "proxy")).collect():
+    for r in (
+        ctx.store.read(spark, ctx.tables.metrics, ctx.run_id)
+        .where(F.col("family").isin("internal", "external", "proxy", "downstream", "drift"))
+        .collect()
+    ):
         out.setdefault(r["method"], {})[r["metric"]] = r["value"]
     return out
 
@@ -311,6 +337,8 @@ def format_summary(s: RunSummary) -> str:
         lines.append("  stage wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rec.stage_seconds.items()))
     if rec.encoder_id:
         lines.append(f"  encoder: {rec.encoder_id} ({rec.encoder_path})")
+    if s.report:
+        lines.append(f"  report: {s.report}")
     if s.k_choice:
         kc = s.k_choice
         stab = f", stability {kc['stability']:.3f} [{kc['stability_low']:.3f}, {kc['stability_high']:.3f}]" if "stability" in kc else ""
@@ -341,4 +369,17 @@ def format_summary(s: RunSummary) -> str:
         for n in names:
             vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in methods)
             lines.append(f"    {n:<24}{vals}")
+        enc = s.metrics.get("encoder", {})
+        if "psi_cluster_shares" in enc:
+            lines.append(
+                f"  drift vs the previous run: PSI {enc['psi_cluster_shares']:.4f}, JS {enc['js_cluster_shares']:.4f}, "
+                f"{100 * enc['users_changed_cluster']:.1f}% of {int(enc['users_compared'])} shared users changed segment"
+            )
+        down = sorted({m for x in methods for m in s.metrics[x] if "@" in m})
+        if down:
+            lines.append("  next-session recommendation (history only; cluster lists from the encoder's vs random segments)")
+            lines.append(" " * 44 + "".join(f"{m:>14}" for m in ("encoder", "random") if m in s.metrics))
+            for n in down:
+                vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in ("encoder", "random") if m in s.metrics)
+                lines.append(f"    {n:<40}{vals}")
     return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""Downstream metrics: exact HitRate/NDCG@N against a plain-Python oracle."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import pytest
+
+from seqclust.downstream import STRATEGIES, bootstrap_means, nearest_centroid, split_history, user_scores
+
+T0 = dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc)
+
+
+def _oracle(recs, target, n):
+    top = recs[:n]
+    hit = float(any(x in target for x in top))
+    dcg = sum(1 / math.log2(i + 2) for i, x in enumerate(top) if x in target)
+    idcg = sum(1 / math.log2(i + 2) for i in range(min(len(target), n)))
+    return hit, (dcg / idcg if idcg else 0.0)
+
+
+def test_user_scores_match_a_python_oracle(spark):
+    rng = np.random.default_rng(3)
+    cats = [f"c{i}" for i in range(12)]
+    rows, assign = [], {}
+    for u in range(30):
+        assign[f"u{u}"] = u % 3
+        for s in range(int(rng.integers(1, 5))):
+            # users prefer categories near their cluster's block: segments carry signal
+            pool = cats[(u % 3) * 4 : (u % 3) * 4 + 5]
+            seq = [str(x) for x in rng.choice(pool + cats, size=int(rng.integers(1, 6)))]
+            rows.append((f"s{u}-{s}", f"u{u}", T0 + dt.timedelta(days=s, hours=u), seq))
+    sessions = spark.createDataFrame(rows, "session_id string, user_id string, start_ts timestamp, categories array<string>")
+    history, target = split_history(sessions)
+    a = spark.createDataFrame(list(assign.items()), "user_id string, cluster_id int")
+    n = 3
+    got = {r["user_id"]: r for r in user_scores(history, target, a, "categories", n).collect()}
+
+    # oracle
+    by_user = {}
+    for sid, u, ts, seq in rows:
+        by_user.setdefault(u, []).append((ts, sid, seq))
+    hist, tgt = {}, {}
+    for u, ss in by_user.items():
+        if len(ss) < 2:
+            continue
+        ss.sort(key=lambda x: (x[0], x[1]))
+        tgt[u] = set(ss[-1][2])
+        hist[u] = [c for _, _, seq in ss[:-1] for c in seq]
+
+    def top(counter_items):
+        return [x for x, _ in sorted(counter_items, key=lambda kv: (-kv[1], kv[0]))][:n]
+
+    from collections import Counter
+
+    glob = top(Counter(c for h in hist.values() for c in h).items())
+    clus = {k: top(Counter(c for u, h in hist.items() if assign[u] == k for c in h).items()) for k in range(3)}
+    assert set(got) == set(hist)
+    for u in hist:
+        own = top(Counter(hist[u]).items())
+        lists = {
+            "global": glob,
+            "cluster": clus[assign[u]],
+            "own": own,
+            "own_cluster_fill": list(dict.fromkeys(own + clus[assign[u]]))[:n],
+            "own_global_fill": list(dict.fromkeys(own + glob))[:n],
+        }
+        for s in STRATEGIES:
+            hit, ndcg = _oracle(lists[s], tgt[u], n)
+            assert got[u][f"hit_{s}"] == hit, (u, s)
+            assert got[u][f"ndcg_{s}"] == pytest.approx(ndcg, abs=1e-12), (u, s)
+
+
+def test_nearest_centroid_and_bootstrap(spark):
+    df = spark.createDataFrame([("a", [0.9, 0.1]), ("b", [0.1, 0.95]), ("c", [-1.0, 0.0])], "user_id string, embedding array<double>")
+    got = {r["user_id"]: r["cluster_id"] for r in nearest_centroid(df, [[0.0, 1.0], [1.0, 0.0], [-1.0, 0.1]]).collect()}
+    assert got == {"a": 1, "b": 0, "c": 2}
+
+    vals = np.r_[np.ones(300), np.zeros(700)]
+    scores = spark.createDataFrame([(float(v),) for v in vals], "x double")
+    res = bootstrap_means(scores, ["x"], seed=1, replicates=100)["x"]
+    se = math.sqrt(0.3 * 0.7 / 1000)
+    assert res.value == pytest.approx(0.3)
+    assert res.low < 0.3 < res.high
+    assert 2.5 * se < res.high - res.low < 6 * se  # about 2 x 1.96 standard errors
