@@ -200,24 +200,24 @@ def test_k_larger_than_users_is_a_clear_error(spark, data, tmp_path, capsys):
     assert runs["status"] == "failed" and runs["error"].startswith("cluster:")
 
 
-def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark, data, tmp_path, capsys):
-    """Stages run one by one (as scheduler tasks do) on new data with an existing artifact."""
+def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark, e2e_out, tmp_path, capsys, caplog):
+    """Stages run one by one (as scheduler tasks do) on new data with the encoder and the
+    segments of the module's full run (e2e-1), beside it in the same tables."""
     import pandas as pd
 
-    out = tmp_path / "out"
-    _run(data, out, "train-1", capsys)
-    art = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'train-1'").first()["encoder_path"]
+    out = e2e_out[0]
+    art = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'e2e-1'").first()["encoder_path"]
 
     new = tmp_path / "new"
     write_dataset(new, users=40, seed=99)
 
-    # new users assigned to train-1's segments (its encoder and KMeans, no refit), with drift
-    conf = ["--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out)]
-    assert main(["assign", "--model", "train-1", "--run-id", "assign-1", "--input", str(new / "events"), *conf]) == 0, (
+    # new users assigned to e2e-1's segments (its encoder and KMeans, no refit), with drift
+    conf = ["--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out), "--set", "evaluate.downstream=false"]
+    assert main(["assign", "--model", "e2e-1", "--run-id", "assign-1", "--input", str(new / "events"), *conf]) == 0, (
         capsys.readouterr().err[-2000:]
     )
     assert "drift vs the previous run" in capsys.readouterr().out
-    k_model = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'train-1'").first()["k"]
+    k_model = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'e2e-1'").first()["k"]
     assigned = spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'assign-1'")
     assert assigned.count() == 40 and assigned.agg({"cluster_id": "max"}).first()[0] < k_model
     rec = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'assign-1'").first()
@@ -226,7 +226,7 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
         r["metric"]: (r["value"], r["details"])
         for r in spark.read.format("delta").load(str(out / "metrics")).where("run_id = 'assign-1' AND family = 'drift'").collect()
     }
-    assert '"previous_run": "train-1"' in drift["psi_cluster_shares"][1] and '"alignment": "same_model"' in drift["psi_cluster_shares"][1]
+    assert '"previous_run": "e2e-1"' in drift["psi_cluster_shares"][1] and '"alignment": "same_model"' in drift["psi_cluster_shares"][1]
     assert drift["psi_cluster_shares"][0] >= 0 and 0 <= drift["js_cluster_shares"][0] <= 1
     assert drift["users_compared"][0] == 40  # the generator names users u0, u1, ... in both datasets
     assert 0 <= drift["users_changed_cluster"][0] <= 1
@@ -234,6 +234,7 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
     assert main(["assign", "--model", "nosuchrun", "--run-id", "assign-2", "--input", str(new / "events"), *conf]) == 2
     assert "--model nosuchrun: no such run" in capsys.readouterr().err
     base = ["--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out), "--input", str(new / "events"), "--set", "cluster.k=3"]
+    base += ["--set", "evaluate.downstream=false"]  # the main test covers it
     for stage in ("ingest", "sessionize", "train", "embed"):
         assert main([stage, "--run-id", "reuse-1", "--encoder", art, *base]) == 0, capsys.readouterr().err[-2000:]
     emb = spark.read.format("delta").load(str(out / "embeddings")).where("run_id = 'reuse-1' AND entity_type = 'user'")
@@ -259,7 +260,7 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
     pd.DataFrame({"user_id": ["nobody-1", "nobody-2"], "persona": ["a", "b"]}).to_csv(nobody, index=False)
     capsys.readouterr()
     assert main(["evaluate", "--run-id", "reuse-1", "--labels", str(nobody), *base]) == 0
-    assert "match none of the clustered users; external metrics skipped" in capsys.readouterr().err
+    assert "match none of the clustered users; external metrics skipped" in caplog.text
     ext = {
         r["metric"]: r["value"]
         for r in spark.read.format("delta").load(str(out / "metrics")).where("run_id = 'reuse-1' AND family = 'external'").collect()

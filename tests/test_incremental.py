@@ -56,7 +56,7 @@ def _apply(state_s, state_b, events, new, cfg):
     return keep_s.select(*KEY).unionByName(s.select(*KEY)), keep_b.select(*BOT_KEY).unionByName(b.select(*BOT_KEY))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(users=st.lists(stream, min_size=1, max_size=4), split_at=st.floats(0.0, 1.0), engine=st.sampled_from(["arrow", "sql"]))
 def test_incremental_equals_full_recompute(spark, users, split_at, engine):
     import dataclasses
