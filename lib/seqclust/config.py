@@ -181,7 +181,7 @@ class EncoderConfig:
     token_dim: int = 32
     hidden: int = 64
     train_sample: int = 20000
-    epochs: int = 10
+    epochs: int = 30  # an upper bound: early stopping on validation loss (patience) ends training
     batch_size: int = 256
     learning_rate: float = 0.003
     validation_fraction: float = 0.1
