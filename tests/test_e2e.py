@@ -137,7 +137,7 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, e2e_out, capsys):
     assert m[("bag_of_events", "ari")] > m[("random", "ari")]
     # next-session recommendation, every strategy beside the random segmentation, with CIs
     down = spark.read.format("delta").load(str(out / "metrics")).where("family = 'downstream'")
-    for method in ("encoder", "random"):
+    for method in ("encoder", "bag_of_events", "random"):
         for strat in ("global", "cluster", "own", "own_cluster_fill", "own_global_fill"):
             assert (method, f"hitrate@10_categories_{strat}") in m and (method, f"ndcg@10_categories_{strat}") in m
     assert down.where("NOT (ci_low <= value AND value <= ci_high)").count() == 0

@@ -7,6 +7,8 @@ every popularity list is counted on history sessions only. Each strategy ranks N
 categories (or items) for the user; the target session's distinct values are the relevant
 set. Exact HitRate@N and NDCG@N (binary relevance, no sampled negatives), averaged over
 users, with percentile bootstrap CIs (users resampled with Poisson(1) weights, in Spark).
+The segment baselines are the random segmentation (same sizes) and the bag-of-events
+clustering refitted on history only.
 
 Strategies:
     global            the N most frequent values in all history
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,6 +154,7 @@ def evaluate_downstream(
     n: int = 10,
     fields: Sequence[str] = ("categories", "items"),
     replicates: int = 200,
+    baseline_assign: Callable[[DataFrame], DataFrame] | None = None,
 ) -> list[dict]:
     """Metric rows (family ``downstream``) for the encoder's segments and the random baseline.
 
@@ -160,6 +163,8 @@ def evaluate_downstream(
         session_emb: ``(session_id, embedding)`` of those sessions.
         centroids: the run's KMeans centres (on L2-normalised vectors).
         random_shares: cluster size shares of the random baseline (the encoder's).
+        baseline_assign: history sessions -> ``(user_id, cluster_id)`` of the bag-of-events
+            baseline fitted on history only (its rows get method ``bag_of_events``).
     """
     from seqclust.embed import pool_users
     from seqclust.evaluate import random_assignment
@@ -176,12 +181,16 @@ def evaluate_downstream(
             log.warning("downstream: no user has two sessions; skipped")
             return []
         rnd = random_assignment(enc.select("user_id"), random_shares, seed, out_col="cluster_id")
+        methods = [("encoder", enc), ("random", rnd)]
+        if baseline_assign is not None:
+            boe = baseline_assign(history).persist(StorageLevel.MEMORY_AND_DISK)
+            methods.append(("bag_of_events", boe))
         for field in fields:
             nonempty = history.where(F.exists(field, lambda x: x.isNotNull() & (x != ""))).limit(1).count()
             if not nonempty:
                 continue
             what = "categories" if field == "categories" else "items"
-            for method, assign in (("encoder", enc), ("random", rnd)):
+            for method, assign in methods:
                 scores = user_scores(history, target, assign, field, n).persist(StorageLevel.MEMORY_AND_DISK)
                 n_scored = scores.count()
                 cols = [f"{m}_{s}" for s in STRATEGIES for m in ("hit", "ndcg")]
@@ -215,7 +224,8 @@ def evaluate_downstream(
                     res["hit_own_cluster_fill"].value,
                     res["hit_own_global_fill"].value,
                 )
-        enc.unpersist()
+        for _, a in methods:
+            a.unpersist()
     finally:
         history.unpersist()
     return rows

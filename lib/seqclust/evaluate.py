@@ -344,8 +344,22 @@ def run(
                 .where(F.col("entity_type") == "session")
                 .select(F.col("entity_id").alias("session_id"), "embedding")
             )
+            boe_assign = None
+            if baseline.bag_of_events:
+
+                def boe_assign(hist: DataFrame) -> DataFrame:
+                    vecs = bag_of_events(hist, baseline.vocab_size, baseline.min_df, baseline.pca_dim)
+                    return fit_kmeans(vecs, k, seed, cluster_cfg).transform(vecs).select(F.col("entity_id").alias("user_id"), "cluster_id")
+
             down = evaluate_downstream(
-                sessions, sess_emb, [r["centroid"] for r in cents], shares, seed, downstream.top_n, replicates=downstream.bootstrap
+                sessions,
+                sess_emb,
+                [r["centroid"] for r in cents],
+                shares,
+                seed,
+                downstream.top_n,
+                replicates=downstream.bootstrap,
+                baseline_assign=boe_assign,
             )
             rows += [{**r, "k": k} for r in down]
             for r in down:

@@ -377,9 +377,9 @@ def format_summary(s: RunSummary) -> str:
             )
         down = sorted({m for x in methods for m in s.metrics[x] if "@" in m})
         if down:
-            lines.append("  next-session recommendation (history only; cluster lists from the encoder's vs random segments)")
-            lines.append(" " * 44 + "".join(f"{m:>14}" for m in ("encoder", "random") if m in s.metrics))
+            lines.append("  next-session recommendation (history only; segment lists from each method's segments)")
+            lines.append(" " * 44 + "".join(f"{m:>14}" for m in methods))
             for n in down:
-                vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in ("encoder", "random") if m in s.metrics)
+                vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in methods)
                 lines.append(f"    {n:<40}{vals}")
     return "\n".join(lines)
