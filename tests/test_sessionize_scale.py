@@ -66,3 +66,25 @@ def test_engines_match_duckdb_on_a_million_events(spark, million, engine):
     assert ours.count() == stats["rows"]
     assert ours.exceptAll(theirs).limit(5).collect() == []
     assert theirs.exceptAll(ours).limit(5).collect() == []
+
+
+def test_both_engines_write_the_same_table_schemas(spark):
+    """Switching sessionize.engine on existing tables must not break Delta's schema check
+    (session_quarantine.n_events is a bigint whichever engine wrote it)."""
+    import datetime as dt
+
+    t0 = dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc)
+    rows = [(f"e{i}", "bot" if i < 150 else "u", t0 + dt.timedelta(seconds=i), "view", None, "c", 1.0) for i in range(160)]
+    events = spark.createDataFrame(
+        rows, "event_id string, user_id string, ts timestamp, event_type string, item_id string, category_id string, price double"
+    )
+
+    def types(df):
+        return [(f.name, f.dataType.simpleString()) for f in df.schema.fields]
+
+    cfg = SessionizeConfig(bot_events_per_minute=50, bot_min_events=100)
+    a_s, a_b = sessions_and_runaways(events, dataclasses.replace(cfg, engine="arrow"))
+    s_s, s_b = sessions_and_runaways(events, dataclasses.replace(cfg, engine="sql"))
+    assert types(a_s) == types(s_s)
+    assert types(a_b) == types(s_b) and dict(types(a_b))["n_events"] == "bigint"
+    assert a_b.count() == s_b.count() == 1

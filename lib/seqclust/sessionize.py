@@ -39,6 +39,12 @@ SESSION_COLUMNS = (
 )
 
 
+def _runaway_columns() -> list[F.Column]:
+    # n_events is a bigint in session_quarantine (as the window engine's count gives it), so
+    # both engines write the same table schema
+    return [F.col(c) for c in ("session_id", "user_id", "start_ts", "end_ts")] + [F.col("n_events").cast("long"), F.col("reason")]
+
+
 def session_id(user_id: F.Column, start_ts: F.Column, part: F.Column | None = None) -> F.Column:
     """Deterministic id: a hash of the user, the session's first timestamp (microseconds) and,
     for the pieces of a cut session, the piece's number."""
@@ -151,7 +157,7 @@ def sessions_and_runaways(events: DataFrame, cfg: SessionizeConfig) -> tuple[Dat
         from seqclust.sessionize_arrow import sessionize_arrow
 
         out = sessionize_arrow(events, cfg)
-        runaway = out.where(F.col("reason").isNotNull()).select("session_id", "user_id", "start_ts", "end_ts", "n_events", "reason")
+        runaway = out.where(F.col("reason").isNotNull()).select(*_runaway_columns())
         return out.where(F.col("reason").isNull()).select(*SESSION_COLUMNS), runaway
     assigned = assign_sessions(events, cfg)
     return build_sessions(assigned, cfg.min_events), runaway_sessions(assigned)
@@ -263,7 +269,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig) -> Sessioni
         # sessions are ~10x fewer rows than events: keep them for the two writes
         out = sessionize_arrow(events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
         sessions = out.where(F.col("reason").isNull()).select(*SESSION_COLUMNS)
-        runaway = out.where(F.col("reason").isNotNull()).select("session_id", "user_id", "start_ts", "end_ts", "n_events", "reason")
+        runaway = out.where(F.col("reason").isNotNull()).select(*_runaway_columns())
     else:
         out = assign_sessions(events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
         sessions, runaway = build_sessions(out, cfg.min_events), runaway_sessions(out)
