@@ -165,10 +165,7 @@ def dedup(events: DataFrame) -> DataFrame:
 
     The key is ``event_id`` where present, else (user, ts, event type, item).
     """
-    key = F.coalesce(
-        F.concat(F.lit("id:"), F.col("event_id")),
-        F.concat_ws("|", F.lit("k"), "user_id", F.col("ts").cast("string"), "event_type", F.coalesce("item_id", F.lit(""))),
-    )
+    key = F.expr(event_key())  # the same key incremental runs MERGE on
     ordered = F.struct("ts", "user_id", "event_type", "item_id", "category_id", "price", "event_id")
     return events.groupBy(key.alias("_k")).agg(F.min(ordered).alias("_e")).select("_e.*").select(*EVENT_COLUMNS)
 

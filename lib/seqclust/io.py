@@ -266,7 +266,7 @@ class TableStore:
             )
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
             raise SeqclustError(f"table {name} at {self.path(name)}: merge failed ({spark_error_line(e)[:300]})") from None
-        n = self._merge_metric(name, before, "numTargetRowsInserted")
+        n = int(self._merge_metrics(name, before).get("numTargetRowsInserted", 0))
         log.info("table %s: merged %d new rows into run %s", name, n, run_id)
         return n
 
@@ -300,12 +300,14 @@ class TableStore:
             )
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
             raise SeqclustError(f"table {name} at {self.path(name)}: merge failed ({spark_error_line(e)[:300]})") from None
-        ins = self._merge_metric(name, before, "numTargetRowsInserted") + self._merge_metric(name, before, "numTargetRowsUpdated")
-        deleted = self._merge_metric(name, before, "numTargetRowsDeleted")
+        m = self._merge_metrics(name, before)
+        ins = int(m.get("numTargetRowsInserted", 0)) + int(m.get("numTargetRowsUpdated", 0))
+        deleted = int(m.get("numTargetRowsDeleted", 0))
         log.info("table %s: run %s: %d rows inserted or replaced, %d deleted", name, run_id, ins, deleted)
         return ins, deleted
 
-    def _merge_metric(self, name: str, before: int, metric: str) -> int:
+    def _merge_metrics(self, name: str, before: int) -> dict[str, str]:
+        """The operation metrics of the newest MERGE commit after version ``before``."""
         from delta.tables import DeltaTable
 
         spark = SparkSession.getActiveSession()
@@ -318,7 +320,7 @@ class TableStore:
             .select("operationMetrics")
             .first()
         )
-        return int(((row["operationMetrics"] if row else None) or {}).get(metric, 0))
+        return dict((row["operationMetrics"] if row else None) or {})
 
     def _version(self, name: str) -> int:
         if not self.exists(name):

@@ -131,6 +131,11 @@ def load_record(spark: SparkSession, ctx: RunContext) -> RunRecord | None:
     return RunRecord(**{f.name: d.get(f.name) for f in RUNS_SCHEMA.fields if d.get(f.name) is not None})
 
 
+def table_store(cfg: PipelineConfig) -> TableStore:
+    """The Delta tables under ``run.output`` (a local folder made absolute, or a URI)."""
+    return TableStore(str(Path(cfg.run.output).absolute()) if "://" not in cfg.run.output else cfg.run.output)
+
+
 def make_context(
     cfg: PipelineConfig,
     input_path: str | None,
@@ -143,7 +148,7 @@ def make_context(
     rid = run_id or cfg.run.run_id or f"{now:%Y%m%dT%H%M%S}-{cfg.config_hash()[:6]}"
     return RunContext(
         run_id=rid,
-        store=TableStore(str(Path(cfg.run.output).absolute()) if "://" not in cfg.run.output else cfg.run.output),
+        store=table_store(cfg),
         tables=cfg.tables,
         started_at=now,
         input_path=input_path,
@@ -158,7 +163,7 @@ def with_model_run_encoder(spark: SparkSession, cfg: PipelineConfig) -> Pipeline
     import dataclasses
 
     rid = cfg.cluster.model_run
-    store = TableStore(str(Path(cfg.run.output).absolute()) if "://" not in cfg.run.output else cfg.run.output)
+    store = table_store(cfg)
     row = None
     if rid and store.exists(cfg.tables.runs):
         row = store.read(spark, cfg.tables.runs, rid).select("status", "encoder_path").first()

@@ -151,16 +151,26 @@ def runaway_sessions(assigned: DataFrame) -> DataFrame:
     )
 
 
-def sessions_and_runaways(events: DataFrame, cfg: SessionizeConfig) -> tuple[DataFrame, DataFrame]:
-    """Clean events -> (sessions as SESSION_COLUMNS, runaway sessions), by ``cfg.engine``."""
+def _engine_base(events: DataFrame, cfg: SessionizeConfig) -> DataFrame:
+    """The engine's intermediate result both outputs derive from: session rows with a
+    ``reason`` (arrow) or events tagged with their session (sql)."""
     if cfg.engine == "arrow":
         from seqclust.sessionize_arrow import sessionize_arrow
 
-        out = sessionize_arrow(events, cfg)
-        runaway = out.where(F.col("reason").isNotNull()).select(*_runaway_columns())
-        return out.where(F.col("reason").isNull()).select(*SESSION_COLUMNS), runaway
-    assigned = assign_sessions(events, cfg)
-    return build_sessions(assigned, cfg.min_events), runaway_sessions(assigned)
+        return sessionize_arrow(events, cfg)
+    return assign_sessions(events, cfg)
+
+
+def _split(base: DataFrame, cfg: SessionizeConfig) -> tuple[DataFrame, DataFrame]:
+    if cfg.engine == "arrow":
+        runaway = base.where(F.col("reason").isNotNull()).select(*_runaway_columns())
+        return base.where(F.col("reason").isNull()).select(*SESSION_COLUMNS), runaway
+    return build_sessions(base, cfg.min_events), runaway_sessions(base)
+
+
+def sessions_and_runaways(events: DataFrame, cfg: SessionizeConfig) -> tuple[DataFrame, DataFrame]:
+    """Clean events -> (sessions as SESSION_COLUMNS, runaway sessions), by ``cfg.engine``."""
+    return _split(_engine_base(events, cfg), cfg)
 
 
 def sessionize(events: DataFrame, cfg: SessionizeConfig | None = None, **overrides: object) -> DataFrame:
@@ -263,16 +273,9 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig) -> Sessioni
         if "window_start" not in events.columns:
             raise InputError(f"run {ctx.run_id}: its events were not ingested in incremental mode; ingest with --since/--until first")
         return _run_incremental(spark, ctx, cfg, events)
-    if cfg.engine == "arrow":
-        from seqclust.sessionize_arrow import sessionize_arrow
-
-        # sessions are ~10x fewer rows than events: keep them for the two writes
-        out = sessionize_arrow(events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
-        sessions = out.where(F.col("reason").isNull()).select(*SESSION_COLUMNS)
-        runaway = out.where(F.col("reason").isNotNull()).select(*_runaway_columns())
-    else:
-        out = assign_sessions(events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
-        sessions, runaway = build_sessions(out, cfg.min_events), runaway_sessions(out)
+    # computed once for the two writes (arrow: sessions, ~10x fewer rows than events)
+    out = _engine_base(events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+    sessions, runaway = _split(out, cfg)
     try:
         log.info("sessionize: %s engine, gap %.0f min", cfg.engine, cfg.gap_minutes)
         n_bot = ctx.store.write_run(runaway, ctx.tables.session_quarantine, ctx.run_id)
