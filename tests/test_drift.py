@@ -34,3 +34,18 @@ def test_segmentation_drift_relabelled_and_moved_users(spark):
     assert d.psi == pytest.approx(0.0, abs=1e-12) and d.js == pytest.approx(0.0, abs=1e-12)  # shares unchanged
     same = segmentation_drift(old, old, "same_model")
     assert (same.changed_share, same.psi) == (0.0, 0.0)
+
+
+def test_random_reference_changes_one_minus_sum_of_squared_shares(spark):
+    """Two independent random draws with shares p move 1 - sum(p^2) of the users (less a
+    little that overlap matching wins back): the floor of the drift table's random row."""
+    from seqclust.evaluate import random_assignment
+
+    shares = [0.5, 0.3, 0.2]
+    users = spark.range(20000).withColumnRenamed("id", "entity_id").cache()
+    a = random_assignment(users, shares, 1, "cluster_id").cache()
+    b = random_assignment(users, shares, 2, "cluster_id").cache()
+    d = segmentation_drift(a, b, "user_overlap")
+    assert d.users_compared == 20000
+    assert abs(d.changed_share - (1 - sum(p * p for p in shares))) < 0.02
+    assert d.psi < 0.01  # same shares by construction

@@ -222,10 +222,14 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
     assert assigned.count() == 40 and assigned.agg({"cluster_id": "max"}).first()[0] < k_model
     rec = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'assign-1'").first()
     assert rec["status"] == "succeeded" and rec["encoder_id"] == Path(art).name
-    drift = {
-        r["metric"]: (r["value"], r["details"])
-        for r in spark.read.format("delta").load(str(out / "metrics")).where("run_id = 'assign-1' AND family = 'drift'").collect()
-    }
+    drift_rows = spark.read.format("delta").load(str(out / "metrics")).where("run_id = 'assign-1' AND family = 'drift'").collect()
+    # the encoder's drift stands beside both references, each matched by user overlap
+    by_method = {(r["method"], r["metric"]): r for r in drift_rows}
+    for method in ("random", "bag_of_events"):
+        ref = by_method[(method, "users_changed_cluster")]
+        assert 0 <= ref["value"] <= 1 and '"alignment": "user_overlap"' in ref["details"]
+        assert by_method[(method, "users_compared")]["value"] == 40
+    drift = {r["metric"]: (r["value"], r["details"]) for r in drift_rows if r["method"] == "encoder"}
     assert '"previous_run": "e2e-1"' in drift["psi_cluster_shares"][1] and '"alignment": "same_model"' in drift["psi_cluster_shares"][1]
     assert drift["psi_cluster_shares"][0] >= 0 and 0 <= drift["js_cluster_shares"][0] <= 1
     assert drift["users_compared"][0] == 40  # the generator names users u0, u1, ... in both datasets

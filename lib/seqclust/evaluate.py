@@ -101,9 +101,23 @@ def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col
     return df.withColumn("_u", F.rand(seed)).withColumn(out_col, expr.cast("int")).drop("_u")
 
 
-def _drift_rows(spark: SparkSession, ctx: RunContext, cluster_cfg: ClusterConfig, k: int) -> list[dict[str, Any]]:
+def _drift_rows(
+    spark: SparkSession,
+    ctx: RunContext,
+    cluster_cfg: ClusterConfig,
+    k: int,
+    seed: int,
+    baseline: BaselineConfig | None = None,
+    boe_now: DataFrame | None = None,
+) -> list[dict[str, Any]]:
     """Drift against the model run (``cluster.model_run``) or else the latest earlier
-    succeeded run of the same input; [] when there is none."""
+    succeeded run of the same input; [] when there is none.
+
+    Beside the encoder's drift, two references: ``random`` (each run's users drawn at random
+    into clusters of that run's sizes, matched by user overlap: what "users changed segment"
+    reads when segments carry no information about users) and ``bag_of_events`` (each run's
+    sessions clustered on their event counts at that run's k, matched by user overlap).
+    """
     from seqclust.drift import segmentation_drift
 
     runs_t = ctx.tables.runs
@@ -139,30 +153,55 @@ def _drift_rows(spark: SparkSession, ctx: RunContext, cluster_cfg: ClusterConfig
         rows = ctx.store.read(spark, ctx.tables.centroids, rid).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
         return [r["centroid"] for r in rows]
 
-    old = clusters(prev_id)
-    if old.limit(1).count() == 0:
-        log.warning("evaluate: run %s has no clusters; drift skipped", prev_id)
-        return []
-    d = segmentation_drift(old, clusters(ctx.run_id), alignment, centroids(prev_id), centroids(ctx.run_id))
-    details = json.dumps({"previous_run": prev_id, "alignment": alignment, "matched": {str(a): b for a, b in d.matched.items()}})
-    log.info(
-        "evaluate: drift vs run %s (%s): PSI %.4f, JS %.4f, %.1f%% of %d shared users changed segment",
-        prev_id,
-        alignment,
-        d.psi,
-        d.js,
-        100 * d.changed_share,
-        d.users_compared,
-    )
-    return [
-        {"method": "encoder", "k": k, "family": "drift", "metric": m, "value": float(v), "details": details}
-        for m, v in (
-            ("psi_cluster_shares", d.psi),
-            ("js_cluster_shares", d.js),
-            ("users_changed_cluster", d.changed_share),
-            ("users_compared", d.users_compared),
+    old = clusters(prev_id).persist(StorageLevel.MEMORY_AND_DISK)
+    new = clusters(ctx.run_id).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        old_sizes = {r["cluster_id"]: r["count"] for r in old.groupBy("cluster_id").count().collect()}
+        if not old_sizes:
+            log.warning("evaluate: run %s has no clusters; drift skipped", prev_id)
+            return []
+        results = {"encoder": (segmentation_drift(old, new, alignment, centroids(prev_id), centroids(ctx.run_id)), alignment)}
+        new_sizes = {r["cluster_id"]: r["count"] for r in new.groupBy("cluster_id").count().collect()}
+
+        def shares(sizes: dict[int, int]) -> list[float]:
+            return [sizes[i] / sum(sizes.values()) for i in sorted(sizes)]
+
+        r_old = random_assignment(old.select("entity_id"), shares(old_sizes), seed, "cluster_id")
+        r_new = random_assignment(new.select("entity_id"), shares(new_sizes), seed + 1, "cluster_id")
+        results["random"] = (segmentation_drift(r_old, r_new, "user_overlap"), "user_overlap")
+        if baseline is not None and baseline.bag_of_events and boe_now is not None:
+            prev_sessions = ctx.store.read(spark, ctx.tables.sessions, prev_id).where("is_modelled")
+            if prev_sessions.limit(1).count():
+                vecs = bag_of_events(prev_sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim)
+                b_old = fit_kmeans(vecs, len(old_sizes), seed, cluster_cfg).transform(vecs).select("entity_id", "cluster_id")
+                b_new = boe_now.select("entity_id", "cluster_id")
+                results["bag_of_events"] = (segmentation_drift(b_old, b_new, "user_overlap"), "user_overlap")
+    finally:
+        old.unpersist()
+        new.unpersist()
+    rows: list[dict[str, Any]] = []
+    for method, (d, how) in results.items():
+        details = json.dumps({"previous_run": prev_id, "alignment": how, "matched": {str(a): b for a, b in d.matched.items()}})
+        log.info(
+            "evaluate: %s drift vs run %s (%s): PSI %.4f, JS %.4f, %.1f%% of %d shared users changed segment",
+            method,
+            prev_id,
+            how,
+            d.psi,
+            d.js,
+            100 * d.changed_share,
+            d.users_compared,
         )
-    ]
+        rows += [
+            {"method": method, "k": k, "family": "drift", "metric": m, "value": float(v), "details": details}
+            for m, v in (
+                ("psi_cluster_shares", d.psi),
+                ("js_cluster_shares", d.js),
+                ("users_changed_cluster", d.changed_share),
+                ("users_compared", d.users_compared),
+            )
+        ]
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,11 +366,10 @@ def run(
         finally:
             proxies.unpersist()
         families = ("internal", "external", "proxy")
-        drift_rows = _drift_rows(spark, ctx, cluster_cfg, k)
-        if drift_rows:
-            rows += drift_rows
-            for r in drift_rows:
-                results.setdefault("encoder", {})[r["metric"]] = r["value"]
+        drift_rows = _drift_rows(spark, ctx, cluster_cfg, k, seed, baseline, boe)
+        rows += drift_rows
+        for r in drift_rows:
+            results.setdefault(r["method"], {})[r["metric"]] = r["value"]
         families = (*families, "drift")
         if downstream is not None and downstream.downstream:
             from seqclust.downstream import evaluate_downstream

@@ -374,12 +374,14 @@ def format_summary(s: RunSummary) -> str:
         for n in names:
             vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in methods)
             lines.append(f"    {n:<24}{vals}")
-        enc = s.metrics.get("encoder", {})
-        if "psi_cluster_shares" in enc:
-            lines.append(
-                f"  drift vs the previous run: PSI {enc['psi_cluster_shares']:.4f}, JS {enc['js_cluster_shares']:.4f}, "
-                f"{100 * enc['users_changed_cluster']:.1f}% of {int(enc['users_compared'])} shared users changed segment"
-            )
+        drifted = [m for m in methods if "psi_cluster_shares" in s.metrics[m]]
+        if drifted:
+            n_cmp = int(s.metrics[drifted[0]]["users_compared"])
+            lines.append(f"  drift vs the previous run ({n_cmp} shared users)")
+            lines.append(" " * 28 + "".join(f"{m:>14}" for m in drifted))
+            for n in ("psi_cluster_shares", "js_cluster_shares", "users_changed_cluster"):
+                vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in drifted)
+                lines.append(f"    {n:<24}{vals}")
         down = sorted({m for x in methods for m in s.metrics[x] if "@" in m})
         if down:
             lines.append("  next-session recommendation (history only; segment lists from each method's segments)")
