@@ -5,12 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.seqclust-installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean airflow
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[local,dev]"
 	$(BIN)/seqclust warmup
 	touch $(STAMP)
 
@@ -23,13 +23,22 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check lib tests jobs bench
+	$(BIN)/ruff check lib tests jobs bench dags notebooks
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/sessionize.py
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/kmeans.py
+
+# Airflow in its own environment (its pins are not ours; the DAG file does not import seqclust):
+# tests/test_dags.py loads the DAGs with it. CI runs this before `make test`.
+AIRFLOW_VENV := .venv-airflow
+airflow: $(AIRFLOW_VENV)/.installed
+$(AIRFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet "apache-airflow>=2.10,<4" apache-airflow-providers-apache-spark apache-airflow-providers-databricks
+	touch $@
 
 clean:
 	rm -rf out build spark-warehouse .pytest_cache

@@ -10,9 +10,7 @@ VERSION = "0.1.0"
 # Pinned together: pyspark 4.2 pairs with delta-spark 4.4 (Maven Central serves
 # io.delta:delta-spark_4.2_2.13:4.4.0, the jar delta-spark 4.4.0 asks for), and
 # pyspark 4.2 warns on pandas 3.
-CORE = [
-    "pyspark==4.2.*",
-    "delta-spark==4.4.0",
+BASE = [
     "pandas>=2.2,<3",
     "pyarrow>=15",
     "numpy>=1.26",
@@ -20,9 +18,17 @@ CORE = [
     "matplotlib>=3.8",  # the HTML report's charts
     "PyYAML>=6",
 ]
+# Spark and TensorFlow are extras, not requirements: a Databricks (ML) runtime brings its own
+# pyspark, Delta and TensorFlow, and a wheel that pulled pip's copies would shadow them.
+# Everywhere else install seqclust[local].
+SPARK = ["pyspark==4.2.*", "delta-spark==4.4.0"]
 ML = ["tensorflow-cpu==2.21.*", "keras>=3.10,<4"]
+# MLflow tracking (tracking.mlflow: true); the skinny client has the local file store
+MLFLOW = ["mlflow-skinny>=2.16", "sqlalchemy>=2", "alembic>=1.13"]
+# A scheduler host that imports seqclust next to Airflow (the DAG file itself does not)
+AIRFLOW = ["apache-airflow>=2.10,<4", "apache-airflow-providers-apache-spark", "apache-airflow-providers-databricks"]
 # duckdb: the independent sessionizer in tests and bench/sessionize.py; hypothesis: property tests
-DEV = ["pytest>=8", "deltalake>=0.25", "ruff>=0.6", "duckdb>=1.1", "hypothesis>=6.100"]
+DEV = ["pytest>=8", "deltalake>=0.25", "ruff>=0.6", "duckdb>=1.1", "hypothesis>=6.100", "psutil>=5.9", *MLFLOW]
 
 setup(
     name="seqclust",
@@ -34,7 +40,7 @@ setup(
     package_dir={"": "lib"},
     packages=find_packages("lib"),
     package_data={"seqclust": ["presets/*.yaml"]},
-    install_requires=CORE + ML,
-    extras_require={"dev": DEV},
+    install_requires=BASE,
+    extras_require={"spark": SPARK, "ml": ML, "local": SPARK + ML, "mlflow": MLFLOW, "airflow": AIRFLOW, "dev": DEV},
     entry_points={"console_scripts": ["seqclust=seqclust.cli:main"]},
 )

@@ -12,6 +12,12 @@ Usage: ./spark-submit.sh [--master URL] [spark-submit options] <job> [job argume
                    cluster, evaluate, generate. `pipeline` takes the same arguments as
                    `seqclust run` (--input, --output, --run-id, --labels, --conf, --set ...).
   --master URL     local[*] (default), spark://host:port, yarn, k8s://... ; also $SPARK_MASTER
+  --env-archive F  ship a packed Python environment (a venv-pack .tar.gz with pyspark,
+                   pyarrow, TensorFlow ...) to the executors: --archives F#environment and
+                   executors run ./environment/bin/python (for workers without the packages)
+  --pack-env       build build/seqclust-env.tar.gz first (a fresh venv with seqclust[local]
+                   and venv-pack; reused while setup.py is unchanged), then ship it as above
+  --dry-run        print the spark-submit command instead of running it
   other options    passed to spark-submit as they are (e.g. --executor-memory 4g,
                    --conf spark.executor.cores=2); options take one value each.
 
@@ -24,9 +30,15 @@ USAGE
 
 MASTER="${SPARK_MASTER:-local[*]}"
 OPTS=()
+ENV_ARCHIVE=""
+PACK_ENV=0
+DRY_RUN=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --pack-env) PACK_ENV=1; shift ;;
+    --env-archive) [[ $# -ge 2 ]] || { echo "spark-submit.sh: --env-archive needs a file" >&2; exit 2; }; ENV_ARCHIVE="$2"; shift 2 ;;
     --master) [[ $# -ge 2 ]] || { echo "spark-submit.sh: --master needs a value" >&2; exit 2; }; MASTER="$2"; shift 2 ;;
     --master=*) MASTER="${1#--master=}"; shift ;;
     --*=*) OPTS+=("$1"); shift ;;
@@ -73,10 +85,29 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   fi
 done
 
-export PYSPARK_PYTHON="$PY"
+if [[ $PACK_ENV == 1 ]]; then
+  ENV_ARCHIVE="$HERE/build/seqclust-env.tar.gz"
+  if [[ ! -f "$ENV_ARCHIVE" || "$HERE/setup.py" -nt "$ENV_ARCHIVE" ]]; then
+    echo "spark-submit.sh: packing the Python environment into $ENV_ARCHIVE (a few minutes, once)" >&2
+    rm -rf "$HERE/build/pack-venv" "$ENV_ARCHIVE"
+    "$(command -v python3)" -m venv "$HERE/build/pack-venv"
+    "$HERE/build/pack-venv/bin/pip" install --quiet "$HERE[local]" venv-pack
+    "$HERE/build/pack-venv/bin/venv-pack" -q -p "$HERE/build/pack-venv" -o "$ENV_ARCHIVE"
+  fi
+fi
+ARCHIVE_OPTS=()
 export PYSPARK_DRIVER_PYTHON="$PY"
+if [[ -n "$ENV_ARCHIVE" ]]; then
+  [[ -f "$ENV_ARCHIVE" ]] || { echo "spark-submit.sh: --env-archive $ENV_ARCHIVE: no such file" >&2; exit 2; }
+  # executors unpack it as ./environment; the driver (client mode) keeps this interpreter
+  ARCHIVE_OPTS=(--archives "$ENV_ARCHIVE#environment" --conf spark.pyspark.python=./environment/bin/python
+                --conf spark.pyspark.driver.python="$PY")
+  export PYSPARK_PYTHON=./environment/bin/python
+else
+  export PYSPARK_PYTHON="$PY"
+fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-exec "$SUBMIT" \
+CMD=("$SUBMIT" \
   --master "$MASTER" \
   --name "seqclust-$JOB" \
   --py-files "$HERE/build/seqclust.zip" \
@@ -86,5 +117,11 @@ exec "$SUBMIT" \
   --conf spark.ui.showConsoleProgress=false \
   --conf spark.executorEnv.TF_CPP_MIN_LOG_LEVEL="$TF_CPP_MIN_LOG_LEVEL" \
   "${FILES[@]}" \
+  "${ARCHIVE_OPTS[@]}" \
   "${OPTS[@]}" \
-  "$HERE/jobs/$JOB.py" "$@"
+  "$HERE/jobs/$JOB.py" "$@")
+if [[ $DRY_RUN == 1 ]]; then
+  printf '%q ' "${CMD[@]}"; echo
+  exit 0
+fi
+exec "${CMD[@]}"

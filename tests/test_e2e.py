@@ -55,6 +55,8 @@ SMALL = [
     "encoder.hidden=32",
     "cluster.k_min=5",
     "cluster.k_max=8",
+    "cluster.stability_runs=2",
+    "evaluate.bootstrap=50",
     "spark.shuffle_partitions=2",
 ]
 

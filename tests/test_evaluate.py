@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from pyspark.sql import functions as F
 from sklearn import metrics as skm
 from sklearn.datasets import make_blobs
 
@@ -48,12 +49,42 @@ def test_internal_scores_match_sklearn(spark):
     assert got["inertia"] == pytest.approx(((X - centroids[labels]) ** 2).sum(), rel=1e-9)
 
 
-def test_random_assignment_keeps_the_size_distribution(spark):
-    df = spark.range(20000)
+def test_random_assignment_keeps_the_size_distribution_on_any_partitioning(spark):
+    df = spark.range(20000).select(F.col("id").cast("string").alias("entity_id"))
     counts = {r["random_id"]: r["count"] for r in random_assignment(df, [0.5, 0.3, 0.2], seed=1).groupBy("random_id").count().collect()}
     assert set(counts) == {0, 1, 2}
     assert counts[0] / 20000 == pytest.approx(0.5, abs=0.02)
     assert counts[2] / 20000 == pytest.approx(0.2, abs=0.02)
+
+    def assign(d):
+        return {r["entity_id"]: r["random_id"] for r in random_assignment(d, [0.5, 0.3, 0.2], seed=1).collect()}
+
+    assert assign(df.repartition(1)) == assign(df.repartition(7).orderBy(F.desc("entity_id")))
+    other_seed = {r["entity_id"]: r["random_id"] for r in random_assignment(df, [0.5, 0.3, 0.2], seed=2).collect()}
+    assert sum(other_seed[u] == c for u, c in assign(df).items()) < 0.5 * 20000  # seeds give independent draws
+
+
+def test_bag_of_events_vocabulary_and_vectors_do_not_depend_on_partitioning(spark):
+    from seqclust.baseline import _vocabulary, bag_of_events
+
+    rng = np.random.default_rng(1)
+    toks = [f"view:c{i}" for i in range(30)]
+    rows = [(f"u{i}", list(rng.choice(toks, 5))) for i in range(200)]
+    sessions = spark.createDataFrame(rows, "user_id string, tokens array<string>")
+    # ties in count are broken by token, so the cut at vocab_size is well defined
+    users = sessions.groupBy("user_id").agg(F.flatten(F.collect_list("tokens")).alias("tokens"))
+    vocab = _vocabulary(users, 12, 1)
+    counts = {}
+    for _, t in rows:
+        for x in t:
+            counts[x] = counts.get(x, 0) + 1
+    assert vocab == sorted(counts, key=lambda x: (-counts[x], x))[:12]
+
+    def vecs(d):
+        return {r["entity_id"]: np.array(r["emb"]) for r in bag_of_events(d, vocab_size=12, min_df=1, pca_dim=4).collect()}
+
+    a, b = vecs(sessions.repartition(1)), vecs(sessions.repartition(5).orderBy(F.rand(3)))
+    assert a.keys() == b.keys() and max(np.abs(a[u] - b[u]).max() for u in a) < 1e-9
 
 
 def test_bag_of_events_is_tfidf_l2_per_user(spark):

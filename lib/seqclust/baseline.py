@@ -9,7 +9,7 @@ number for the encoder always has this one beside it.
 from __future__ import annotations
 
 from pyspark.ml import Pipeline
-from pyspark.ml.feature import IDF, PCA, CountVectorizer, Normalizer
+from pyspark.ml.feature import IDF, PCA, CountVectorizerModel, Normalizer
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -24,9 +24,17 @@ def bag_of_events(sessions: DataFrame, vocab_size: int = 1000, min_df: int = 2, 
         min_df: a token must occur for at least this many users.
         pca_dim: reduce to this many dimensions with PCA (then L2-normalise again).
     """
-    users = sessions.groupBy("user_id").agg(F.flatten(F.collect_list("tokens")).alias("tokens"))
+    # hash-partitioned and sorted by user: PCA's sums and KMeans' seeded sampling then see the
+    # same rows in the same order wherever (and on however many executors) this runs
+    parts = int(sessions.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+    users = (
+        sessions.groupBy("user_id")
+        .agg(F.flatten(F.collect_list("tokens")).alias("tokens"))
+        .repartition(parts, "user_id")
+        .sortWithinPartitions("user_id")
+    )
     stages = [
-        CountVectorizer(inputCol="tokens", outputCol="tf", vocabSize=vocab_size, minDF=float(min_df)),
+        CountVectorizerModel.from_vocabulary(_vocabulary(users, vocab_size, min_df), inputCol="tokens", outputCol="tf"),
         IDF(inputCol="tf", outputCol="tfidf"),
         Normalizer(inputCol="tfidf", outputCol="features" if not pca_dim else "unreduced", p=2.0),
     ]
@@ -34,3 +42,20 @@ def bag_of_events(sessions: DataFrame, vocab_size: int = 1000, min_df: int = 2, 
         stages += [PCA(k=pca_dim, inputCol="unreduced", outputCol="pca"), Normalizer(inputCol="pca", outputCol="features", p=2.0)]
     out = Pipeline(stages=stages).fit(users).transform(users)
     return out.select(F.col("user_id").alias("entity_id"), "features", vector_to_array("features").alias("emb"))
+
+
+def _vocabulary(users: DataFrame, vocab_size: int, min_df: int) -> list[str]:
+    """The ``vocab_size`` most frequent tokens (total count; ties by token, so the vocabulary
+    does not depend on partitioning as CountVectorizer's does) used by >= ``min_df`` users."""
+    per_user = users.select("user_id", F.explode("tokens").alias("token")).groupBy("user_id", "token").count()
+    ranked = (
+        per_user.groupBy("token")
+        .agg(F.sum("count").alias("n"), F.count("*").alias("df"))
+        .where(F.col("df") >= min_df)
+        .orderBy(F.desc("n"), "token")
+        .limit(vocab_size)
+    )
+    vocab = [r["token"] for r in ranked.collect()]  # at most vocab_size tokens
+    if not vocab:
+        raise ValueError(f"bag of events: no token is used by {min_df} or more users")
+    return vocab

@@ -155,6 +155,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from seqclust.spark import get_spark
 
     spark = get_spark(cfg.spark)
+    ctx.store.check_schema(spark)
     if args.command == "assign":
         cfg = pipeline.with_model_run_encoder(spark, cfg)
     stages = pipeline.STAGES if args.command in ("run", "assign") else (args.command,)

@@ -95,6 +95,10 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
         .where(F.col("entity_type") == "user")
         .select("entity_id", F.col("embedding").alias("emb"))
         .withColumn("features", array_to_vector("emb"))
+        # rows in a fixed partition and order: KMeans' seeded k-means|| sampling and the
+        # stability subsamples then pick the same users on any cluster layout
+        .repartition(int(spark.conf.get("spark.sql.shuffle.partitions")), "entity_id")
+        .sortWithinPartitions("entity_id")
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
     try:

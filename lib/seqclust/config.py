@@ -288,10 +288,21 @@ class TablesConfig:
     centroids: str = "centroids"
     metrics: str = "metrics"
     runs: str = "runs"
+    # Set ``schema`` (and on Unity Catalog ``catalog``) to keep the tables in the metastore as
+    # <catalog>.<schema>.<name> instead of folders under run.output (Databricks).
+    catalog: str | None = None
+    schema: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            validate_identifier(getattr(self, f.name), f.name)
+            v = getattr(self, f.name)
+            if v is not None or f.name not in ("catalog", "schema"):
+                validate_identifier(v, f"tables.{f.name}")
+        _check(self.catalog is None or self.schema is not None, "tables.catalog", "needs tables.schema too")
+
+    def names(self) -> list[str]:
+        """The table names (without catalog and schema)."""
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("catalog", "schema")]
 
 
 @dataclass(frozen=True)
@@ -349,6 +360,20 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking of each run that evaluates: params, metrics with baselines, the encoder
+    artifact and the HTML report."""
+
+    mlflow: bool = False
+    # null: a SQLite store under <run.output>/_mlflow locally, the workspace's server on Databricks
+    tracking_uri: str | None = None
+    experiment: str = "seqclust"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment and self.experiment.strip()), "tracking.experiment", "must not be empty")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     run: RunConfig = field(default_factory=RunConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -363,6 +388,7 @@ class PipelineConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tables: TablesConfig = field(default_factory=TablesConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,13 @@ class Score:
     high: float
 
 
+def hash_uniform(*cols: str, seed: int) -> Column:
+    """A uniform draw in [0, 1) from a seeded 64-bit hash of ``cols``: a function of the row's
+    values, so it does not change with partitioning or row order (``rand`` does)."""
+    h = F.xxhash64(*[F.col(c) for c in cols], F.lit(seed)).bitwiseAND(F.lit(0x7FFFFFFFFFFFFFFF))
+    return h.cast("double") / float(2**63)
+
+
 def bootstrap_means(scores: DataFrame, columns: Sequence[str], seed: int, replicates: int = 200) -> dict[str, Score]:
     """Mean of each column over users with a 95% percentile bootstrap interval. Users are
     resampled with Poisson(1) weights drawn in Spark; only ``replicates`` rows of sums reach
@@ -131,7 +138,8 @@ def bootstrap_means(scores: DataFrame, columns: Sequence[str], seed: int, replic
         w = F.when(u < float(cdf[i]), F.lit(i)).otherwise(w)
     reps = (
         scores.crossJoin(F.broadcast(scores.sparkSession.range(replicates).withColumnRenamed("id", "_b")))
-        .withColumn("_u", F.rand(seed))
+        # a per-(user, replicate) hash, not rand(): the same weights on any partitioning
+        .withColumn("_u", hash_uniform("user_id", "_b", seed=seed) if "user_id" in scores.columns else F.rand(seed))
         .withColumn("_w", w.cast("double"))
         .groupBy("_b")
         .agg(F.sum("_w").alias("_sw"), *[F.sum(F.col(c) * F.col("_w")).alias(c) for c in columns])
@@ -180,7 +188,7 @@ def evaluate_downstream(
         if n_users == 0:
             log.warning("downstream: no user has two sessions; skipped")
             return []
-        rnd = random_assignment(enc.select("user_id"), random_shares, seed, out_col="cluster_id")
+        rnd = random_assignment(enc.select("user_id"), random_shares, seed, out_col="cluster_id", key="user_id")
         methods = [("encoder", enc), ("random", rnd)]
         if baseline_assign is not None:
             boe = baseline_assign(history).persist(StorageLevel.MEMORY_AND_DISK)

@@ -91,14 +91,18 @@ def internal_scores(df: DataFrame, emb_col: str = "emb", cluster_col: str = "clu
     }
 
 
-def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col: str = "random_id") -> DataFrame:
-    """Assign each row a random cluster with the given share distribution (the random baseline)."""
-    u = F.col("_u")  # one draw per row: CASE WHEN on rand() itself would draw per branch
+def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col: str = "random_id", key: str = "entity_id") -> DataFrame:
+    """Assign each row a random cluster with the given share distribution (the random baseline).
+    The draw is a seeded hash of the ``key`` column: the same users land in the same clusters on any
+    partitioning."""
+    from seqclust.downstream import hash_uniform
+
+    u = F.col("_u")  # one draw per row: CASE WHEN on the draw itself would draw per branch
     cum = np.cumsum(np.asarray(shares, dtype=np.float64) / np.sum(shares))
     expr = F.lit(len(cum) - 1)
     for i in range(len(cum) - 2, -1, -1):
         expr = F.when(u < float(cum[i]), F.lit(i)).otherwise(expr)
-    return df.withColumn("_u", F.rand(seed)).withColumn(out_col, expr.cast("int")).drop("_u")
+    return df.withColumn("_u", hash_uniform(key, seed=seed)).withColumn(out_col, expr.cast("int")).drop("_u")
 
 
 def _drift_rows(

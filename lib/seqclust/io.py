@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust.config import SourceConfig, validate_identifier, validate_run_id
-from seqclust.errors import InputError, SeqclustError
+from seqclust.errors import ConfigError, InputError, SeqclustError
 
 log = logging.getLogger(__name__)
 
@@ -168,20 +168,53 @@ def _required_columns(cfg: SourceConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class TableStore:
-    """Delta tables under a path root, one folder per table, partitioned by ``run_id``.
+    """Delta tables, partitioned by ``run_id``: folders under a path root, or (``schema`` set)
+    tables in the metastore named ``[catalog.]schema.name`` (Unity Catalog on Databricks).
 
     Partitioning by run id makes a rerun's ``replaceWhere`` touch only that run's files and
     keeps runs from colliding; it is never by user id (high cardinality, tiny files).
     """
 
     root: str
+    catalog: str | None = None
+    schema: str | None = None
+
+    @property
+    def in_metastore(self) -> bool:
+        return self.schema is not None
 
     def path(self, name: str) -> str:
+        """Where table ``name`` lives: its folder, or its metastore name."""
         validate_identifier(name, "table name")
+        if self.in_metastore:
+            return ".".join(p for p in (self.catalog, self.schema, name) if p)
         return str(Path(self.root) / name) if "://" not in self.root else f"{self.root.rstrip('/')}/{name}"
+
+    @staticmethod
+    def _spark() -> SparkSession:
+        spark = SparkSession.getActiveSession()
+        assert spark is not None, "no active Spark session"
+        return spark
+
+    def _delta(self, spark: SparkSession, name: str):  # -> delta.tables.DeltaTable
+        from delta.tables import DeltaTable
+
+        if self.in_metastore:
+            return DeltaTable.forName(spark, self.path(name))
+        return DeltaTable.forPath(spark, self.path(name))
+
+    def check_schema(self, spark: SparkSession) -> None:
+        """Metastore mode: fail early, with the name, when the schema does not exist."""
+        if not self.in_metastore:
+            return
+        db = ".".join(p for p in (self.catalog, self.schema) if p)
+        if not spark.catalog.databaseExists(db):
+            raise ConfigError(f"tables.schema: schema {db} does not exist; create it (CREATE SCHEMA {db}) or fix tables.catalog/schema")
 
     def exists(self, name: str) -> bool:
         p = self.path(name)
+        if self.in_metastore:
+            return self._spark().catalog.tableExists(p)
         if "://" in p and not p.startswith("file:"):
             return True
         log_dir = Path(p.removeprefix("file:")) / "_delta_log"
@@ -215,14 +248,17 @@ class TableStore:
         log.info("table %s: writing run %s", name, run_id)
         try:
             # mergeSchema: a newer version may add columns to a table written by an older one
-            (
+            writer = (
                 df.write.format("delta")
                 .mode("overwrite")
                 .option("replaceWhere", predicate)
                 .option("mergeSchema", "true")
                 .partitionBy(*partition_by)
-                .save(path)
             )
+            if self.in_metastore:
+                writer.saveAsTable(path)
+            else:
+                writer.save(path)
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
             line = spark_error_line(e)
             full = f"{line} {e}"
@@ -249,8 +285,6 @@ class TableStore:
     def merge_insert(self, df: DataFrame, name: str, run_id: str, target_key: str, source_key: str) -> int:
         """MERGE ``df`` into ``run_id``'s rows of table ``name``, inserting only rows whose key
         is not there yet (keys are SQL expressions from code); return the rows inserted."""
-        from delta.tables import DeltaTable
-
         validate_run_id(run_id)
         spark = df.sparkSession
         before = self._version(name)
@@ -258,7 +292,7 @@ class TableStore:
         src = df.withColumn("run_id", F.lit(run_id))
         try:
             (
-                DeltaTable.forPath(spark, self.path(name))
+                self._delta(spark, name)
                 .alias("t")
                 .merge(src.alias("s"), f"t.run_id = '{run_id}' AND {target_key} = {source_key}")
                 .whenNotMatchedInsertAll()
@@ -274,8 +308,6 @@ class TableStore:
         """One atomic MERGE into ``run_id``'s rows of ``name``: rows of ``new`` replace or join
         the rows with the same ``key``; rows keyed in ``stale_keys`` and absent from ``new`` are
         deleted. Returns (rows inserted or updated, rows deleted). Creates the table if needed."""
-        from delta.tables import DeltaTable
-
         validate_run_id(run_id)
         if not self.exists(name):
             return self.write_run(new, name, run_id), 0
@@ -290,7 +322,7 @@ class TableStore:
         log.info("table %s: merging recomputed rows into run %s", name, run_id)
         try:
             (
-                DeltaTable.forPath(spark, self.path(name))
+                self._delta(spark, name)
                 .alias("t")
                 .merge(src.alias("s"), f"t.run_id = '{run_id}' AND t.`{key}` = s.`{key}`")
                 .whenMatchedDelete(condition="s._op = 'delete'")
@@ -308,12 +340,8 @@ class TableStore:
 
     def _merge_metrics(self, name: str, before: int) -> dict[str, str]:
         """The operation metrics of the newest MERGE commit after version ``before``."""
-        from delta.tables import DeltaTable
-
-        spark = SparkSession.getActiveSession()
-        assert spark is not None
         row = (
-            DeltaTable.forPath(spark, self.path(name))
+            self._delta(self._spark(), name)
             .history()
             .where((F.col("version") > before) & (F.col("operation") == "MERGE"))
             .orderBy(F.desc("version"))
@@ -325,23 +353,15 @@ class TableStore:
     def _version(self, name: str) -> int:
         if not self.exists(name):
             return -1
-        from delta.tables import DeltaTable
-
-        spark = SparkSession.getActiveSession()
-        assert spark is not None
-        row = DeltaTable.forPath(spark, self.path(name)).history(1).select("version").first()
+        row = self._delta(self._spark(), name).history(1).select("version").first()
         return int(row["version"]) if row else -1
 
     def _rows_written(self, name: str, before: int, predicate: str) -> int:
         """Rows added by our commit after version ``before``: found by its predicate, so a
         concurrent writer's commit is not mistaken for ours. 0 when Delta made no commit (an
         empty write into a partition that did not exist changes nothing)."""
-        from delta.tables import DeltaTable
-
-        spark = SparkSession.getActiveSession()
-        assert spark is not None
         ours = (
-            DeltaTable.forPath(spark, self.path(name))
+            self._delta(self._spark(), name)
             .history()
             .where(F.col("version") > before)
             .where(F.col("operationParameters")["predicate"] == predicate)
@@ -358,7 +378,7 @@ class TableStore:
         if not self.exists(name):
             raise InputError(f"table {name} not found at {path}; run the stage that writes it first")
         try:
-            df = spark.read.format("delta").load(path)
+            df = spark.read.table(path) if self.in_metastore else spark.read.format("delta").load(path)
         except AnalysisException as e:
             raise InputError(f"table {name} at {path}: unreadable Delta table ({str(e).splitlines()[0][:200]})") from None
         if run_id is not None:

@@ -6,6 +6,7 @@ can also run alone (``seqclust <stage> --run-id ...``, a Databricks task, an Air
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -66,6 +67,8 @@ RUNS_SCHEMA = T.StructType(
         T.StructField("k", T.IntegerType()),
         T.StructField("stage_seconds", T.MapType(T.StringType(), T.DoubleType())),
         T.StructField("stages_completed", T.ArrayType(T.StringType())),
+        T.StructField("report_path", T.StringType()),
+        T.StructField("mlflow_run_id", T.StringType()),
     ]
 )
 
@@ -111,6 +114,8 @@ class RunRecord:
     k: int | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stages_completed: list[str] = field(default_factory=list)
+    report_path: str | None = None
+    mlflow_run_id: str | None = None
 
     def row(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in RUNS_SCHEMA.fields)
@@ -132,8 +137,10 @@ def load_record(spark: SparkSession, ctx: RunContext) -> RunRecord | None:
 
 
 def table_store(cfg: PipelineConfig) -> TableStore:
-    """The Delta tables under ``run.output`` (a local folder made absolute, or a URI)."""
-    return TableStore(str(Path(cfg.run.output).absolute()) if "://" not in cfg.run.output else cfg.run.output)
+    """The Delta tables under ``run.output`` (a local folder made absolute, or a URI), or in the
+    metastore when ``tables.schema`` is set (artifacts stay under ``run.output``)."""
+    root = str(Path(cfg.run.output).absolute()) if "://" not in cfg.run.output else cfg.run.output
+    return TableStore(root, cfg.tables.catalog, cfg.tables.schema)
 
 
 def make_context(
@@ -293,24 +300,57 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
         from seqclust.report import write_report
 
         report = write_report(spark, ctx)
-    table_rows = {}
-    for name in (
-        "quarantine",
-        "events",
-        "sessions",
-        "session_quarantine",
-        "embeddings",
-        "clusters",
-        "cluster_profiles",
-        "centroids",
-        "metrics",
-        "runs",
-    ):
-        tname = getattr(ctx.tables, name)
-        if ctx.store.exists(tname):
-            table_rows[tname] = ctx.store.read(spark, tname, ctx.run_id).count()
+        rec.report_path = str(report)
+        if cfg.tracking.mlflow:
+            rec.mlflow_run_id = _track(cfg, ctx, rec, spark)
+        save_record(spark, ctx, rec)
+    table_rows = _run_row_counts(spark, ctx)
     metrics = state.get("metrics") or _read_metrics(spark, ctx)
     return RunSummary(ctx.run_id, rec, table_rows, metrics, ctx.store.root, time.perf_counter() - t_run, state.get("k_choice"), report)
+
+
+def _run_row_counts(spark: SparkSession, ctx: RunContext) -> dict[str, int]:
+    """Rows of this run in every table, counted in one Spark job (a union of per-table counts)."""
+    names = [
+        getattr(ctx.tables, n)
+        for n in (
+            "quarantine",
+            "events",
+            "sessions",
+            "session_quarantine",
+            "embeddings",
+            "clusters",
+            "cluster_profiles",
+            "centroids",
+            "metrics",
+            "runs",
+        )
+    ]
+    names = [t for t in names if ctx.store.exists(t)]
+    if not names:
+        return {}
+    parts = [ctx.store.read(spark, t, ctx.run_id).select(F.lit(t).alias("table")) for t in names]
+    union = parts[0]
+    for p in parts[1:]:
+        union = union.unionByName(p)
+    got = {r["table"]: r["count"] for r in union.groupBy("table").count().collect()}
+    return {t: int(got.get(t, 0)) for t in names}
+
+
+def _track(cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, spark: SparkSession) -> str:
+    """Log the run to MLflow (its tables are committed already; a failure here fails the run's
+    command with a clear error but leaves the tables and the run record as they are)."""
+    from seqclust.tracking import log_run
+
+    rows = [r.asDict() for r in ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).collect()]  # a few hundred rows
+    try:
+        return log_run(cfg, ctx.run_id, dataclasses.asdict(rec), rows, rec.encoder_path, rec.report_path)
+    except SeqclustError:
+        raise
+    except Exception as e:
+        raise SeqclustError(
+            f"tracking: MLflow logging of run {ctx.run_id} failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+        ) from e
 
 
 def _read_metrics(spark: SparkSession, ctx: RunContext) -> dict[str, dict[str, float]]:
@@ -344,6 +384,8 @@ def format_summary(s: RunSummary) -> str:
         lines.append(f"  encoder: {rec.encoder_id} ({rec.encoder_path})")
     if s.report:
         lines.append(f"  report: {s.report}")
+    if rec.mlflow_run_id:
+        lines.append(f"  mlflow: run {rec.mlflow_run_id}")
     if s.k_choice:
         kc = s.k_choice
         stab = f", stability {kc['stability']:.3f} [{kc['stability_low']:.3f}, {kc['stability_high']:.3f}]" if "stability" in kc else ""
