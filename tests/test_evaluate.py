@@ -167,3 +167,23 @@ def test_proxy_labels(spark):
     got = {r["entity_id"]: (r["buyer"], r["dominant_category"]) for r in proxy_labels(sessions).collect()}
     # u1: a x2, b x2 -> tie to the smaller name; u2: c/d tie -> c
     assert got == {"u1": ("buyer", "a"), "u2": ("non_buyer", "c")}
+
+
+def test_k_sweep_on_a_user_sample_then_the_chosen_k_fitted_on_all(spark):
+    from pyspark.ml.functions import array_to_vector
+
+    from seqclust.cluster import sweep_and_fit
+    from seqclust.config import ClusterConfig
+
+    X, _ = make_blobs(n_samples=900, centers=3, n_features=4, cluster_std=0.4, random_state=2)
+    df = spark.createDataFrame([(f"u{i}", x.tolist()) for i, x in enumerate(X)], "entity_id string, emb array<double>")
+    users = df.withColumn("features", array_to_vector("emb")).cache()
+    cfg = ClusterConfig(stability_runs=1, max_iter=20, sweep_sample=300)
+    k, model, sweep, rule = sweep_and_fit(users, 900, [2, 3, 4], 1, cfg)
+    assert k == 3 and "refitted on all 900" in rule
+    n_sweep = sweep[0]["sweep_users"]
+    assert 240 < n_sweep < 360 and all(r["sweep_users"] == n_sweep for r in sweep)
+    assert sum(model.summary.clusterSizes) == 900  # the chosen k's model saw every user
+    # without a sample limit the sweep sees everyone and picks the same k
+    k_all, _, sweep_all, rule_all = sweep_and_fit(users, 900, [2, 3, 4], 1, ClusterConfig(stability_runs=1, max_iter=20, sweep_sample=None))
+    assert k_all == 3 and sweep_all[0]["sweep_users"] == 900 and "sampled" not in rule_all

@@ -80,6 +80,45 @@ def choose_k(sweep: list[dict[str, float]], selection: str, tolerance: float) ->
     return int(pick["k"]), f"most stable k with silhouette within {tolerance:.0%} of the best ({best['silhouette']:.4f} at k={best['k']})"
 
 
+def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: ClusterConfig):
+    """Fit every k of ``ks`` (on a hash sample of ``cfg.sweep_sample`` users when there are
+    more), choose k by the documented rule, and return ``(k, model, sweep, rule)`` with the
+    chosen k's model fitted on all ``users``."""
+    sample, n_sweep = users, n
+    if len(ks) > 1 and cfg.sweep_sample is not None and n > cfg.sweep_sample:
+        from seqclust.downstream import hash_uniform
+
+        sample = users.where(hash_uniform("entity_id", seed=seed) < cfg.sweep_sample / n).persist(StorageLevel.MEMORY_AND_DISK)
+        n_sweep = sample.count()
+        log.info("cluster: k sweep on a sample of %d of %d users (cluster.sweep_sample)", n_sweep, n)
+    sweep, models = [], {}
+    for k in ks:
+        model = fit_kmeans(sample, k, seed, cfg)
+        pred = model.transform(sample)
+        row = {"k": k, "silhouette": silhouette(pred), "inertia": float(model.summary.trainingCost)}
+        if cfg.stability_runs > 0:
+            runs = stability(sample, pred.select("entity_id", "cluster_id"), k, seed, cfg)
+            row["stability"], row["stability_low"], row["stability_high"] = bootstrap_ci(runs, seed=seed)
+        sweep.append(row)
+        models[k] = model
+        log.info(
+            "cluster: k=%d silhouette %.4f inertia %.2f%s",
+            k,
+            row["silhouette"],
+            row["inertia"],
+            f" stability {row['stability']:.3f} [{row['stability_low']:.3f}, {row['stability_high']:.3f}]" if "stability" in row else "",
+        )
+    k, rule = choose_k(sweep, cfg.selection, cfg.silhouette_tolerance)
+    model = models[k]
+    if sample is not users:
+        sample.unpersist()
+        rule += f"; chosen on {n_sweep} sampled users, refitted on all {n}"
+        model = fit_kmeans(users, k, seed, cfg)
+    for row in sweep:
+        row["sweep_users"] = n_sweep
+    return k, model, sweep, rule
+
+
 @dataclass(frozen=True)
 class ClusterResult:
     k: int
@@ -121,27 +160,8 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
             raise ConfigError(f"cluster.k: {cfg.k} is not below the number of users ({n})")
         if not ks:
             raise InputError(f"only {n} users: too few to cluster (need at least {cfg.k_min + 1})")
-        sweep, models = [], {}
-        for k in ks:
-            model = fit_kmeans(users, k, seed, cfg)
-            pred = model.transform(users)
-            row = {"k": k, "silhouette": silhouette(pred), "inertia": float(model.summary.trainingCost)}
-            if cfg.stability_runs > 0:
-                runs = stability(users, pred.select("entity_id", "cluster_id"), k, seed, cfg)
-                row["stability"], row["stability_low"], row["stability_high"] = bootstrap_ci(runs, seed=seed)
-            sweep.append(row)
-            models[k] = model
-            log.info(
-                "cluster: k=%d silhouette %.4f inertia %.2f%s",
-                k,
-                row["silhouette"],
-                row["inertia"],
-                f" stability {row['stability']:.3f} [{row['stability_low']:.3f}, {row['stability_high']:.3f}]"
-                if "stability" in row
-                else "",
-            )
-        k, rule = choose_k(sweep, cfg.selection, cfg.silhouette_tolerance)
-        return _finish(spark, ctx, users, models[k], k, n, sweep, rule)
+        k, model, sweep, rule = sweep_and_fit(users, n, ks, seed, cfg)
+        return _finish(spark, ctx, users, model, k, n, sweep, rule)
     finally:
         users.unpersist()
 
@@ -188,7 +208,7 @@ def _finish(
             "ci_low": r.get(f"{m}_low"),
             "ci_high": r.get(f"{m}_high"),
             "family": "sweep",
-            "details": json.dumps({"chosen": r["k"] == k, "rule": rule}),
+            "details": json.dumps({"chosen": r["k"] == k, "rule": rule, "users": r.get("sweep_users")}),
         }
         for r in sweep
         for m in ("silhouette", "inertia", "stability")

@@ -231,6 +231,9 @@ class ClusterConfig:
     silhouette_tolerance: float = 0.1
     stability_runs: int = 3  # refits on subsamples per k (ARI vs the full fit)
     stability_fraction: float = 0.8
+    # choose k on a seeded hash sample of at most this many users (null: all), then fit the
+    # chosen k on every user: the sweep's cost stops growing with the data
+    sweep_sample: int | None = 50000
     # assign users to the segments of an earlier run (its saved KMeans) instead of fitting
     model_run: str | None = None
 
@@ -244,6 +247,7 @@ class ClusterConfig:
         _check(self.k_min >= 2, "k_min", "must be >= 2")
         _check(self.k_max >= self.k_min, "k_max", "must be >= k_min")
         _check(self.max_iter >= 1, "max_iter", "must be >= 1")
+        _check(self.sweep_sample is None or self.sweep_sample >= 100, "sweep_sample", "must be >= 100 or null")
 
 
 @dataclass(frozen=True)

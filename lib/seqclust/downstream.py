@@ -125,29 +125,37 @@ def hash_uniform(*cols: str, seed: int) -> Column:
     return h.cast("double") / float(2**63)
 
 
-def bootstrap_means(scores: DataFrame, columns: Sequence[str], seed: int, replicates: int = 200) -> dict[str, Score]:
-    """Mean of each column over users with a 95% percentile bootstrap interval. Users are
-    resampled with Poisson(1) weights drawn in Spark; only ``replicates`` rows of sums reach
-    the driver."""
+BOOTSTRAP_BUCKETS = 1024
+
+
+def bootstrap_means(
+    scores: DataFrame, columns: Sequence[str], seed: int, replicates: int = 200, key: str = "user_id", buckets: int = BOOTSTRAP_BUCKETS
+) -> dict[str, Score]:
+    """Mean of each column over users with a 95% percentile bootstrap interval.
+
+    Users are spread over ``buckets`` groups by a seeded hash of ``key``; Spark reduces each
+    group to its count and sums (one pass, at most ``buckets`` rows reach the driver), and the
+    replicates resample the groups with Poisson(1) weights in numpy. Random groups of users are
+    exchangeable, so this is the users' bootstrap of the mean (exactly so when there are fewer
+    users than buckets, the variance estimate within ~sqrt(2/buckets) otherwise) without a
+    users x replicates cross join. Same result on any partitioning.
+    """
     means = scores.agg(*[F.avg(c).alias(c) for c in columns]).first()
-    u = F.col("_u")
-    # Poisson(1) by inverse CDF
-    cdf = np.cumsum([math.exp(-1) / math.factorial(i) for i in range(8)])
-    w = F.lit(len(cdf))
-    for i in range(len(cdf) - 1, -1, -1):
-        w = F.when(u < float(cdf[i]), F.lit(i)).otherwise(w)
-    reps = (
-        scores.crossJoin(F.broadcast(scores.sparkSession.range(replicates).withColumnRenamed("id", "_b")))
-        # a per-(user, replicate) hash, not rand(): the same weights on any partitioning
-        .withColumn("_u", hash_uniform("user_id", "_b", seed=seed) if "user_id" in scores.columns else F.rand(seed))
-        .withColumn("_w", w.cast("double"))
-        .groupBy("_b")
-        .agg(F.sum("_w").alias("_sw"), *[F.sum(F.col(c) * F.col("_w")).alias(c) for c in columns])
+    groups = (
+        scores.withColumn("_g", (hash_uniform(key, seed=seed) * buckets).cast("int"))
+        .groupBy("_g")
+        .agg(F.count("*").alias("_n"), *[F.sum(c).alias(c) for c in columns])
+        .orderBy("_g")
         .collect()
     )
+    n = np.array([r["_n"] for r in groups], dtype=np.float64)
+    w = np.random.default_rng(seed).poisson(1.0, size=(replicates, len(groups))).astype(np.float64)
+    wn = w @ n
+    ok = wn > 0
     out = {}
     for c in columns:
-        vals = np.array([r[c] / r["_sw"] for r in reps if r["_sw"] > 0])
+        sums = np.array([r[c] or 0.0 for r in groups], dtype=np.float64)
+        vals = (w @ sums)[ok] / wn[ok]
         lo, hi = np.percentile(vals, [2.5, 97.5]) if len(vals) else (float("nan"), float("nan"))
         out[c] = Score(float(means[c]), float(lo), float(hi))
     return out
