@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/seqclust run --conf conf/local.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check lib tests jobs bench dags notebooks

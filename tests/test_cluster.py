@@ -20,8 +20,10 @@ from seqclust.datagen import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
-# small on purpose (the suite's time budget): every stage runs, the k sweep with a stability
-# refit and the next-session evaluation are exercised on the cluster too
+# small on purpose (the suite's time budget): every stage runs, with the k sweep and a
+# stability refit, the bag-of-events and random baselines, labels and proxies; the
+# next-session evaluation is left to the other tests (its bootstrap is partition-independent
+# by construction, tested in test_downstream)
 SETTINGS = [
     "encoder.epochs=3",
     "encoder.embedding_dim=16",
@@ -29,7 +31,7 @@ SETTINGS = [
     "cluster.k_min=3",
     "cluster.k_max=4",
     "cluster.stability_runs=1",
-    "evaluate.bootstrap=10",
+    "evaluate.downstream=false",
     "spark.shuffle_partitions=2",
 ]
 TABLES = ("events", "quarantine", "sessions", "session_quarantine", "embeddings", "clusters", "centroids", "cluster_profiles", "metrics")

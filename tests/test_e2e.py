@@ -193,12 +193,17 @@ def test_bad_set_key_exits_with_one_line(tmp_path, capsys):
     assert code == 2 and err == ["seqclust: error: cluster.kk: unknown config key (--set)"]
 
 
-def test_k_larger_than_users_is_a_clear_error(spark, data, tmp_path, capsys):
-    args = _args(data, tmp_path / "o", "bigk", labels=False) + ["--set", "cluster.k=5000"]
+def test_k_larger_than_users_is_a_clear_error(spark, e2e_out, tmp_path, capsys):
+    """The cluster stage alone (as a scheduler task) on a copy of e2e-1's tables."""
+    import shutil
+
+    out = tmp_path / "o"
+    shutil.copytree(e2e_out[0], out)
+    args = ["cluster", "--run-id", "e2e-1", "--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out), "--set", "cluster.k=5000"]
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "cluster.k: 5000 is not below the number of users (350)" in err[-1]
-    runs = spark.read.format("delta").load(str(tmp_path / "o" / "runs")).first()
+    runs = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'e2e-1'").first()
     assert runs["status"] == "failed" and runs["error"].startswith("cluster:")
 
 

@@ -82,7 +82,7 @@ def test_incremental_runs_through_delta_merge_equal_a_full_run(spark, tmp_path, 
     from seqclust.datagen import write_dataset
 
     data = tmp_path / "gen"
-    write_dataset(data, users=120, seed=4, bad_rate=0.01)
+    write_dataset(data, users=70, seed=4, bad_rate=0.01)
     ts = spark.read.parquet(str(data / "events")).where("ts IS NOT NULL").agg(F.percentile_approx("ts", 0.5).alias("m")).first()["m"]
     split = ts.replace(tzinfo=dt.timezone.utc).isoformat()
     out = tmp_path / "out"
