@@ -41,10 +41,10 @@ RUN_ID = "{{ ds }}"
 DEFAULT_ARGS = {"owner": "seqclust", "retries": 1, "retry_delay": timedelta(minutes=5)}
 
 
-def stage_args(stage: str) -> list[str]:
+def stage_args(stage: str, conf: str = CONF, input_: str = INPUT, output: str = OUTPUT) -> list[str]:
     """The job arguments of one stage (the same for spark-submit.sh and the wheel's entry point)."""
-    args = ["--run-id", RUN_ID, "--conf", CONF, "--output", OUTPUT]
-    return args + (["--input", INPUT] if stage == "ingest" else [])
+    args = ["--run-id", RUN_ID, "--conf", conf, "--output", output]
+    return args + (["--input", input_] if stage == "ingest" else [])
 
 
 with DAG(
@@ -81,8 +81,7 @@ DBX_OUTPUT = os.environ.get("SEQCLUST_DATABRICKS_OUTPUT", "/Volumes/main/seqclus
 def databricks_tasks() -> list[dict]:
     tasks = []
     for i, stage in enumerate(STAGES):
-        params = [stage, "--run-id", RUN_ID, "--conf", DBX_CONF, "--output", DBX_OUTPUT]
-        params += ["--input", DBX_INPUT] if stage == "ingest" else []
+        params = [stage, *stage_args(stage, DBX_CONF, DBX_INPUT, DBX_OUTPUT)]
         task = {
             "task_key": stage,
             "job_cluster_key": "seqclust",

@@ -17,7 +17,7 @@ from pyspark.sql import types as T
 from seqclust.config import ClusterConfig, validate_run_id
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError
-from seqclust.metrics import bootstrap_ci, contingency, external_scores
+from seqclust.metrics import bootstrap_ci, contingency, external_scores, hash_uniform
 from seqclust.profiles import cluster_profiles
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,6 @@ def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: Clust
     chosen k's model fitted on all ``users``."""
     sample, n_sweep = users, n
     if len(ks) > 1 and cfg.sweep_sample is not None and n > cfg.sweep_sample:
-        from seqclust.downstream import hash_uniform
-
         sample = users.where(hash_uniform("entity_id", seed=seed) < cfg.sweep_sample / n).persist(StorageLevel.MEMORY_AND_DISK)
         n_sweep = sample.count()
         log.info("cluster: k sweep on a sample of %d of %d users (cluster.sweep_sample)", n_sweep, n)

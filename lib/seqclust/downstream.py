@@ -6,7 +6,7 @@ mean-pooled and L2-normalised, assigned to the nearest centroid of the run's KMe
 every popularity list is counted on history sessions only. Each strategy ranks N
 categories (or items) for the user; the target session's distinct values are the relevant
 set. Exact HitRate@N and NDCG@N (binary relevance, no sampled negatives), averaged over
-users, with percentile bootstrap CIs (users resampled with Poisson(1) weights, in Spark).
+users, with percentile bootstrap CIs (users resampled in 1024 hash buckets, see ``bootstrap_means``).
 The segment baselines are the random segmentation (same sizes) and the bag-of-events
 clustering refitted on history only.
 
@@ -30,8 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
+
+from seqclust.metrics import hash_uniform
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +118,6 @@ class Score:
     value: float
     low: float
     high: float
-
-
-def hash_uniform(*cols: str, seed: int) -> Column:
-    """A uniform draw in [0, 1) from a seeded 64-bit hash of ``cols``: a function of the row's
-    values, so it does not change with partitioning or row order (``rand`` does)."""
-    h = F.xxhash64(*[F.col(c) for c in cols], F.lit(seed)).bitwiseAND(F.lit(0x7FFFFFFFFFFFFFFF))
-    return h.cast("double") / float(2**63)
 
 
 BOOTSTRAP_BUCKETS = 1024

@@ -27,7 +27,7 @@ from seqclust.cluster import fit_kmeans, silhouette
 from seqclust.config import BaselineConfig, ClusterConfig, EvaluateConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
-from seqclust.metrics import contingency, external_scores
+from seqclust.metrics import contingency, external_scores, hash_uniform
 from seqclust.privacy import pseudonym
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,7 @@ def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col
     """Assign each row a random cluster with the given share distribution (the random baseline).
     The draw is a seeded hash of the ``key`` column: the same users land in the same clusters on any
     partitioning."""
-    from seqclust.downstream import hash_uniform
-
-    u = F.col("_u")  # one draw per row: CASE WHEN on the draw itself would draw per branch
+    u = F.col("_u")  # hashed once per row, not once per CASE WHEN branch
     cum = np.cumsum(np.asarray(shares, dtype=np.float64) / np.sum(shares))
     expr = F.lit(len(cum) - 1)
     for i in range(len(cum) - 2, -1, -1):

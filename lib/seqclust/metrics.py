@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
 
 
 def contingency(df: DataFrame, label_col: str, cluster_col: str) -> np.ndarray:
@@ -76,3 +77,11 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, n_boot: int = 2000, lev
     means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
     a = (1 - level) / 2
     return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def hash_uniform(*cols: str, seed: int) -> Column:
+    """A uniform draw in [0, 1) from a seeded 64-bit hash of ``cols``: a function of the row's
+    values, so it does not change with partitioning or row order (``rand`` does). The random
+    baseline, the bootstrap buckets and the k-sweep sample all draw with it."""
+    h = F.xxhash64(*[F.col(c) for c in cols], F.lit(seed)).bitwiseAND(F.lit(0x7FFFFFFFFFFFFFFF))
+    return h.cast("double") / float(2**63)

@@ -167,8 +167,6 @@ def make_context(
 
 def with_model_run_encoder(spark: SparkSession, cfg: PipelineConfig) -> PipelineConfig:
     """``cfg`` with ``encoder.path`` set to the encoder of ``cluster.model_run`` (for assign)."""
-    import dataclasses
-
     rid = cfg.cluster.model_run
     store = table_store(cfg)
     row = None
@@ -311,22 +309,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
 
 def _run_row_counts(spark: SparkSession, ctx: RunContext) -> dict[str, int]:
     """Rows of this run in every table, counted in one Spark job (a union of per-table counts)."""
-    names = [
-        getattr(ctx.tables, n)
-        for n in (
-            "quarantine",
-            "events",
-            "sessions",
-            "session_quarantine",
-            "embeddings",
-            "clusters",
-            "cluster_profiles",
-            "centroids",
-            "metrics",
-            "runs",
-        )
-    ]
-    names = [t for t in names if ctx.store.exists(t)]
+    names = [t for t in ctx.tables.names() if ctx.store.exists(t)]
     if not names:
         return {}
     parts = [ctx.store.read(spark, t, ctx.run_id).select(F.lit(t).alias("table")) for t in names]
@@ -412,23 +395,22 @@ def format_summary(s: RunSummary) -> str:
             if any(m in s.metrics[x] for x in methods)
         ]
         lines.append(f"  metrics at k={rec.k} (*_buyer, *_dominant_category: vs proxy labels)")
-        lines.append(" " * 28 + "".join(f"{m:>14}" for m in methods))
-        for n in names:
-            vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in methods)
-            lines.append(f"    {n:<24}{vals}")
+        lines += _method_table(s.metrics, methods, names, 24)
         drifted = [m for m in methods if "psi_cluster_shares" in s.metrics[m]]
         if drifted:
             n_cmp = int(s.metrics[drifted[0]]["users_compared"])
             lines.append(f"  drift vs the previous run ({n_cmp} shared users)")
-            lines.append(" " * 28 + "".join(f"{m:>14}" for m in drifted))
-            for n in ("psi_cluster_shares", "js_cluster_shares", "users_changed_cluster"):
-                vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in drifted)
-                lines.append(f"    {n:<24}{vals}")
+            lines += _method_table(s.metrics, drifted, ("psi_cluster_shares", "js_cluster_shares", "users_changed_cluster"), 24)
         down = sorted({m for x in methods for m in s.metrics[x] if "@" in m})
         if down:
             lines.append("  next-session recommendation (history only; segment lists from each method's segments)")
-            lines.append(" " * 44 + "".join(f"{m:>14}" for m in methods))
-            for n in down:
-                vals = "".join(f"{s.metrics[m].get(n, float('nan')):>14.4f}" for m in methods)
-                lines.append(f"    {n:<40}{vals}")
+            lines += _method_table(s.metrics, methods, down, 40)
     return "\n".join(lines)
+
+
+def _method_table(metrics: dict[str, dict[str, float]], methods: list[str], names, width: int) -> list[str]:
+    """A metric per line, one column per method (nan where a method lacks it)."""
+    out = [" " * (width + 4) + "".join(f"{m:>14}" for m in methods)]
+    for n in names:
+        out.append(f"    {n:<{width}}" + "".join(f"{metrics[m].get(n, float('nan')):>14.4f}" for m in methods))
+    return out

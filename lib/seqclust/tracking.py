@@ -57,12 +57,11 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def _mlflow():
+def _require_mlflow() -> None:
     try:
-        import mlflow
+        import mlflow  # noqa: F401
     except ImportError:
         raise ConfigError("tracking.mlflow is on but MLflow is not installed: pip install 'seqclust[mlflow]'") from None
-    return mlflow
 
 
 def log_run(
@@ -74,7 +73,7 @@ def log_run(
     report_path: str | None,
 ) -> str:
     """Log one seqclust run to MLflow; return the MLflow run id."""
-    _mlflow()
+    _require_mlflow()
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
