@@ -31,6 +31,7 @@ SETTINGS = [
     "cluster.k_min=3",
     "cluster.k_max=4",
     "cluster.stability_runs=1",
+    "cluster.n_init=1",
     "evaluate.downstream=false",
     "spark.shuffle_partitions=2",
 ]

@@ -22,6 +22,7 @@ SETTINGS = [
     "encoder.hidden=16",
     "cluster.k=4",
     "cluster.stability_runs=0",
+    "cluster.n_init=1",
     "baseline.bag_of_events=false",
     "evaluate.downstream=false",
     "spark.shuffle_partitions=2",

@@ -56,6 +56,7 @@ SMALL = [
     "cluster.k_min=5",
     "cluster.k_max=8",
     "cluster.stability_runs=2",
+    "cluster.n_init=2",
     "evaluate.bootstrap=50",
     "spark.shuffle_partitions=2",
 ]

@@ -187,3 +187,28 @@ def test_k_sweep_on_a_user_sample_then_the_chosen_k_fitted_on_all(spark):
     # without a sample limit the sweep sees everyone and picks the same k
     k_all, _, sweep_all, rule_all = sweep_and_fit(users, 900, [2, 3, 4], 1, ClusterConfig(stability_runs=1, max_iter=20, sweep_sample=None))
     assert k_all == 3 and sweep_all[0]["sweep_users"] == 900 and "sampled" not in rule_all
+
+
+def test_fit_best_keeps_the_lowest_inertia_of_its_seeded_starts(spark):
+    from pyspark.ml.functions import array_to_vector
+
+    from seqclust.cluster import fit_best, fit_kmeans
+    from seqclust.config import ClusterConfig
+
+    # many overlapping blobs and one k-means|| round: single starts end in different optima
+    X, _ = make_blobs(n_samples=600, centers=12, n_features=3, cluster_std=1.0, random_state=4)
+    df = spark.createDataFrame([(f"u{i}", x.tolist()) for i, x in enumerate(X)], "entity_id string, emb array<double>")
+    users = df.withColumn("features", array_to_vector("emb")).cache()
+    cfg = ClusterConfig(init_steps=1, n_init=4, max_iter=20)
+    costs = [fit_kmeans(users, 8, 5 + i, cfg).summary.trainingCost for i in range(4)]
+    assert max(costs) > min(costs) * 1.001, costs  # the starts really differ
+    best = fit_best(users, 8, 5, cfg).summary.trainingCost
+    assert best == pytest.approx(min(costs), rel=1e-9)
+
+
+def test_user_partitions_follow_the_data_not_the_cores():
+    from seqclust.cluster import user_partitions
+    from seqclust.config import ClusterConfig
+
+    cfg = ClusterConfig(rows_per_partition=100_000)
+    assert [user_partitions(n, cfg) for n in (1, 21_052, 100_000, 100_001, 2_000_000)] == [1, 1, 1, 2, 20]

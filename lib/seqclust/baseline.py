@@ -15,7 +15,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 
-def bag_of_events(sessions: DataFrame, vocab_size: int = 1000, min_df: int = 2, pca_dim: int | None = None) -> DataFrame:
+def bag_of_events(
+    sessions: DataFrame, vocab_size: int = 1000, min_df: int = 2, pca_dim: int | None = None, partitions: int | None = None
+) -> DataFrame:
     """One row per user: ``entity_id``, ``features`` (vector) and ``emb`` (array<double>).
 
     Args:
@@ -23,10 +25,11 @@ def bag_of_events(sessions: DataFrame, vocab_size: int = 1000, min_df: int = 2, 
         vocab_size: most frequent tokens kept (by count over all users).
         min_df: a token must occur for at least this many users.
         pca_dim: reduce to this many dimensions with PCA (then L2-normalise again).
+        partitions: user partitions (default: ``spark.sql.shuffle.partitions``).
     """
     # hash-partitioned and sorted by user: PCA's sums and KMeans' seeded sampling then see the
     # same rows in the same order wherever (and on however many executors) this runs
-    parts = int(sessions.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+    parts = partitions or int(sessions.sparkSession.conf.get("spark.sql.shuffle.partitions"))
     users = (
         sessions.groupBy("user_id")
         .agg(F.flatten(F.collect_list("tokens")).alias("tokens"))

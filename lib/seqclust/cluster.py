@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 from pyspark import StorageLevel
@@ -39,6 +40,27 @@ def fit_kmeans(features: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> KM
     return km.fit(features)
 
 
+def user_partitions(n: int, cfg: ClusterConfig) -> int:
+    """Partitions for ``n`` user vectors: one per ``cfg.rows_per_partition`` users. A k-means
+    iteration is a Spark job whose cost at user-table sizes is mostly per task, so fewer,
+    fuller partitions fit faster; the count depends on the data only (not on the cluster's
+    cores), so a seeded fit gives the same segments on any cluster layout."""
+    return max(1, math.ceil(n / cfg.rows_per_partition))
+
+
+def fit_best(features: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> KMeansModel:
+    """The lowest-inertia of ``cfg.n_init`` seeded k-means|| fits (seeds ``seed``,
+    ``seed + 1``, …): one k-means|| start can settle in a poor local optimum, and a k judged
+    on a poor fit loses the sweep for a reason that has nothing to do with the data."""
+    best = None
+    for i in range(cfg.n_init):
+        model = fit_kmeans(features, k, seed + i, cfg)
+        cost = float(model.summary.trainingCost)
+        if best is None or cost < best[0]:
+            best = (cost, model)
+    return best[1]
+
+
 def silhouette(pred: DataFrame, distance: str = "squaredEuclidean", pred_col: str = "cluster_id") -> float:
     """Spark's silhouette (exact, O(n·k) thanks to per-cluster aggregates)."""
     return float(
@@ -62,7 +84,7 @@ def stability(users: DataFrame, reference: DataFrame, k: int, seed: int, cfg: Cl
     out = []
     for b in range(cfg.stability_runs):
         sub = users.sample(fraction=cfg.stability_fraction, seed=seed + 7919 * (b + 1))
-        refit = fit_kmeans(sub, k, seed + b + 1, cfg).transform(users).select("entity_id", F.col("cluster_id").alias("refit"))
+        refit = fit_kmeans(sub, k, seed + 1009 * (b + 1), cfg).transform(users).select("entity_id", F.col("cluster_id").alias("refit"))
         out.append(external_scores(contingency(reference.join(refit, "entity_id"), "cluster_id", "refit"))["ari"])
     return out
 
@@ -91,7 +113,7 @@ def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: Clust
         log.info("cluster: k sweep on a sample of %d of %d users (cluster.sweep_sample)", n_sweep, n)
     sweep, models = [], {}
     for k in ks:
-        model = fit_kmeans(sample, k, seed, cfg)
+        model = fit_best(sample, k, seed, cfg)
         pred = model.transform(sample)
         row = {"k": k, "silhouette": silhouette(pred), "inertia": float(model.summary.trainingCost)}
         if cfg.stability_runs > 0:
@@ -111,7 +133,7 @@ def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: Clust
     if sample is not users:
         sample.unpersist()
         rule += f"; chosen on {n_sweep} sampled users, refitted on all {n}"
-        model = fit_kmeans(users, k, seed, cfg)
+        model = fit_best(users, k, seed, cfg)
     for row in sweep:
         row["sweep_users"] = n_sweep
     return k, model, sweep, rule
@@ -127,19 +149,18 @@ class ClusterResult:
 
 def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> ClusterResult:
     """Cluster this run's user vectors; write ``clusters``, ``centroids`` and the k sweep."""
+    stored = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "user")
+    n = stored.count()
     users = (
-        ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
-        .where(F.col("entity_type") == "user")
-        .select("entity_id", F.col("embedding").alias("emb"))
+        stored.select("entity_id", F.col("embedding").alias("emb"))
         .withColumn("features", array_to_vector("emb"))
         # rows in a fixed partition and order: KMeans' seeded k-means|| sampling and the
         # stability subsamples then pick the same users on any cluster layout
-        .repartition(int(spark.conf.get("spark.sql.shuffle.partitions")), "entity_id")
+        .repartition(user_partitions(n, cfg), "entity_id")
         .sortWithinPartitions("entity_id")
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
     try:
-        n = users.count()
         if n == 0:
             raise InputError("no user vectors to cluster (did the embed stage run?)")
         if cfg.model_run:

@@ -177,7 +177,7 @@ class TokenizeConfig:
 class EncoderConfig:
     architecture: Literal["gru", "transformer"] = "gru"
     objective: Literal["bag_reconstruction", "contrastive"] = "bag_reconstruction"
-    embedding_dim: int = 32
+    embedding_dim: int = 64
     token_dim: int = 32
     hidden: int = 64
     train_sample: int = 20000
@@ -224,7 +224,10 @@ class ClusterConfig:
     k_min: int = 2
     k_max: int = 12
     max_iter: int = 40
-    init_steps: int = 2
+    # k-means|| rounds (Spark's default is 2; 5 finds the better optimum far more often and
+    # converges in fewer iterations) and seeded starts per fit, the lowest inertia kept
+    init_steps: int = 5
+    n_init: int = 3
     solver: Literal["auto", "row", "block"] = "block"
     # k rule: the most stable k among those within silhouette_tolerance of the best silhouette
     selection: Literal["stability", "silhouette"] = "stability"
@@ -234,6 +237,8 @@ class ClusterConfig:
     # choose k on a seeded hash sample of at most this many users (null: all), then fit the
     # chosen k on every user: the sweep's cost stops growing with the data
     sweep_sample: int | None = 50000
+    # user vectors per partition for KMeans (data-sized, not core-sized: same segments anywhere)
+    rows_per_partition: int = 100000
     # assign users to the segments of an earlier run (its saved KMeans) instead of fitting
     model_run: str | None = None
 
@@ -247,6 +252,9 @@ class ClusterConfig:
         _check(self.k_min >= 2, "k_min", "must be >= 2")
         _check(self.k_max >= self.k_min, "k_max", "must be >= k_min")
         _check(self.max_iter >= 1, "max_iter", "must be >= 1")
+        _check(self.init_steps >= 1, "init_steps", "must be >= 1")
+        _check(self.n_init >= 1, "n_init", "must be >= 1")
+        _check(self.rows_per_partition >= 1000, "rows_per_partition", "must be >= 1000")
         _check(self.sweep_sample is None or self.sweep_sample >= 100, "sweep_sample", "must be >= 100 or null")
 
 

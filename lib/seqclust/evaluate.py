@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust.baseline import bag_of_events
-from seqclust.cluster import fit_kmeans, silhouette
+from seqclust.cluster import fit_best, silhouette, user_partitions
 from seqclust.config import BaselineConfig, ClusterConfig, EvaluateConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
@@ -174,8 +174,9 @@ def _drift_rows(
         if baseline is not None and baseline.bag_of_events and boe_now is not None:
             prev_sessions = ctx.store.read(spark, ctx.tables.sessions, prev_id).where("is_modelled")
             if prev_sessions.limit(1).count():
-                vecs = bag_of_events(prev_sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim)
-                b_old = fit_kmeans(vecs, len(old_sizes), seed, cluster_cfg).transform(vecs).select("entity_id", "cluster_id")
+                parts = user_partitions(sum(old_sizes.values()), cluster_cfg)
+                vecs = bag_of_events(prev_sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim, parts)
+                b_old = fit_best(vecs, len(old_sizes), seed, cluster_cfg).transform(vecs).select("entity_id", "cluster_id")
                 b_new = boe_now.select("entity_id", "cluster_id")
                 results["bag_of_events"] = (segmentation_drift(b_old, b_new, "user_overlap"), "user_overlap")
     finally:
@@ -305,12 +306,9 @@ def run(
             ]
         if baseline.bag_of_events:
             vecs = bag_of_events(
-                sessions,
-                baseline.vocab_size,
-                baseline.min_df,
-                baseline.pca_dim,
+                sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim, user_partitions(sum(sizes.values()), cluster_cfg)
             )
-            boe = fit_kmeans(vecs, k, seed, cluster_cfg).transform(vecs).persist(StorageLevel.MEMORY_AND_DISK)
+            boe = fit_best(vecs, k, seed, cluster_cfg).transform(vecs).persist(StorageLevel.MEMORY_AND_DISK)
             scores = internal_scores(boe, "emb", "cluster_id")
             results["bag_of_events"] = dict(scores)
             details = json.dumps({"space": "bag_of_events", "vocab_size": baseline.vocab_size, "pca_dim": baseline.pca_dim})
@@ -388,8 +386,9 @@ def run(
             if baseline.bag_of_events:
 
                 def boe_assign(hist: DataFrame) -> DataFrame:
-                    vecs = bag_of_events(hist, baseline.vocab_size, baseline.min_df, baseline.pca_dim)
-                    return fit_kmeans(vecs, k, seed, cluster_cfg).transform(vecs).select(F.col("entity_id").alias("user_id"), "cluster_id")
+                    parts = user_partitions(sum(sizes.values()), cluster_cfg)
+                    vecs = bag_of_events(hist, baseline.vocab_size, baseline.min_df, baseline.pca_dim, parts)
+                    return fit_best(vecs, k, seed, cluster_cfg).transform(vecs).select(F.col("entity_id").alias("user_id"), "cluster_id")
 
             down = evaluate_downstream(
                 sessions,
