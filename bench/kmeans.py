@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,14 +57,25 @@ def main() -> None:
     sk_obj = float(sk.inertia_)
 
     from pyspark.ml.clustering import KMeans
-    from pyspark.ml.linalg import Vectors
 
     from seqclust.config import SparkConfig
     from seqclust.spark import get_spark
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    spark = get_spark(SparkConfig(master=f"local[{args.cores}]", shuffle_partitions=args.cores, log_level="ERROR"))
-    df = spark.createDataFrame([(Vectors.dense(x),) for x in X], ["features"]).repartition(args.cores).cache()
+    spark = get_spark(SparkConfig(master=f"local[{args.cores}]", shuffle_partitions=args.cores, driver_memory="6g", log_level="ERROR"))
+    # the vectors reach Spark through a Parquet file (a Python list of a million rows would
+    # take minutes to serialise); the cached DataFrame is what both libraries then fit
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.ml.functions import array_to_vector
+
+    tmp = tempfile.mkdtemp(prefix="bench_kmeans_")
+    pq.write_table(
+        pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), args.d).cast(pa.list_(pa.float64()))}), f"{tmp}/x.parquet"
+    )
+    df = spark.read.parquet(f"{tmp}/x.parquet").select(array_to_vector("x").alias("features")).repartition(args.cores).cache()
     df.count()
     km = KMeans(
         k=args.k,
@@ -87,6 +99,7 @@ def main() -> None:
     ml_obj = float(model.summary.trainingCost)
     ml_iters = int(model.summary.numIter)
     spark.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
 
     result = {
         "n": args.n,
