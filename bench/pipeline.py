@@ -93,15 +93,22 @@ def run_pipeline(data: Path, out: Path, cores: int, extra: list[str]) -> dict:
     stages: dict[str, float] = {}
     err_tail: list[str] = []
 
+    log_path = out.parent / f"{out.name}.log"  # the run's whole log, for profiling a stage
+
     def pump_err() -> None:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            m = STAGE_RE.search(line)
-            if m:
-                stages[m.group(1)] = float(m.group(2))
-                print(f"    {m.group(1)}: {float(m.group(2)):.1f}s", flush=True)
-            err_tail.append(line.rstrip())
-            del err_tail[:-40]
+        with open(log_path, "w") as log_file:
+            for line in proc.stderr:
+                log_file.write(line)
+                pump_line(line)
+
+    def pump_line(line: str) -> None:
+        m = STAGE_RE.search(line)
+        if m:
+            stages[m.group(1)] = float(m.group(2))
+            print(f"    {m.group(1)}: {float(m.group(2)):.1f}s", flush=True)
+        err_tail.append(line.rstrip())
+        del err_tail[:-40]
 
     t = threading.Thread(target=pump_err, daemon=True)
     t.start()
@@ -122,6 +129,7 @@ def run_pipeline(data: Path, out: Path, cores: int, extra: list[str]) -> dict:
         "driver_peak_rss_mb": round(sampler.peak["driver"] / mb),
         "jvm_peak_rss_mb": round(sampler.peak["jvm"] / mb),
         "workers_peak_rss_mb": round(sampler.peak["workers"] / mb),
+        "log": str(log_path),
         "k": int(k.group(1)) if k else None,
         "ari": {"encoder": float(ari.group(1)), "bag_of_events": float(ari.group(2)), "random": float(ari.group(3))} if ari else None,
     }
