@@ -103,6 +103,20 @@ def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col
     return df.withColumn("_u", hash_uniform(key, seed=seed)).withColumn(out_col, expr.cast("int")).drop("_u")
 
 
+def boe_clusters(sessions: DataFrame, k: int, n_users: int, seed: int, baseline: BaselineConfig, cluster_cfg: ClusterConfig) -> DataFrame:
+    """The bag-of-events baseline clustered at ``k`` with the encoder's KMeans procedure:
+    ``entity_id``, ``features``, ``emb``, ``cluster_id``. The user vectors are cached while the
+    ``n_init`` starts read them (else each start recomputes them from the sessions); the
+    returned frame computes them once more, so a caller that reads it twice persists it."""
+    parts = user_partitions(n_users, cluster_cfg)
+    vecs = bag_of_events(sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim, parts).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        model = fit_best(vecs, k, seed, cluster_cfg)
+    finally:
+        vecs.unpersist()
+    return model.transform(vecs)
+
+
 def _drift_rows(
     spark: SparkSession,
     ctx: RunContext,
@@ -174,9 +188,8 @@ def _drift_rows(
         if baseline is not None and baseline.bag_of_events and boe_now is not None:
             prev_sessions = ctx.store.read(spark, ctx.tables.sessions, prev_id).where("is_modelled")
             if prev_sessions.limit(1).count():
-                parts = user_partitions(sum(old_sizes.values()), cluster_cfg)
-                vecs = bag_of_events(prev_sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim, parts)
-                b_old = fit_best(vecs, len(old_sizes), seed, cluster_cfg).transform(vecs).select("entity_id", "cluster_id")
+                b_old = boe_clusters(prev_sessions, len(old_sizes), sum(old_sizes.values()), seed, baseline, cluster_cfg)
+                b_old = b_old.select("entity_id", "cluster_id")
                 b_new = boe_now.select("entity_id", "cluster_id")
                 results["bag_of_events"] = (segmentation_drift(b_old, b_new, "user_overlap"), "user_overlap")
     finally:
@@ -305,10 +318,7 @@ def run(
                 {"method": method, "k": k, "family": "internal", "metric": m, "value": v, "details": details} for m, v in scores.items()
             ]
         if baseline.bag_of_events:
-            vecs = bag_of_events(
-                sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim, user_partitions(sum(sizes.values()), cluster_cfg)
-            )
-            boe = fit_best(vecs, k, seed, cluster_cfg).transform(vecs).persist(StorageLevel.MEMORY_AND_DISK)
+            boe = boe_clusters(sessions, k, sum(sizes.values()), seed, baseline, cluster_cfg).persist(StorageLevel.MEMORY_AND_DISK)
             scores = internal_scores(boe, "emb", "cluster_id")
             results["bag_of_events"] = dict(scores)
             details = json.dumps({"space": "bag_of_events", "vocab_size": baseline.vocab_size, "pca_dim": baseline.pca_dim})
@@ -386,9 +396,9 @@ def run(
             if baseline.bag_of_events:
 
                 def boe_assign(hist: DataFrame) -> DataFrame:
-                    parts = user_partitions(sum(sizes.values()), cluster_cfg)
-                    vecs = bag_of_events(hist, baseline.vocab_size, baseline.min_df, baseline.pca_dim, parts)
-                    return fit_best(vecs, k, seed, cluster_cfg).transform(vecs).select(F.col("entity_id").alias("user_id"), "cluster_id")
+                    return boe_clusters(hist, k, sum(sizes.values()), seed, baseline, cluster_cfg).select(
+                        F.col("entity_id").alias("user_id"), "cluster_id"
+                    )
 
             down = evaluate_downstream(
                 sessions,
