@@ -184,3 +184,26 @@ def test_recency_pooling_weighs_recent_sessions_more(spark):
     np.testing.assert_allclose(mean, np.array([1, 1]) / np.sqrt(2), atol=1e-6)
     # weights 1 and 1/2 (one half-life older)
     np.testing.assert_allclose(rec, np.array([1, 0.5]) / np.linalg.norm([1, 0.5]), atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["gru", "transformer"])
+def test_trimmed_length_sorted_embedding_equals_the_full_width_model(trained, architecture):
+    """embedding_fn sorts rows by length and cuts each chunk to its longest row; the vectors
+    must be those of one full-width call (max_len columns, trailing padding), row for row."""
+    import tensorflow as tf
+
+    from seqclust.encoder import build_encoder, seq_lengths
+    from seqclust.features import FIELDS
+
+    table, art, weights = trained
+    cfg = dict(art.model_cfg, architecture=architecture)
+    model = build_encoder(cfg)
+    if architecture != "gru":  # fresh seeded weights for the other architecture
+        weights = [np.random.default_rng(i).normal(scale=0.3, size=w.shape).astype(np.float32) for i, w in enumerate(model.get_weights())]
+    model.set_weights(weights)
+    feats = featurize(table, VOCAB)
+    lengths = seq_lengths(feats["tok"])
+    assert lengths.min() >= 1 and lengths.max() == VOCAB.max_len and len(set(lengths.tolist())) > 3
+    full = tf.math.l2_normalize(model({f: tf.constant(feats[f]) for f in FIELDS}, training=False), axis=1).numpy()
+    got = embedding_fn(cfg, weights, chunk=16)(feats)  # several chunks of different widths
+    np.testing.assert_allclose(got, full, atol=1e-5)

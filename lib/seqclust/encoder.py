@@ -50,21 +50,29 @@ def _tf(threads: int | None = None) -> Any:
 
 def _position_layer() -> Any:
     import keras
+    from keras import ops
 
     class AddPosition(keras.layers.Layer):
-        """Adds a learned embedding of each position (0 = oldest kept event)."""
+        """Adds a learned embedding of each position (0 = oldest kept event). The table has
+        ``max_len`` rows; a narrower input (a batch trimmed to its longest session) uses the
+        first rows, so trimming trailing padding changes nothing but the work done."""
+
+        def __init__(self, max_len: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.max_len = int(max_len)
 
         def build(self, input_shape: Any) -> None:
-            self.pos = self.add_weight(shape=(input_shape[1], input_shape[2]), initializer="random_uniform", name="pos")
+            self.pos = self.add_weight(shape=(self.max_len, input_shape[-1]), initializer="random_uniform", name="pos")
 
         def call(self, x: Any) -> Any:
-            return x + self.pos
+            return x + self.pos[: ops.shape(x)[1]]
 
     return AddPosition
 
 
 def build_encoder(model_cfg: dict[str, Any]) -> Any:
-    """Build the Keras encoder: dict of int32 [batch, max_len] inputs -> [batch, embedding_dim].
+    """Build the Keras encoder: dict of int32 [batch, width] inputs -> [batch, embedding_dim],
+    width <= max_len (sessions are left-aligned, padding trails; see ``trim``).
 
     The output is not normalised; ``embedding_fn`` L2-normalises it.
     """
@@ -76,12 +84,12 @@ def build_encoder(model_cfg: dict[str, Any]) -> Any:
     L = model_cfg["max_len"]
     d = model_cfg["token_dim"]
     sizes = model_cfg["sizes"]
-    inputs = {f: keras.Input(shape=(L,), dtype="int32", name=f) for f in FIELDS}
+    inputs = {f: keras.Input(shape=(None,), dtype="int32", name=f) for f in FIELDS}
     x = None
     for f in FIELDS:
         e = layers.Embedding(sizes[f], d, name=f"emb_{f}")(inputs[f])
         x = e if x is None else layers.Add(name=f"add_{f}")([x, e])
-    x = _AddPosition(name="emb_pos")(x)
+    x = _AddPosition(L, name="emb_pos")(x)
     mask = ops.not_equal(inputs["tok"], PAD)
     arch = model_cfg["architecture"]
     if arch == "gru":
@@ -183,18 +191,40 @@ def load_artifact(path: str | Path) -> Artifact:
     return Artifact(p, actual, model_cfg, vocab, weights, metrics)
 
 
+def seq_lengths(tok: np.ndarray) -> np.ndarray:
+    """Kept events per row of a left-aligned ``[rows, max_len]`` token matrix (the model masks
+    positions whose token is PAD, so columns past a row's last real token do nothing)."""
+    nz = tok != PAD
+    return np.where(nz.any(axis=1), tok.shape[1] - np.argmax(nz[:, ::-1], axis=1), 0)
+
+
+def trim(features: dict[str, np.ndarray], rows: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """``rows`` of every field, cut to the longest of those rows (at least one column): the
+    encoder's output is the same, the recurrent/attention work shrinks with the width."""
+    width = max(1, int(lengths[rows].max())) if len(rows) else 1
+    return {f: features[f][rows, :width] for f in FIELDS}
+
+
+EMBED_CHUNK = 1024  # rows per model call when embedding: sorted by length, each cut to its longest
+
+
 def embedding_fn(
-    model_cfg: dict[str, Any], weights: list[np.ndarray], threads: int | None = None
+    model_cfg: dict[str, Any], weights: list[np.ndarray], threads: int | None = None, chunk: int = EMBED_CHUNK
 ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """Build the model once and return ``predict(features) -> float32 [n, dim]``, L2-normalised."""
+    """Build the model once and return ``predict(features) -> float32 [n, dim]``, L2-normalised.
+
+    Rows are embedded in chunks of similar length (sorted by kept events, each chunk cut to
+    its longest row), so a batch of mostly short sessions does not pay for ``max_len`` steps;
+    the output is in the input's row order.
+    """
     tf = _tf(threads)
     model = build_encoder(model_cfg)
     try:
         model.set_weights(weights)
     except ValueError as e:
         raise ArtifactError(f"encoder weights do not fit the architecture: {str(e)[:200]}") from None
-    L = model_cfg["max_len"]
-    spec = {f: tf.TensorSpec([None, L], tf.int32, name=f) for f in FIELDS}
+    dim = model_cfg["embedding_dim"]
+    spec = {f: tf.TensorSpec([None, None], tf.int32, name=f) for f in FIELDS}
 
     @tf.function(input_signature=[spec], reduce_retracing=True)
     def _predict(x: dict[str, Any]) -> Any:
@@ -202,9 +232,17 @@ def embedding_fn(
         return tf.math.l2_normalize(z, axis=1)
 
     def predict(features: dict[str, np.ndarray]) -> np.ndarray:
-        if len(features["tok"]) == 0:
-            return np.zeros((0, model_cfg["embedding_dim"]), dtype=np.float32)
-        return _predict({f: tf.constant(features[f]) for f in FIELDS}).numpy().astype(np.float32)
+        n = len(features["tok"])
+        out = np.zeros((n, dim), dtype=np.float32)
+        if n == 0:
+            return out
+        lengths = seq_lengths(features["tok"])
+        order = np.argsort(lengths, kind="stable")
+        for b in range(0, n, chunk):
+            rows = order[b : b + chunk]
+            x = trim(features, rows, lengths)
+            out[rows] = _predict({f: tf.constant(x[f]) for f in FIELDS}).numpy()
+        return out
 
     return predict
 
@@ -328,7 +366,7 @@ def train(
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits
         return 0.5 * (tf.reduce_mean(ce(labels, logits)) + tf.reduce_mean(ce(labels, tf.transpose(logits))))
 
-    spec = {f: tf.TensorSpec([None, vocab.max_len], tf.int32) for f in FIELDS}
+    spec = {f: tf.TensorSpec([None, None], tf.int32) for f in FIELDS}  # batches are cut to their longest session
 
     @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
     def train_step(x: dict[str, Any], s: Any) -> Any:
@@ -342,10 +380,12 @@ def train(
     def eval_step(x: dict[str, Any], s: Any) -> Any:
         return loss_fn(x, s, False)
 
+    lengths = seq_lengths(features["tok"])
+
     def batches(idx: np.ndarray):
         for b in range(0, len(idx), batch_size):
-            sel = idx[b : b + batch_size]
-            yield b, {f: tf.constant(features[f][sel]) for f in FIELDS}
+            x = trim(features, idx[b : b + batch_size], lengths)
+            yield b, {f: tf.constant(x[f]) for f in FIELDS}
 
     history = []
     best, best_weights, bad_epochs = float("inf"), None, 0
