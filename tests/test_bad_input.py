@@ -37,6 +37,7 @@ def test_extra_columns_are_ignored_but_kept_in_raw(spark, tmp_path):
     ).collect()
     assert [r["reason"] for r in rows] == [None, "bad_ts"]
     assert '"campaign":"x2"' in rows[1]["raw"]
+    assert rows[0]["raw"] is None  # only quarantined rows carry their record as text
 
 
 def test_unreadable_delta_table(spark, tmp_path):

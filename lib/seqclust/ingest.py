@@ -155,7 +155,9 @@ def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "
         F.trim(opt(c.category_id).cast("string")).alias("category_id"),
         price.alias("price"),
         reason.alias("reason"),
-        raw.alias("raw"),
+        # the record as text only where it is quarantined: valid rows (nearly all) never pay
+        # for serialising every field to JSON, nor for caching that text
+        F.when(reason.isNotNull(), raw).alias("raw"),
         file_col.alias("source_file"),
     )
 
