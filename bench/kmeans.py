@@ -37,6 +37,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed fits per library (median reported)")
     ap.add_argument("--init-steps", type=int, default=2, help="MLlib k-means|| rounds")
     ap.add_argument("--block-mb", type=float, default=64.0, help="MLlib maxBlockSizeInMB (1 = MLlib's default)")
+    ap.add_argument("--solver", default="block", choices=["auto", "row", "block"])
+    ap.add_argument("--init-mode", default="k-means||", choices=["k-means||", "random"])
+    ap.add_argument("--partitions", type=int, default=0, help="input partitions (0: one per core)")
+    ap.add_argument(
+        "--cache",
+        default="dataframe",
+        choices=["dataframe", "none"],
+        help="dataframe: fit a cached DataFrame; none: an uncached one (MLlib then persists its own copy of the vectors)",
+    )
     args = ap.parse_args()
     from sklearn.cluster import KMeans as SkKMeans
     from sklearn.datasets import make_blobs
@@ -75,16 +84,21 @@ def main() -> None:
     pq.write_table(
         pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), args.d).cast(pa.list_(pa.float64()))}), f"{tmp}/x.parquet"
     )
-    df = spark.read.parquet(f"{tmp}/x.parquet").select(array_to_vector("x").alias("features")).repartition(args.cores).cache()
-    df.count()
+    parts = args.partitions or args.cores
+    df = spark.read.parquet(f"{tmp}/x.parquet").select(array_to_vector("x").alias("features")).repartition(parts)
+    if args.cache == "dataframe":
+        df = df.cache()
+        df.count()
+    else:  # materialise the shuffle once so each fit reads shuffle files, not the Parquet decode
+        df.count()
     km = KMeans(
         k=args.k,
         seed=0,
-        initMode="k-means||",
+        initMode=args.init_mode,
         initSteps=args.init_steps,
         maxIter=args.iters,
         tol=1e-4,
-        solver="block",
+        solver=args.solver,
         maxBlockSizeInMB=args.block_mb,
     )
     t1 = time.perf_counter()
@@ -106,6 +120,10 @@ def main() -> None:
         "d": args.d,
         "k": args.k,
         "block_mb": args.block_mb,
+        "solver": args.solver,
+        "init_mode": args.init_mode,
+        "partitions": parts,
+        "cache": args.cache,
         "init_steps": args.init_steps,
         "repeats": args.repeats,
         "mllib_s": round(mllib_s, 3),

@@ -97,7 +97,7 @@ def run_pipeline(data: Path, out: Path, cores: int, extra: list[str]) -> dict:
 
     def pump_err() -> None:
         assert proc.stderr is not None
-        with open(log_path, "w") as log_file:
+        with open(log_path, "w", buffering=1) as log_file:  # line-buffered: readable while it runs
             for line in proc.stderr:
                 log_file.write(line)
                 pump_line(line)

@@ -26,6 +26,42 @@ def test_external_scores_match_sklearn(spark, seed):
         assert got[k] == pytest.approx(v, abs=1e-9), k
 
 
+def test_contingencies_of_several_columns_from_one_job_equal_each_contingency(spark):
+    from seqclust.metrics import contingencies
+
+    rng = np.random.default_rng(5)
+    rows = [
+        (f"l{rng.integers(0, 4)}", int(rng.integers(0, 3)), int(rng.integers(0, 5)), None if i % 7 == 0 else int(rng.integers(0, 2)))
+        for i in range(300)
+    ]
+    df = spark.createDataFrame(rows, "label string, a int, b int, c int")
+    got = contingencies(df, "label", ["a", "b", "c"])
+    assert set(got) == {"a", "b", "c"}
+    for col in ("a", "b", "c"):
+        want = contingency(df.where(F.col(col).isNotNull()), "label", col)  # nulls do not count for their column
+        assert np.array_equal(got[col], want), col
+    assert got["c"].sum() == sum(1 for r in rows if r[3] is not None) and got["a"].sum() == 300
+
+
+def test_evaluation_sample_keeps_the_same_users_in_every_table_and_leaves_the_baseline_draws_alone(spark):
+    from seqclust.evaluate import evaluation_sample
+
+    users = spark.range(20000).select(F.concat(F.lit("u"), F.col("id").cast("string")).alias("entity_id"))
+    sessions = users.select(F.col("entity_id").alias("user_id")).crossJoin(spark.range(2).select(F.col("id").alias("s")))
+    assert evaluation_sample(20000, 25000, 3)(users, "entity_id") is users  # below the limit: everyone
+    keep = evaluation_sample(20000, 4000, 3)
+    kept = {r["entity_id"] for r in keep(users, "entity_id").collect()}
+    assert 3600 < len(kept) < 4400
+    assert {r["user_id"] for r in keep(sessions, "user_id").collect()} == kept  # the same users, any table
+    # the sample hashes on its own stream: the random baseline drawn with the run's seed still
+    # fills every segment in its shares among the kept users (the same stream would put them all in one)
+    counts = {
+        r["random_id"]: r["count"]
+        for r in random_assignment(keep(users, "entity_id"), [0.5, 0.5], seed=3).groupBy("random_id").count().collect()
+    }
+    assert set(counts) == {0, 1} and counts[0] / len(kept) == pytest.approx(0.5, abs=0.04)
+
+
 def test_external_scores_degenerate_cases():
     assert external_scores(np.array([[5]]))["ari"] == 1.0
     assert external_scores(np.array([[5]]))["nmi"] == 1.0
@@ -138,10 +174,8 @@ def test_choose_k_rule():
     assert choose_k(sweep, "stability", 0.0)[0] == 5
 
 
-def test_stability_is_high_for_separated_blobs_and_lower_for_noise(spark):
-    from pyspark.ml.functions import array_to_vector
-
-    from seqclust.cluster import fit_kmeans, stability
+def test_stability_is_high_for_separated_blobs_and_lower_for_noise():
+    from seqclust.cluster import local_kmeans, stability
     from seqclust.config import ClusterConfig
 
     cfg = ClusterConfig(stability_runs=3, max_iter=20)
@@ -149,12 +183,35 @@ def test_stability_is_high_for_separated_blobs_and_lower_for_noise(spark):
     noise = np.random.default_rng(0).normal(size=(400, 4))
     scores = {}
     for name, data in (("blobs", X), ("noise", noise)):
-        df = spark.createDataFrame([(str(i), x.tolist()) for i, x in enumerate(data)], "entity_id string, emb array<double>")
-        users = df.withColumn("features", array_to_vector("emb")).cache()
-        ref = fit_kmeans(users, 3, 1, cfg).transform(users).select("entity_id", "cluster_id")
-        scores[name] = np.mean(stability(users, ref, 3, 1, cfg))
+        labels = local_kmeans(data, 3, 1, 1, cfg.max_iter).labels_
+        scores[name] = np.mean(stability(data, labels, 3, 1, cfg))
     assert scores["blobs"] > 0.99
-    assert scores["noise"] < scores["blobs"]
+    assert scores["noise"] < 0.9 * scores["blobs"]
+
+
+def test_driver_silhouette_matches_sklearn_and_spark(spark):
+    """The sweep's O(n·k) silhouette is the exact squared-Euclidean silhouette: equal to
+    scikit-learn's O(n^2) one and to Spark's ClusteringEvaluator, singletons included."""
+    from pyspark.ml.functions import array_to_vector
+    from sklearn.metrics import silhouette_score
+
+    from seqclust.cluster import silhouette, silhouette_sq
+
+    X, _ = make_blobs(n_samples=300, centers=4, n_features=5, cluster_std=1.5, random_state=3)
+    labels = np.random.default_rng(1).integers(0, 4, 300)
+    labels[7] = 9  # a singleton cluster
+    want = silhouette_score(X, labels, metric="sqeuclidean")
+    assert silhouette_sq(X, labels) == pytest.approx(want, abs=1e-9)
+    df = spark.createDataFrame([(x.tolist(), int(c)) for x, c in zip(X, labels)], "emb array<double>, cluster_id int")
+    assert silhouette(df.withColumn("features", array_to_vector("emb"))) == pytest.approx(want, abs=1e-6)
+    good = silhouette_sq(X, _blob_labels(X))
+    assert good > silhouette_sq(X, labels) + 0.3  # and it can tell a real clustering from noise
+
+
+def _blob_labels(X):
+    from seqclust.cluster import local_kmeans
+
+    return local_kmeans(X, 4, 0, 2, 50).labels_
 
 
 def test_proxy_labels(spark):
@@ -172,7 +229,7 @@ def test_proxy_labels(spark):
 def test_k_sweep_on_a_user_sample_then_the_chosen_k_fitted_on_all(spark):
     from pyspark.ml.functions import array_to_vector
 
-    from seqclust.cluster import sweep_and_fit
+    from seqclust.cluster import sample_vectors, sweep_and_fit
     from seqclust.config import ClusterConfig
 
     X, _ = make_blobs(n_samples=900, centers=3, n_features=4, cluster_std=0.4, random_state=2)
@@ -183,9 +240,13 @@ def test_k_sweep_on_a_user_sample_then_the_chosen_k_fitted_on_all(spark):
     assert k == 3 and "refitted on all 900" in rule
     n_sweep = sweep[0]["sweep_users"]
     assert 240 < n_sweep < 360 and all(r["sweep_users"] == n_sweep for r in sweep)
-    assert sum(model.summary.clusterSizes) == 900  # the chosen k's model saw every user
-    # without a sample limit the sweep sees everyone and picks the same k
-    k_all, _, sweep_all, rule_all = sweep_and_fit(users, 900, [2, 3, 4], 1, ClusterConfig(stability_runs=1, max_iter=20, sweep_sample=None))
+    assert sum(model.summary.clusterSizes) == 900  # the chosen k's MLlib model saw every user
+    # the sample is a function of the ids, not of the partitioning, and comes back sorted
+    ids1, X1 = sample_vectors(users.repartition(5), 900, 300, 1)
+    ids2, X2 = sample_vectors(users.coalesce(1), 900, 300, 1)
+    assert list(ids1) == list(ids2) == sorted(ids1) and np.array_equal(X1, X2) and len(ids1) == n_sweep
+    # up to sweep_sample users the sweep sees everyone and picks the same k
+    k_all, _, sweep_all, rule_all = sweep_and_fit(users, 900, [2, 3, 4], 1, ClusterConfig(stability_runs=1, max_iter=20, sweep_sample=900))
     assert k_all == 3 and sweep_all[0]["sweep_users"] == 900 and "sampled" not in rule_all
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.evaluation import ClusteringEvaluator
@@ -18,7 +21,7 @@ from pyspark.sql import types as T
 from seqclust.config import ClusterConfig, validate_run_id
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError
-from seqclust.metrics import bootstrap_ci, contingency, external_scores, hash_uniform
+from seqclust.metrics import bootstrap_ci, in_user_sample
 from seqclust.profiles import cluster_profiles
 
 log = logging.getLogger(__name__)
@@ -78,14 +81,70 @@ def with_distance(pred: DataFrame, centers: list[list[float]]) -> DataFrame:
     return pred.withColumn("distance_to_centroid", F.sqrt(sq))
 
 
-def stability(users: DataFrame, reference: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> list[float]:
-    """ARI between the full fit's assignment and refits on ``stability_runs`` seeded subsamples
-    (each refit assigns every user); contingency tables are built in Spark."""
+def sample_vectors(users: DataFrame, n: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(entity ids, float64 vectors)`` of every user when ``n <= limit``, else of a seeded hash
+    sample of about ``limit`` users, sorted by id (the same rows on any cluster layout). The
+    only user vectors that reach the driver: about ``limit x dim`` floats, whatever ``n``."""
+    df = users.select("entity_id", "emb")
+    if n > limit:
+        df = df.where(in_user_sample("entity_id", limit / n, seed))
+    t = df.toArrow()
+    ids = np.asarray(t.column("entity_id").to_pylist(), dtype=object)
+    if len(ids) == 0:
+        return ids, np.zeros((0, 0))
+    order = np.argsort(ids.astype(str), kind="stable")
+    X = pc.list_flatten(t.column("emb")).to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(ids), -1)
+    return ids[order], X[order]
+
+
+def silhouette_sq(X: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette with squared Euclidean distance, Spark's ``ClusteringEvaluator``
+    definition (scikit-learn's ``silhouette_score(metric="sqeuclidean")``), in O(n·k): the mean
+    squared distance from a point to a cluster follows from the cluster's count, vector sum and
+    sum of squared norms. Points of singleton clusters score 0."""
+    labels = np.asarray(labels)
+    ks = np.unique(labels)
+    if len(ks) < 2:
+        return 0.0
+    idx = np.searchsorted(ks, labels)
+    sq = (X * X).sum(axis=1)
+    counts = np.bincount(idx, minlength=len(ks)).astype(np.float64)
+    sums = np.zeros((len(ks), X.shape[1]))
+    np.add.at(sums, idx, X)
+    psi = np.bincount(idx, weights=sq, minlength=len(ks))
+    mean_d = (sq[:, None] * counts[None, :] + psi[None, :] - 2.0 * X @ sums.T) / counts[None, :]
+    mean_d = np.maximum(mean_d, 0.0)
+    rows = np.arange(len(X))
+    own_n = counts[idx]
+    a = np.where(own_n > 1, mean_d[rows, idx] * own_n / np.maximum(own_n - 1, 1), 0.0)
+    mean_d[rows, idx] = np.inf
+    b = mean_d.min(axis=1)
+    s = np.where(a < b, 1.0 - a / np.where(b > 0, b, 1.0), np.where(a > b, b / np.where(a > 0, a, 1.0) - 1.0, 0.0))
+    s[own_n == 1] = 0.0
+    return float(s.mean())
+
+
+def local_kmeans(X: np.ndarray, k: int, seed: int, n_init: int, max_iter: int):
+    """scikit-learn k-means++ (best of ``n_init`` seeded starts) on an in-memory sample."""
+    from sklearn.cluster import KMeans as SkKMeans
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "fewer distinct points than clusters" on tiny samples
+        return SkKMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter, random_state=seed).fit(X)
+
+
+def stability(X: np.ndarray, labels: np.ndarray, k: int, seed: int, cfg: ClusterConfig) -> list[float]:
+    """ARI between ``labels`` (the fit on all of ``X``) and ``stability_runs`` single-start refits
+    on seeded ``stability_fraction`` subsamples, each refit assigning every row of ``X``."""
+    from sklearn.metrics import adjusted_rand_score
+
     out = []
     for b in range(cfg.stability_runs):
-        sub = users.sample(fraction=cfg.stability_fraction, seed=seed + 7919 * (b + 1))
-        refit = fit_kmeans(sub, k, seed + 1009 * (b + 1), cfg).transform(users).select("entity_id", F.col("cluster_id").alias("refit"))
-        out.append(external_scores(contingency(reference.join(refit, "entity_id"), "cluster_id", "refit"))["ari"])
+        sub = np.random.default_rng(seed + 7919 * (b + 1)).random(len(X)) < cfg.stability_fraction
+        if sub.sum() <= k:
+            sub[:] = True
+        refit = local_kmeans(X[sub], k, seed + 1009 * (b + 1), 1, cfg.max_iter)
+        out.append(float(adjusted_rand_score(labels, refit.predict(X))))
     return out
 
 
@@ -103,24 +162,29 @@ def choose_k(sweep: list[dict[str, float]], selection: str, tolerance: float) ->
 
 
 def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: ClusterConfig):
-    """Fit every k of ``ks`` (on a hash sample of ``cfg.sweep_sample`` users when there are
-    more), choose k by the documented rule, and return ``(k, model, sweep, rule)`` with the
-    chosen k's model fitted on all ``users``."""
-    sample, n_sweep = users, n
-    if len(ks) > 1 and cfg.sweep_sample is not None and n > cfg.sweep_sample:
-        sample = users.where(hash_uniform("entity_id", seed=seed) < cfg.sweep_sample / n).persist(StorageLevel.MEMORY_AND_DISK)
-        n_sweep = sample.count()
-        log.info("cluster: k sweep on a sample of %d of %d users (cluster.sweep_sample)", n_sweep, n)
-    sweep, models = [], {}
+    """Score every k of ``ks`` on a bounded sample, choose k by the documented rule, and fit
+    the chosen k with MLlib on all ``users``; returns ``(k, model, sweep, rule)``.
+
+    The sweep is model selection, so it runs where it is cheapest: on every user up to
+    ``cfg.sweep_sample`` (a seeded hash sample of about that many above it), in the driver's
+    memory with scikit-learn (k-means++, best of ``n_init`` starts), exact silhouette and
+    ``stability_runs`` subsample refits per k. In MLlib each of those ~70 small fits was a
+    series of Spark jobs (seconds each, whatever the size); here a k costs well under a
+    second at 50,000 users. The segments themselves come from the MLlib fit on all users.
+    """
+    ids, X = sample_vectors(users, n, cfg.sweep_sample, seed)
+    n_sweep = len(ids)
+    ks = [k for k in ks if k < n_sweep] or ks[:1]
+    sampled = n_sweep < n
+    log.info("cluster: k sweep %s on %d%s users in driver memory", f"{ks[0]}..{ks[-1]}", n_sweep, f" sampled of {n}" if sampled else "")
+    sweep = []
     for k in ks:
-        model = fit_best(sample, k, seed, cfg)
-        pred = model.transform(sample)
-        row = {"k": k, "silhouette": silhouette(pred), "inertia": float(model.summary.trainingCost)}
+        km = local_kmeans(X, k, seed, cfg.n_init, cfg.max_iter)
+        row = {"k": k, "silhouette": silhouette_sq(X, km.labels_), "inertia": float(km.inertia_)}
         if cfg.stability_runs > 0:
-            runs = stability(sample, pred.select("entity_id", "cluster_id"), k, seed, cfg)
+            runs = stability(X, km.labels_, k, seed, cfg)
             row["stability"], row["stability_low"], row["stability_high"] = bootstrap_ci(runs, seed=seed)
         sweep.append(row)
-        models[k] = model
         log.info(
             "cluster: k=%d silhouette %.4f inertia %.2f%s",
             k,
@@ -129,14 +193,12 @@ def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: Clust
             f" stability {row['stability']:.3f} [{row['stability_low']:.3f}, {row['stability_high']:.3f}]" if "stability" in row else "",
         )
     k, rule = choose_k(sweep, cfg.selection, cfg.silhouette_tolerance)
-    model = models[k]
-    if sample is not users:
-        sample.unpersist()
+    if sampled:
         rule += f"; chosen on {n_sweep} sampled users, refitted on all {n}"
-        model = fit_best(users, k, seed, cfg)
     for row in sweep:
         row["sweep_users"] = n_sweep
-    return k, model, sweep, rule
+    log.info("cluster: k=%d chosen; MLlib KMeans on all %d users (best of %d starts)", k, n, cfg.n_init)
+    return k, fit_best(users, k, seed, cfg), sweep, rule
 
 
 @dataclass(frozen=True)
@@ -173,20 +235,30 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
             model = KMeansModel.load(str(path))
             k, rule, sweep = model.getK(), f"assigned to the segments of run {cfg.model_run} (no refit)", []
             log.info("cluster: assigning %d users to the %d segments of run %s", n, k, cfg.model_run)
-            return _finish(spark, ctx, users, model, k, n, sweep, rule, save_model=False)
+            return _finish(spark, ctx, users, model, k, n, sweep, rule, cfg, seed, save_model=False)
         ks = [cfg.k] if cfg.k is not None else list(range(cfg.k_min, min(cfg.k_max, n - 1) + 1))
         if cfg.k is not None and cfg.k >= n:
             raise ConfigError(f"cluster.k: {cfg.k} is not below the number of users ({n})")
         if not ks:
             raise InputError(f"only {n} users: too few to cluster (need at least {cfg.k_min + 1})")
         k, model, sweep, rule = sweep_and_fit(users, n, ks, seed, cfg)
-        return _finish(spark, ctx, users, model, k, n, sweep, rule)
+        return _finish(spark, ctx, users, model, k, n, sweep, rule, cfg, seed)
     finally:
         users.unpersist()
 
 
 def _finish(
-    spark: SparkSession, ctx: RunContext, users: DataFrame, model, k: int, n: int, sweep: list, rule: str, save_model: bool = True
+    spark: SparkSession,
+    ctx: RunContext,
+    users: DataFrame,
+    model,
+    k: int,
+    n: int,
+    sweep: list,
+    rule: str,
+    cfg: ClusterConfig,
+    seed: int,
+    save_model: bool = True,
 ) -> ClusterResult:
     """Write clusters, centroids, the model, profiles and the sweep for the chosen model."""
     centers = [c.tolist() for c in model.clusterCenters()]
@@ -214,7 +286,19 @@ def _finish(
     if save_model:
         model.write().overwrite().save(str(ctx.run_dir / "kmeans"))
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
-    profiles = cluster_profiles(spark, sessions, ctx.store.read(spark, ctx.tables.clusters, ctx.run_id))
+    assigned = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).select("entity_id", "cluster_id")
+    if cfg.profile_sample is not None and n > cfg.profile_sample:
+        fraction = cfg.profile_sample / n
+        sessions, assigned = (
+            sessions.where(in_user_sample("user_id", fraction, seed)),
+            assigned.where(in_user_sample("entity_id", fraction, seed)),
+        )
+        log.info(
+            "cluster: profiles from a hash sample of about %d of %d users (cluster.profile_sample); sizes exact", cfg.profile_sample, n
+        )
+    if cfg.profile_sample is not None:  # at most about profile_sample users: a broadcast, no shuffle of sessions
+        assigned = F.broadcast(assigned)
+    profiles = cluster_profiles(spark, sessions, assigned, sizes=sizes)
     ctx.store.write_run(profiles, ctx.tables.cluster_profiles, ctx.run_id)
     for p in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("cluster_id").collect():
         log.info("cluster %d: %s", p["cluster_id"], p["description"])

@@ -234,9 +234,12 @@ class ClusterConfig:
     silhouette_tolerance: float = 0.1
     stability_runs: int = 3  # refits on subsamples per k (ARI vs the full fit)
     stability_fraction: float = 0.8
-    # choose k on a seeded hash sample of at most this many users (null: all), then fit the
-    # chosen k on every user: the sweep's cost stops growing with the data
-    sweep_sample: int | None = 50000
+    # choose k on (a seeded hash sample of about) this many users, in driver memory, then fit
+    # the chosen k with MLlib on every user: the sweep's cost stops growing with the data
+    sweep_sample: int = 50000
+    # segment profiles: exact sizes, the other figures from a seeded hash sample of about this
+    # many users' sessions (null: all users)
+    profile_sample: int | None = 50000
     # user vectors per partition for KMeans (data-sized, not core-sized: same segments anywhere)
     rows_per_partition: int = 100000
     # assign users to the segments of an earlier run (its saved KMeans) instead of fitting
@@ -255,7 +258,12 @@ class ClusterConfig:
         _check(self.init_steps >= 1, "init_steps", "must be >= 1")
         _check(self.n_init >= 1, "n_init", "must be >= 1")
         _check(self.rows_per_partition >= 1000, "rows_per_partition", "must be >= 1000")
-        _check(self.sweep_sample is None or self.sweep_sample >= 100, "sweep_sample", "must be >= 100 or null")
+        _check(self.profile_sample is None or self.profile_sample >= 1000, "profile_sample", "must be >= 1000 or null")
+        _check(
+            isinstance(self.sweep_sample, int) and 100 <= self.sweep_sample <= 2_000_000,
+            "sweep_sample",
+            "must be a number of users from 100 to 2000000 (the k sweep holds this many vectors in driver memory)",
+        )
 
 
 @dataclass(frozen=True)
@@ -280,8 +288,13 @@ class EvaluateConfig:
     downstream: bool = True
     top_n: int = 10
     bootstrap: int = 200  # replicates for the confidence intervals
+    # above this many clustered users every family is measured on a seeded hash sample of about
+    # this many (null: all users): the evaluation's cost stops growing with the data, and at
+    # this size the estimates' intervals are a fraction of the gaps between methods
+    sample_users: int | None = 25000
 
     def __post_init__(self) -> None:
+        _check(self.sample_users is None or self.sample_users >= 1000, "sample_users", "must be >= 1000 or null")
         _check(self.top_n >= 1, "top_n", "must be >= 1")
         _check(self.bootstrap >= 10, "bootstrap", "must be >= 10")
 

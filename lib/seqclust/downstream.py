@@ -81,25 +81,59 @@ def hit_and_ndcg(recs: F.Column, target: F.Column, n: int) -> tuple[F.Column, F.
     return hit, F.when(idcg > 0, dcg / idcg).otherwise(0.0)
 
 
-def user_scores(history: DataFrame, target: DataFrame, assignment: DataFrame, field: str, n: int) -> DataFrame:
+@dataclass
+class FieldLists:
+    """What the strategies of one field share whatever the segmentation: the history values
+    ``ev`` (user_id, x), the ``glob`` list, each user's ``own`` list and the ``target`` sets."""
+
+    ev: DataFrame
+    glob: list[str]
+    own: DataFrame
+    target: DataFrame
+
+    def unpersist(self) -> None:
+        for df in (self.ev, self.own, self.target):
+            df.unpersist()
+
+
+def field_lists(
+    history: DataFrame, target: DataFrame, field: str, n: int, users: DataFrame | None = None, persist: bool = False
+) -> FieldLists:
+    """The method-independent lists of ``field`` (computed once, shared by every method's
+    scores); ``users`` (user_id) restricts them to the scored users; ``persist`` caches them."""
+    ev = history.select("user_id", F.explode(field).alias("x")).where(F.col("x").isNotNull() & (F.col("x") != ""))
+    if users is not None:
+        ev = ev.join(users.select("user_id"), "user_id")
+    if persist:
+        ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
+    glob = [r["x"] for r in ev.groupBy("x").agg(F.count("*").alias("cnt")).orderBy(F.desc("cnt"), "x").limit(n).collect()]
+    own = _top(ev.groupBy("user_id", "x").agg(F.count("*").alias("cnt")), ["user_id"], n).withColumnRenamed("recs", "own_recs")
+    tgt = target.select("user_id", F.array_distinct(F.filter(field, lambda x: x.isNotNull() & (x != ""))).alias("target")).where(
+        F.size("target") > 0
+    )
+    if persist:
+        own, tgt = own.persist(StorageLevel.MEMORY_AND_DISK), tgt.persist(StorageLevel.MEMORY_AND_DISK)
+    return FieldLists(ev, glob, own, tgt)
+
+
+def user_scores(
+    history: DataFrame, target: DataFrame, assignment: DataFrame, field: str, n: int, lists: FieldLists | None = None
+) -> DataFrame:
     """One row per scored user: ``hit_<strategy>`` and ``ndcg_<strategy>`` for STRATEGIES.
 
     Args:
         history, target: sessions (``user_id`` and the array column ``field``).
         assignment: ``(user_id, cluster_id)`` from history only.
+        lists: ``field_lists`` of the same history, target and users (else computed here).
     """
-    ev = history.select("user_id", F.explode(field).alias("x")).where(F.col("x").isNotNull() & (F.col("x") != ""))
-    ev = ev.join(assignment, "user_id")
-    glob = [r["x"] for r in ev.groupBy("x").agg(F.count("*").alias("cnt")).orderBy(F.desc("cnt"), "x").limit(n).collect()]
+    lists = lists or field_lists(history, target, field, n, users=assignment)
+    ev = lists.ev.join(assignment, "user_id")
     clus = _top(ev.groupBy("cluster_id", "x").agg(F.count("*").alias("cnt")), ["cluster_id"], n).withColumnRenamed("recs", "cluster_recs")
-    own = _top(ev.groupBy("user_id", "x").agg(F.count("*").alias("cnt")), ["user_id"], n).withColumnRenamed("recs", "own_recs")
-    tgt = target.select("user_id", F.array_distinct(F.filter(field, lambda x: x.isNotNull() & (x != ""))).alias("target")).where(
-        F.size("target") > 0
-    )
+    glob = lists.glob
     g = F.array(*[F.lit(x) for x in glob]) if glob else F.array().cast("array<string>")
-    df = tgt.join(assignment, "user_id").join(F.broadcast(clus), "cluster_id", "left").join(own, "user_id", "left")
+    df = lists.target.join(assignment, "user_id").join(F.broadcast(clus), "cluster_id", "left").join(lists.own, "user_id", "left")
     empty = F.array().cast("array<string>")
-    lists = {
+    recs = {
         "global": g,
         "cluster": F.coalesce("cluster_recs", empty),
         "own": F.coalesce("own_recs", empty),
@@ -107,8 +141,8 @@ def user_scores(history: DataFrame, target: DataFrame, assignment: DataFrame, fi
         "own_global_fill": F.slice(F.array_distinct(F.concat(F.coalesce("own_recs", empty), g)), 1, n),
     }
     cols = []
-    for name, recs in lists.items():
-        hit, ndcg = hit_and_ndcg(recs, F.col("target"), n)
+    for name, r in recs.items():
+        hit, ndcg = hit_and_ndcg(r, F.col("target"), n)
         cols += [hit.alias(f"hit_{name}"), ndcg.alias(f"ndcg_{name}")]
     return df.select("user_id", *cols)
 
@@ -135,7 +169,14 @@ def bootstrap_means(
     users than buckets, the variance estimate within ~sqrt(2/buckets) otherwise) without a
     users x replicates cross join. Same result on any partitioning.
     """
-    means = scores.agg(*[F.avg(c).alias(c) for c in columns]).first()
+    return bootstrap_means_and_count(scores, columns, seed, replicates, key, buckets)[0]
+
+
+def bootstrap_means_and_count(
+    scores: DataFrame, columns: Sequence[str], seed: int, replicates: int = 200, key: str = "user_id", buckets: int = BOOTSTRAP_BUCKETS
+) -> tuple[dict[str, Score], int]:
+    """``bootstrap_means`` and the number of rows, from one Spark job: the means are the bucket
+    sums over the bucket counts, exactly the mean over rows."""
     groups = (
         scores.withColumn("_g", (hash_uniform(key, seed=seed) * buckets).cast("int"))
         .groupBy("_g")
@@ -144,6 +185,7 @@ def bootstrap_means(
         .collect()
     )
     n = np.array([r["_n"] for r in groups], dtype=np.float64)
+    total = float(n.sum())
     w = np.random.default_rng(seed).poisson(1.0, size=(replicates, len(groups))).astype(np.float64)
     wn = w @ n
     ok = wn > 0
@@ -152,8 +194,9 @@ def bootstrap_means(
         sums = np.array([r[c] or 0.0 for r in groups], dtype=np.float64)
         vals = (w @ sums)[ok] / wn[ok]
         lo, hi = np.percentile(vals, [2.5, 97.5]) if len(vals) else (float("nan"), float("nan"))
-        out[c] = Score(float(means[c]), float(lo), float(hi))
-    return out
+        mean = float(sums.sum() / total) if total else float("nan")
+        out[c] = Score(mean, float(lo), float(hi))
+    return out, int(total)
 
 
 def evaluate_downstream(
@@ -185,7 +228,7 @@ def evaluate_downstream(
     rows: list[dict] = []
     try:
         hist_emb = history.select("session_id", "user_id", "end_ts").join(session_emb, "session_id")
-        users = pool_users(hist_emb).withColumnRenamed("entity_id", "user_id")
+        users = pool_users(hist_emb, dim=len(centroids[0]) if centroids else None).withColumnRenamed("entity_id", "user_id")
         enc = nearest_centroid(users, centroids).select("user_id", "cluster_id").persist(StorageLevel.MEMORY_AND_DISK)
         n_users = enc.count()
         if n_users == 0:
@@ -193,20 +236,21 @@ def evaluate_downstream(
             return []
         rnd = random_assignment(enc.select("user_id"), random_shares, seed, out_col="cluster_id", key="user_id")
         methods = [("encoder", enc), ("random", rnd)]
+        log.info("downstream: %d users with history assigned to the encoder's segments", n_users)
         if baseline_assign is not None:
             boe = baseline_assign(history).persist(StorageLevel.MEMORY_AND_DISK)
             methods.append(("bag_of_events", boe))
+            log.info("downstream: bag-of-events baseline refitted on history")
         for field in fields:
             nonempty = history.where(F.exists(field, lambda x: x.isNotNull() & (x != ""))).limit(1).count()
             if not nonempty:
                 continue
             what = "categories" if field == "categories" else "items"
+            lists = field_lists(history, target, field, n, users=enc, persist=True)
             for method, assign in methods:
-                scores = user_scores(history, target, assign, field, n).persist(StorageLevel.MEMORY_AND_DISK)
-                n_scored = scores.count()
+                scores = user_scores(history, target, assign, field, n, lists=lists)
                 cols = [f"{m}_{s}" for s in STRATEGIES for m in ("hit", "ndcg")]
-                res = bootstrap_means(scores, cols, seed, replicates)
-                scores.unpersist()
+                res, n_scored = bootstrap_means_and_count(scores, cols, seed, replicates)
                 for c, sc in res.items():
                     m, strat = c.split("_", 1)
                     rows.append(
@@ -235,6 +279,7 @@ def evaluate_downstream(
                     res["hit_own_cluster_fill"].value,
                     res["hit_own_global_fill"].value,
                 )
+            lists.unpersist()
         for _, a in methods:
             a.unpersist()
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from seqclust.cluster import fit_best, silhouette, user_partitions
 from seqclust.config import BaselineConfig, ClusterConfig, EvaluateConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
-from seqclust.metrics import contingency, external_scores, hash_uniform
+from seqclust.metrics import contingencies, external_scores, hash_uniform, in_user_sample
 from seqclust.privacy import pseudonym
 
 log = logging.getLogger(__name__)
@@ -103,18 +103,39 @@ def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col
     return df.withColumn("_u", hash_uniform(key, seed=seed)).withColumn(out_col, expr.cast("int")).drop("_u")
 
 
-def boe_clusters(sessions: DataFrame, k: int, n_users: int, seed: int, baseline: BaselineConfig, cluster_cfg: ClusterConfig) -> DataFrame:
+def evaluation_sample(n_users: int, limit: int | None, seed: int) -> Callable[[DataFrame, str], DataFrame]:
+    """``keep(df, user_col)``: the rows of the evaluation's users — all of them up to ``limit``,
+    else a seeded hash sample of about ``limit`` (the same users in every table)."""
+    if limit is None or n_users <= limit:
+        return lambda df, col: df
+    fraction = limit / n_users
+    return lambda df, col: df.where(in_user_sample(col, fraction, seed))
+
+
+def boe_clusters(
+    sessions: DataFrame,
+    k: int,
+    n_users: int,
+    seed: int,
+    baseline: BaselineConfig,
+    cluster_cfg: ClusterConfig,
+    vectors: bool = True,
+    id_col: str = "entity_id",
+) -> DataFrame:
     """The bag-of-events baseline clustered at ``k`` with the encoder's KMeans procedure:
-    ``entity_id``, ``features``, ``emb``, ``cluster_id``. The user vectors are cached while the
-    ``n_init`` starts read them (else each start recomputes them from the sessions); the
-    returned frame computes them once more, so a caller that reads it twice persists it."""
+    ``id_col``, ``cluster_id`` and, with ``vectors``, ``features`` and ``emb``. The user vectors
+    are computed once (cached while the ``n_init`` starts read them); the result is persisted
+    and materialised, so the caller reads it as often as it likes and unpersists it."""
     parts = user_partitions(n_users, cluster_cfg)
     vecs = bag_of_events(sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim, parts).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         model = fit_best(vecs, k, seed, cluster_cfg)
+        cols = [F.col("entity_id").alias(id_col), "cluster_id"] + (["features", "emb"] if vectors else [])
+        out = model.transform(vecs).select(*cols).persist(StorageLevel.MEMORY_AND_DISK)
+        out.count()
     finally:
         vecs.unpersist()
-    return model.transform(vecs)
+    return out
 
 
 def _drift_rows(
@@ -125,6 +146,7 @@ def _drift_rows(
     seed: int,
     baseline: BaselineConfig | None = None,
     boe_now: DataFrame | None = None,
+    keep: Callable[[DataFrame, str], DataFrame] | None = None,
 ) -> list[dict[str, Any]]:
     """Drift against the model run (``cluster.model_run``) or else the latest earlier
     succeeded run of the same input; [] when there is none.
@@ -133,7 +155,9 @@ def _drift_rows(
     into clusters of that run's sizes, matched by user overlap: what "users changed segment"
     reads when segments carry no information about users) and ``bag_of_events`` (each run's
     sessions clustered on their event counts at that run's k, matched by user overlap).
+    ``keep`` restricts both runs to the evaluation sample of users.
     """
+    keep = keep or (lambda df, col: df)
     from seqclust.drift import segmentation_drift
 
     runs_t = ctx.tables.runs
@@ -163,7 +187,10 @@ def _drift_rows(
         alignment = "centroids" if me is not None and prev["encoder_id"] == me["encoder_id"] else "user_overlap"
 
     def clusters(rid: str) -> DataFrame:
-        return ctx.store.read(spark, ctx.tables.clusters, rid).where(F.col("entity_type") == "user").select("entity_id", "cluster_id")
+        return keep(
+            ctx.store.read(spark, ctx.tables.clusters, rid).where(F.col("entity_type") == "user").select("entity_id", "cluster_id"),
+            "entity_id",
+        )
 
     def centroids(rid: str) -> list[list[float]]:
         rows = ctx.store.read(spark, ctx.tables.centroids, rid).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
@@ -186,12 +213,14 @@ def _drift_rows(
         r_new = random_assignment(new.select("entity_id"), shares(new_sizes), seed + 1, "cluster_id")
         results["random"] = (segmentation_drift(r_old, r_new, "user_overlap"), "user_overlap")
         if baseline is not None and baseline.bag_of_events and boe_now is not None:
-            prev_sessions = ctx.store.read(spark, ctx.tables.sessions, prev_id).where("is_modelled")
+            prev_sessions = keep(ctx.store.read(spark, ctx.tables.sessions, prev_id).where("is_modelled"), "user_id")
             if prev_sessions.limit(1).count():
-                b_old = boe_clusters(prev_sessions, len(old_sizes), sum(old_sizes.values()), seed, baseline, cluster_cfg)
-                b_old = b_old.select("entity_id", "cluster_id")
+                b_old = boe_clusters(prev_sessions, len(old_sizes), sum(old_sizes.values()), seed, baseline, cluster_cfg, vectors=False)
                 b_new = boe_now.select("entity_id", "cluster_id")
-                results["bag_of_events"] = (segmentation_drift(b_old, b_new, "user_overlap"), "user_overlap")
+                try:
+                    results["bag_of_events"] = (segmentation_drift(b_old, b_new, "user_overlap"), "user_overlap")
+                finally:
+                    b_old.unpersist()
     finally:
         old.unpersist()
         new.unpersist()
@@ -271,13 +300,6 @@ class EvaluateResult:
     labelled_users: int
 
 
-def _external_rows(lab: DataFrame, col: str, method: str, k: int, details: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    scores = external_scores(contingency(lab, "label", col))
-    return scores, [
-        {"method": method, "k": k, "family": "external", "metric": m, "value": v, "details": details} for m, v in scores.items()
-    ]
-
-
 def run(
     spark: SparkSession,
     ctx: RunContext,
@@ -286,14 +308,17 @@ def run(
     cluster_cfg: ClusterConfig,
     baseline: BaselineConfig,
     salt: str | None = None,
-    downstream: EvaluateConfig | None = None,
+    evaluate_cfg: EvaluateConfig | None = None,
 ) -> EvaluateResult:
     """Evaluate this run's user clusters beside a random baseline (same cluster sizes) and the
     bag-of-events baseline (KMeans at the same k); write ``metrics``.
 
     Internal indices are computed in each method's own space (``details.space``); external
-    agreement is comparable across methods as is.
+    agreement is comparable across methods as is. Above ``evaluate.sample_users`` clustered
+    users, every family is measured on the same seeded hash sample of about that many users
+    (metric ``evaluated_users`` says how many).
     """
+    ev = evaluate_cfg or EvaluateConfig(downstream=False)
     emb = (
         ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
         .where(F.col("entity_type") == "user")
@@ -302,13 +327,28 @@ def run(
     cl = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).where(F.col("entity_type") == "user").select("entity_id", "cluster_id")
     sizes = {r["cluster_id"]: r["count"] for r in cl.groupBy("cluster_id").count().collect()}
     k = len(sizes)
-    shares = [sizes[i] / sum(sizes.values()) for i in sorted(sizes)]
-    users = random_assignment(emb.join(cl, "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
-    sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+    n_users = sum(sizes.values())
+    shares = [sizes[i] / n_users for i in sorted(sizes)]
+    keep = evaluation_sample(n_users, ev.sample_users, seed)
+    users = random_assignment(keep(emb.join(cl, "entity_id"), "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
+    n_eval = users.count()
+    if n_eval < n_users:
+        log.info("evaluate: on a hash sample of %d of %d users (evaluate.sample_users=%d)", n_eval, n_users, ev.sample_users)
+    sessions = keep(ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled"), "user_id")
     boe = None
     try:
         results: dict[str, dict[str, float]] = {}
         rows: list[dict[str, Any]] = []
+        rows.append(
+            {
+                "method": "encoder",
+                "k": k,
+                "family": "internal",
+                "metric": "evaluated_users",
+                "value": float(n_eval),
+                "details": json.dumps({"users": n_users, "sampled": n_eval < n_users, "sample_users": ev.sample_users}),
+            }
+        )
         spaces = {"encoder": "encoder", "random": "encoder"}
         for method, col in (("encoder", "cluster_id"), ("random", "random_id")):
             scores = internal_scores(users, "emb", col)
@@ -317,8 +357,9 @@ def run(
             rows += [
                 {"method": method, "k": k, "family": "internal", "metric": m, "value": v, "details": details} for m, v in scores.items()
             ]
+        log.info("evaluate: internal indices of the encoder's and the random segments done")
         if baseline.bag_of_events:
-            boe = boe_clusters(sessions, k, sum(sizes.values()), seed, baseline, cluster_cfg).persist(StorageLevel.MEMORY_AND_DISK)
+            boe = boe_clusters(sessions, k, n_eval, seed, baseline, cluster_cfg)
             scores = internal_scores(boe, "emb", "cluster_id")
             results["bag_of_events"] = dict(scores)
             details = json.dumps({"space": "bag_of_events", "vocab_size": baseline.vocab_size, "pca_dim": baseline.pca_dim})
@@ -326,25 +367,32 @@ def run(
                 {"method": "bag_of_events", "k": k, "family": "internal", "metric": m, "value": v, "details": details}
                 for m, v in scores.items()
             ]
-            log.info("evaluate: bag-of-events baseline clustered at k=%d", k)
+            log.info("evaluate: bag-of-events baseline clustered at k=%d, its internal indices done", k)
+        # every method's segment id beside the user: one contingency job per label serves all
+        assigned = users.select("entity_id", "cluster_id", "random_id")
+        method_cols = [("encoder", "cluster_id"), ("random", "random_id")]
+        if boe is not None:
+            assigned = assigned.join(boe.select("entity_id", F.col("cluster_id").alias("boe_id")), "entity_id", "left")
+            method_cols.append(("bag_of_events", "boe_id"))
         n_labelled = 0
         if ctx.labels_path:
             lab_df = read_labels(spark, ctx.labels_path, labels.format, labels.user_col, labels.label_col)
             if salt is not None:  # user ids were pseudonymised at ingest: join on the pseudonym
                 lab_df = lab_df.withColumn("user_id", pseudonym(F.col("user_id"), salt))
             lab_df = lab_df.withColumnRenamed("user_id", "entity_id")
-            lab = users.join(lab_df, "entity_id")
-            n_labelled = lab.count()
+            tables = contingencies(assigned.join(lab_df, "entity_id"), "label", [c for _, c in method_cols])
+            n_labelled = int(tables["cluster_id"].sum()) if "cluster_id" in tables else 0
             details = json.dumps({"labels": ctx.labels_path, "label_col": labels.label_col, "labelled_users": n_labelled})
             if n_labelled == 0:
                 log.warning("evaluate: labels at %s match none of the clustered users; external metrics skipped", ctx.labels_path)
             else:
-                for method, df, col in (("encoder", lab, "cluster_id"), ("random", lab, "random_id")) + (
-                    (("bag_of_events", boe.join(lab_df, "entity_id"), "cluster_id"),) if boe is not None else ()
-                ):
-                    scores, new_rows = _external_rows(df, col, method, k, details)
+                for method, col in method_cols:
+                    scores = external_scores(tables[col])
                     results[method].update(scores)
-                    rows += new_rows
+                    rows += [
+                        {"method": method, "k": k, "family": "external", "metric": m, "value": v, "details": details}
+                        for m, v in scores.items()
+                    ]
             rows.append(
                 {
                     "method": "encoder",
@@ -357,16 +405,12 @@ def run(
             )
         proxies = proxy_labels(sessions).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            assigned = users.select("entity_id", "cluster_id", "random_id")
-            if boe is not None:
-                assigned = assigned.join(boe.select("entity_id", F.col("cluster_id").alias("boe_id")), "entity_id")
             lab = assigned.join(proxies, "entity_id")
             for proxy in ("buyer", "dominant_category"):
                 details = json.dumps({"labels": f"proxy:{proxy}", "note": "proxy label derived from the events, not ground truth"})
-                for method, col in (("encoder", "cluster_id"), ("random", "random_id")) + (
-                    (("bag_of_events", "boe_id"),) if boe is not None else ()
-                ):
-                    scores = external_scores(contingency(lab.where(F.col(proxy).isNotNull()), proxy, col))
+                tables = contingencies(lab.where(F.col(proxy).isNotNull()), proxy, [c for _, c in method_cols])
+                for method, col in method_cols:
+                    scores = external_scores(tables[col])
                     results.setdefault(method, {}).update({f"{m}_{proxy}": scores[m] for m in ("ari", "nmi")})
                     rows += [
                         {"method": method, "k": k, "family": "proxy", "metric": f"{m}_{proxy}", "value": v, "details": details}
@@ -375,30 +419,27 @@ def run(
                     ]
         finally:
             proxies.unpersist()
+        log.info("evaluate: agreement with labels and proxy labels done")
         families = ("internal", "external", "proxy")
-        drift_rows = _drift_rows(spark, ctx, cluster_cfg, k, seed, baseline, boe)
+        drift_rows = _drift_rows(spark, ctx, cluster_cfg, k, seed, baseline, boe, keep)
         rows += drift_rows
         for r in drift_rows:
             results.setdefault(r["method"], {})[r["metric"]] = r["value"]
         families = (*families, "drift")
-        if downstream is not None and downstream.downstream:
+        if ev.downstream:
             from seqclust.downstream import evaluate_downstream
 
             cents = (
                 ctx.store.read(spark, ctx.tables.centroids, ctx.run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
             )
-            sess_emb = (
-                ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
-                .where(F.col("entity_type") == "session")
-                .select(F.col("entity_id").alias("session_id"), "embedding")
-            )
+            sess_emb = keep(  # session rows carry their user: only the sample's sessions reach the join
+                ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "session"), "user_id"
+            ).select(F.col("entity_id").alias("session_id"), "embedding")
             boe_assign = None
             if baseline.bag_of_events:
 
                 def boe_assign(hist: DataFrame) -> DataFrame:
-                    return boe_clusters(hist, k, sum(sizes.values()), seed, baseline, cluster_cfg).select(
-                        F.col("entity_id").alias("user_id"), "cluster_id"
-                    )
+                    return boe_clusters(hist, k, n_eval, seed, baseline, cluster_cfg, vectors=False, id_col="user_id")
 
             down = evaluate_downstream(
                 sessions,
@@ -406,8 +447,8 @@ def run(
                 [r["centroid"] for r in cents],
                 shares,
                 seed,
-                downstream.top_n,
-                replicates=downstream.bootstrap,
+                ev.top_n,
+                replicates=ev.bootstrap,
                 baseline_assign=boe_assign,
             )
             rows += [{**r, "k": k} for r in down]

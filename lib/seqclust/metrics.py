@@ -27,6 +27,34 @@ def contingency(df: DataFrame, label_col: str, cluster_col: str) -> np.ndarray:
     return m
 
 
+def contingencies(df: DataFrame, label_col: str, cluster_cols: Sequence[str]) -> dict[str, np.ndarray]:
+    """``contingency(df, label_col, c)`` for every ``c`` of ``cluster_cols``, from one Spark job:
+    each row is counted once per column as (label, column, cluster), so at most
+    labels x clusters x columns counts reach the driver. Rows where ``c`` is null do not count
+    for ``c``; a column with no counted row is left out of the result."""
+    pairs = F.explode(F.array(*[F.struct(F.lit(c).alias("col"), F.col(c).cast("long").alias("cluster")) for c in cluster_cols]))
+    rows = (
+        df.select(F.col(label_col).alias("label"), pairs.alias("p"))
+        .select("label", "p.col", "p.cluster")
+        .where(F.col("cluster").isNotNull())
+        .groupBy("label", "col", "cluster")
+        .count()
+        .collect()
+    )
+    out = {}
+    for c in cluster_cols:
+        mine = [r for r in rows if r["col"] == c]
+        if not mine:
+            continue
+        li = {v: i for i, v in enumerate(sorted({str(r["label"]) for r in mine}))}
+        ci = {v: i for i, v in enumerate(sorted({r["cluster"] for r in mine}))}
+        m = np.zeros((len(li), len(ci)), dtype=np.int64)
+        for r in mine:
+            m[li[str(r["label"])], ci[r["cluster"]]] += r["count"]
+        out[c] = m
+    return out
+
+
 def _comb2(x: np.ndarray | float) -> Any:
     return x * (x - 1) / 2.0
 
@@ -82,6 +110,17 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, n_boot: int = 2000, lev
 def hash_uniform(*cols: str, seed: int) -> Column:
     """A uniform draw in [0, 1) from a seeded 64-bit hash of ``cols``: a function of the row's
     values, so it does not change with partitioning or row order (``rand`` does). The random
-    baseline, the bootstrap buckets and the k-sweep sample all draw with it."""
+    baseline, the bootstrap buckets and the user samples (``in_user_sample``) all draw with it."""
     h = F.xxhash64(*[F.col(c) for c in cols], F.lit(seed)).bitwiseAND(F.lit(0x7FFFFFFFFFFFFFFF))
     return h.cast("double") / float(2**63)
+
+
+SAMPLE_SEED_OFFSET = 104_729  # the user samples draw from their own hash stream
+
+
+def in_user_sample(col: str, fraction: float, seed: int) -> Column:
+    """True for a seeded hash sample of about ``fraction`` of the values of ``col``: the same
+    users in every table keyed by them (events, sessions, vectors) and on any partitioning.
+    Its hash stream is not ``seed``'s, so the users it keeps are not biased in the random
+    baseline's or the bootstrap's draws (which hash with ``seed`` itself)."""
+    return hash_uniform(col, seed=seed + SAMPLE_SEED_OFFSET) < F.lit(float(fraction))

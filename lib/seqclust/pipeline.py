@@ -228,7 +228,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
         rec.users = c.users
         state["k_choice"] = next(({"rule": c.rule, **r} for r in c.sweep if r["k"] == c.k), None)
     elif name == "evaluate":
-        e = evaluate_stage.run(spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline, salt=cfg.privacy.salt(), downstream=cfg.evaluate)
+        e = evaluate_stage.run(spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline, salt=cfg.privacy.salt(), evaluate_cfg=cfg.evaluate)
         state["metrics"] = e.metrics
     else:  # pragma: no cover
         raise ValueError(name)
@@ -394,7 +394,9 @@ def format_summary(s: RunSummary) -> str:
             )
             if any(m in s.metrics[x] for x in methods)
         ]
-        lines.append(f"  metrics at k={rec.k} (*_buyer, *_dominant_category: vs proxy labels)")
+        n_eval = s.metrics.get("encoder", {}).get("evaluated_users")
+        sample = f"; on a hash sample of {int(n_eval)} of {rec.users} users" if n_eval and rec.users and n_eval < rec.users else ""
+        lines.append(f"  metrics at k={rec.k} (*_buyer, *_dominant_category: vs proxy labels{sample})")
         lines += _method_table(s.metrics, methods, names, 24)
         drifted = [m for m in methods if "psi_cluster_shares" in s.metrics[m]]
         if drifted:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -64,9 +65,29 @@ def _describe(p: dict[str, Any], overall_conv: float) -> str:
     return "; ".join(parts)
 
 
-def cluster_profiles(spark: SparkSession, sessions: DataFrame, clusters: DataFrame, top_n: int = 5) -> DataFrame:
-    """One row per cluster (PROFILE_SCHEMA) from ``sessions`` and ``clusters`` (entity_id, cluster_id)."""
-    s = sessions.join(clusters.select(F.col("entity_id").alias("user_id"), "cluster_id"), "user_id")
+def cluster_profiles(
+    spark: SparkSession, sessions: DataFrame, clusters: DataFrame, top_n: int = 5, sizes: dict[int, int] | None = None
+) -> DataFrame:
+    """One row per cluster (PROFILE_SCHEMA) from ``sessions`` and ``clusters`` (entity_id, cluster_id).
+
+    ``sizes`` (cluster -> users), when given, are the exact segment sizes and shares, for
+    profiles measured on a sample of each segment's users; every other figure is a ratio or
+    a median of what ``sessions`` holds. Five aggregations of the sessions joined to their
+    users' segments (the join cached once); only per-cluster figures reach the driver.
+    """
+    cols = ("user_id", "n_events", "duration_s", "event_counts", "categories", "prices", "gaps_s")
+    s = (
+        sessions.select(*cols)
+        .join(clusters.select(F.col("entity_id").alias("user_id"), "cluster_id"), "user_id")
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    try:
+        return _profiles(spark, s, top_n, sizes)
+    finally:
+        s.unpersist()
+
+
+def _profiles(spark: SparkSession, s: DataFrame, top_n: int, sizes: dict[int, int] | None) -> DataFrame:
     per_cluster = (
         s.groupBy("cluster_id")
         .agg(
@@ -78,32 +99,39 @@ def cluster_profiles(spark: SparkSession, sessions: DataFrame, clusters: DataFra
         .collect()
     )
     users = s.groupBy("cluster_id", "user_id").agg(F.max(F.coalesce(F.col("event_counts")["purchase"], F.lit(0))).alias("p"))
-    conv = {r["cluster_id"]: r["c"] for r in users.groupBy("cluster_id").agg(F.avg((F.col("p") > 0).cast("double")).alias("c")).collect()}
-    overall_conv = users.agg(F.avg((F.col("p") > 0).cast("double"))).first()[0] or 0.0
+    conv_n = {
+        r["cluster_id"]: (r["c"], r["n"])
+        for r in users.groupBy("cluster_id").agg(F.avg((F.col("p") > 0).cast("double")).alias("c"), F.count("*").alias("n")).collect()
+    }
+    conv = {c: v for c, (v, _) in conv_n.items()}
+    overall_conv = sum(v * n for v, n in conv_n.values()) / max(1, sum(n for _, n in conv_n.values()))
     mix_rows = (
         s.select("cluster_id", F.explode("event_counts").alias("t", "n")).groupBy("cluster_id", "t").agg(F.sum("n").alias("n")).collect()
     )
     events = s.select("cluster_id", F.explode(F.arrays_zip("categories", "prices", "gaps_s")).alias("e"))
-    stats = events.groupBy("cluster_id").agg(
+    # per cluster and (the rollup's null cluster) over everyone, in one pass
+    stats = events.rollup("cluster_id").agg(
+        F.grouping_id().alias("_all"),
         F.percentile_approx(F.when(F.col("e.prices") > 0, F.col("e.prices")), 0.5).alias("med_price"),
         F.percentile_approx(F.when(F.col("e.gaps_s") > 0, F.col("e.gaps_s")), 0.5).alias("med_gap"),
     )
-    med = {r["cluster_id"]: (r["med_price"], r["med_gap"]) for r in stats.collect()}
-    overall_price = events.agg(F.percentile_approx(F.when(F.col("e.prices") > 0, F.col("e.prices")), 0.5)).first()[0]
-    cats = events.groupBy("cluster_id", F.col("e.categories").alias("category")).count()
-    totals = cats.groupBy("cluster_id").agg(F.sum("count").alias("tot"))
-    overall = cats.groupBy("category").agg(F.sum("count").alias("all"))
-    grand = overall.agg(F.sum("all")).first()[0] or 1
-    top = (
-        cats.join(totals, "cluster_id")
-        .join(overall, "category")
-        .withColumn("share", F.col("count") / F.col("tot"))
-        .withColumn("lift", F.col("share") / (F.col("all") / F.lit(grand)))
-        .withColumn("r", F.row_number().over(Window.partitionBy("cluster_id").orderBy(F.desc("count"), "category")))
-        .where(F.col("r") <= top_n)
-        .collect()
-    )
-    n_users = sum(r["size"] for r in per_cluster) or 1
+    med, overall_price = {}, None
+    for r in stats.collect():
+        if r["_all"]:
+            overall_price = r["med_price"]
+        else:
+            med[r["cluster_id"]] = (r["med_price"], r["med_gap"])
+    # (cluster, category) counts: k x categories rows; shares, lifts and the top n on the driver
+    cat_counts: dict[int, dict[str, int]] = {}
+    for r in events.groupBy("cluster_id", F.col("e.categories").alias("category")).count().collect():
+        cat_counts.setdefault(r["cluster_id"], {})[r["category"]] = r["count"]
+    overall_cats: dict[str, int] = {}
+    for cc in cat_counts.values():
+        for cat, v in cc.items():
+            overall_cats[cat] = overall_cats.get(cat, 0) + v
+    grand = sum(overall_cats.values()) or 1
+    n_sample = sum(r["size"] for r in per_cluster) or 1
+    n_users = sum(sizes.values()) if sizes else n_sample
     mix: dict[int, dict[str, float]] = {}
     for r in mix_rows:
         mix.setdefault(r["cluster_id"], {})[r["t"]] = float(r["n"])
@@ -120,10 +148,14 @@ def cluster_profiles(spark: SparkSession, sessions: DataFrame, clusters: DataFra
         shares = {t: m.get(t, 0.0) / tot for t in sorted(all_mix)}
         lifts = {t: (shares[t] / (all_mix[t] / all_total)) if all_mix[t] else 0.0 for t in shares}
         price, gap = med.get(c, (None, None))
+        cc = cat_counts.get(c, {})
+        c_tot = sum(cc.values()) or 1
+        top = sorted(((cat, v) for cat, v in cc.items() if cat is not None), key=lambda x: (-x[1], x[0]))[:top_n]
+        size = int(sizes.get(c, 0)) if sizes else int(r["size"])
         p = {
             "cluster_id": int(c),
-            "size": int(r["size"]),
-            "share": r["size"] / n_users,
+            "size": size,
+            "share": size / n_users,
             "sessions_per_user": r["n_sessions"] / max(r["size"], 1),
             "event_mix": shares,
             "event_mix_lift": lifts,
@@ -133,10 +165,7 @@ def cluster_profiles(spark: SparkSession, sessions: DataFrame, clusters: DataFra
             "median_gap_s": float(gap) if gap is not None else None,
             "median_price": float(price) if price is not None else None,
             "price_index": float(price) / overall_price if price is not None and overall_price else None,
-            "top_categories": [
-                {"category": t["category"], "share": float(t["share"]), "lift": float(t["lift"])}
-                for t in sorted((t for t in top if t["cluster_id"] == c), key=lambda t: t["r"])
-            ],
+            "top_categories": [{"category": cat, "share": v / c_tot, "lift": (v / c_tot) / (overall_cats[cat] / grand)} for cat, v in top],
         }
         p["description"] = _describe(p, overall_conv)
         rows.append(p)
