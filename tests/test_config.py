@@ -38,6 +38,10 @@ def test_env_overlay_and_set_overrides():
         ("run.run_id=../../etc", "run_id: '../../etc' is not allowed"),
         ("source.event_types.clk=click", "source.event_types.clk: must be one of"),
         ("cluster.k", "expected key=value"),
+        ("cluster.sweep_sample=null", "cluster.sweep_sample: expected an integer"),  # the sweep is in driver memory: bounded
+        ("cluster.sweep_sample=5000000", "cluster.sweep_sample: must be a number of users from 100 to 2000000"),
+        ("evaluate.sample_users=10", "evaluate.sample_users: must be >= 1000 or null"),
+        ("cluster.profile_sample=10", "cluster.profile_sample: must be >= 1000 or null"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

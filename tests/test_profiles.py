@@ -32,3 +32,9 @@ def test_profiles_exact_figures(spark):
     assert (p[0]["median_price"], p[1]["median_price"]) == (50.0, 10.0)
     assert (p[0]["price_index"], p[1]["price_index"]) == (5.0, 1.0)
     assert "67% of users" in p[0]["description"] and "purchase events 2.0x" in p[0]["description"]
+    # measured on a sample of each segment's users: sizes and shares are the exact ones given,
+    # every other figure is the sample's
+    q = {r["cluster_id"]: r for r in cluster_profiles(spark, sessions, clusters, top_n=2, sizes={0: 100, 1: 300}).collect()}
+    assert (q[0]["size"], q[1]["size"]) == (100, 300) and q[1]["share"] == pytest.approx(0.75)
+    assert q[0]["sessions_per_user"] == p[0]["sessions_per_user"] == 1.0 and q[0]["median_price"] == 50.0
+    assert "25% of users" in q[0]["description"]

@@ -1,4 +1,8 @@
-"""Cluster user vectors with MLlib KMeans; k from a sweep when not fixed."""
+"""Cluster user vectors with MLlib KMeans; k from a sweep when not fixed.
+
+The sweep is model selection on a bounded sample (``cluster.sweep_sample`` users, in driver
+memory, scikit-learn); the segments are the chosen k's MLlib fit on every user.
+"""
 
 from __future__ import annotations
 

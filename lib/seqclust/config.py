@@ -224,8 +224,9 @@ class ClusterConfig:
     k_min: int = 2
     k_max: int = 12
     max_iter: int = 40
-    # k-means|| rounds (Spark's default is 2; 5 finds the better optimum far more often and
-    # converges in fewer iterations) and seeded starts per fit, the lowest inertia kept
+    # MLlib k-means|| rounds (Spark's default is 2; 5 finds the better optimum far more often and
+    # converges in fewer iterations) and seeded starts per fit, the lowest inertia kept (the
+    # sweep's in-memory k-means++ fits use n_init and max_iter too)
     init_steps: int = 5
     n_init: int = 3
     solver: Literal["auto", "row", "block"] = "block"
