@@ -139,6 +139,7 @@ def write_report(spark: SparkSession, ctx: RunContext) -> Path:
         if fam == "downstream" and metric.startswith("hitrate@") and "_categories_" in metric
     }
     charts = _charts(out, sweep, profiles, down)
+    n_eval = by.get(("internal", "encoder", "evaluated_users"))
 
     parts = [
         f"<!doctype html><html><head><meta charset=utf-8><title>seqclust run {html.escape(ctx.run_id)}</title><style>{CSS}</style></head><body>"
@@ -165,7 +166,12 @@ def write_report(spark: SparkSession, ctx: RunContext) -> Path:
                         "config_hash",
                     )
                     if k in rec.asDict()
-                ],
+                ]
+                + (
+                    [["evaluated_users", f"{int(n_eval[0])} (seeded hash sample: evaluate.sample_users)"]]
+                    if n_eval and rec["users"] and n_eval[0] < rec["users"]
+                    else []
+                ),
             )
         )
     families = [
