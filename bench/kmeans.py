@@ -9,7 +9,11 @@ pipeline that fits more than once: the k sweep fits dozens of models), then ``--
 timed fits; the ratio is of the medians. The first MLlib fit of the process is reported too
 (``mllib_cold_s``), so the cost of a cold JVM is not hidden.
 
-Usage: python bench/kmeans.py [--n 200000] [--d 32] [--k 8] [--cores 2] [--repeats 3]. Last line: JSON.
+The levers are flags: ``--partitions`` (input partitions; they also change k-means||'s seeded
+sampling), ``--cache dataframe|none`` (fit a cached DataFrame, or an uncached one that MLlib
+persists itself), ``--solver``, ``--block-mb``, ``--init-mode``, ``--init-steps``.
+
+Usage: python bench/kmeans.py [--n 200000] [--d 32] [--k 8] [--cores 2] [--repeats 3] [levers]. Last line: JSON.
 """
 
 from __future__ import annotations
