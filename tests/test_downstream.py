@@ -81,11 +81,13 @@ def test_nearest_centroid_and_bootstrap(spark):
     for n in (1000, 20000):  # fewer users than buckets, and many users per bucket
         vals = np.r_[np.ones(3 * n // 10), np.zeros(7 * n // 10)]
         scores = spark.createDataFrame([(f"u{i}", float(v)) for i, v in enumerate(vals)], "user_id string, x double")
-        res = bootstrap_means(scores, ["x"], seed=1, replicates=400)["x"]
+        res_all, n_rows = bootstrap_means(scores, ["x"], seed=1, replicates=400)
+        res = res_all["x"]
+        assert n_rows == n
         se = math.sqrt(0.3 * 0.7 / n)
         assert res.value == pytest.approx(0.3)
         assert res.low < 0.3 < res.high
         assert 3.0 * se < res.high - res.low < 4.8 * se, n  # 2 x 1.96 standard errors = 3.92 se
         # a function of the data and the seed: the same interval on another partitioning
-        again = bootstrap_means(scores.repartition(5), ["x"], seed=1, replicates=400)["x"]
+        again = bootstrap_means(scores.repartition(5), ["x"], seed=1, replicates=400)[0]["x"]
         assert (again.low, again.high) == pytest.approx((res.low, res.high), abs=1e-12)

@@ -37,19 +37,23 @@ def test_contingencies_of_several_columns_from_one_job_equal_each_contingency(sp
     df = spark.createDataFrame(rows, "label string, a int, b int, c int")
     got = contingencies(df, "label", ["a", "b", "c"])
     assert set(got) == {"a", "b", "c"}
-    for col in ("a", "b", "c"):
-        want = contingency(df.where(F.col(col).isNotNull()), "label", col)  # nulls do not count for their column
+    from sklearn.metrics.cluster import contingency_matrix
+
+    for i, col in enumerate(("a", "b", "c"), start=1):
+        kept = [r for r in rows if r[i] is not None]  # nulls do not count for their column
+        want = contingency_matrix([r[0] for r in kept], [r[i] for r in kept])  # rows: sorted labels, columns: sorted clusters
         assert np.array_equal(got[col], want), col
+        assert np.array_equal(contingency(df.where(F.col(col).isNotNull()), "label", col), want), col
     assert got["c"].sum() == sum(1 for r in rows if r[3] is not None) and got["a"].sum() == 300
 
 
 def test_evaluation_sample_keeps_the_same_users_in_every_table_and_leaves_the_baseline_draws_alone(spark):
-    from seqclust.evaluate import evaluation_sample
+    from seqclust.metrics import user_sample
 
     users = spark.range(20000).select(F.concat(F.lit("u"), F.col("id").cast("string")).alias("entity_id"))
     sessions = users.select(F.col("entity_id").alias("user_id")).crossJoin(spark.range(2).select(F.col("id").alias("s")))
-    assert evaluation_sample(20000, 25000, 3)(users, "entity_id") is users  # below the limit: everyone
-    keep = evaluation_sample(20000, 4000, 3)
+    assert user_sample(20000, 25000, 3)(users, "entity_id") is users  # below the limit: everyone
+    keep = user_sample(20000, 4000, 3)
     kept = {r["entity_id"] for r in keep(users, "entity_id").collect()}
     assert 3600 < len(kept) < 4400
     assert {r["user_id"] for r in keep(sessions, "user_id").collect()} == kept  # the same users, any table

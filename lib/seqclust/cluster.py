@@ -25,7 +25,7 @@ from pyspark.sql import types as T
 from seqclust.config import ClusterConfig, validate_run_id
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError
-from seqclust.metrics import bootstrap_ci, in_user_sample
+from seqclust.metrics import bootstrap_ci, user_sample
 from seqclust.profiles import cluster_profiles
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,7 @@ def sample_vectors(users: DataFrame, n: int, limit: int, seed: int) -> tuple[np.
     """``(entity ids, float64 vectors)`` of every user when ``n <= limit``, else of a seeded hash
     sample of about ``limit`` users, sorted by id (the same rows on any cluster layout). The
     only user vectors that reach the driver: about ``limit x dim`` floats, whatever ``n``."""
-    df = users.select("entity_id", "emb")
-    if n > limit:
-        df = df.where(in_user_sample("entity_id", limit / n, seed))
-    t = df.toArrow()
+    t = user_sample(n, limit, seed)(users.select("entity_id", "emb"), "entity_id").toArrow()
     ids = np.asarray(t.column("entity_id").to_pylist(), dtype=object)
     if len(ids) == 0:
         return ids, np.zeros((0, 0))
@@ -131,9 +128,10 @@ def silhouette_sq(X: np.ndarray, labels: np.ndarray) -> float:
 def local_kmeans(X: np.ndarray, k: int, seed: int, n_init: int, max_iter: int):
     """scikit-learn k-means++ (best of ``n_init`` seeded starts) on an in-memory sample."""
     from sklearn.cluster import KMeans as SkKMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "fewer distinct points than clusters" on tiny samples
+        warnings.simplefilter("ignore", ConvergenceWarning)  # "fewer distinct points than clusters" on tiny samples
         return SkKMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter, random_state=seed).fit(X)
 
 
@@ -291,12 +289,9 @@ def _finish(
         model.write().overwrite().save(str(ctx.run_dir / "kmeans"))
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
     assigned = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).select("entity_id", "cluster_id")
+    keep = user_sample(n, cfg.profile_sample, seed)
+    sessions, assigned = keep(sessions, "user_id"), keep(assigned, "entity_id")
     if cfg.profile_sample is not None and n > cfg.profile_sample:
-        fraction = cfg.profile_sample / n
-        sessions, assigned = (
-            sessions.where(in_user_sample("user_id", fraction, seed)),
-            assigned.where(in_user_sample("entity_id", fraction, seed)),
-        )
         log.info(
             "cluster: profiles from a hash sample of about %d of %d users (cluster.profile_sample); sizes exact", cfg.profile_sample, n
         )

@@ -159,8 +159,10 @@ BOOTSTRAP_BUCKETS = 1024
 
 def bootstrap_means(
     scores: DataFrame, columns: Sequence[str], seed: int, replicates: int = 200, key: str = "user_id", buckets: int = BOOTSTRAP_BUCKETS
-) -> dict[str, Score]:
-    """Mean of each column over users with a 95% percentile bootstrap interval.
+) -> tuple[dict[str, Score], int]:
+    """Mean of each column over users with a 95% percentile bootstrap interval, and the number
+    of users: ``({column: Score}, n)`` from one Spark job (the means are the bucket sums over
+    the bucket counts, exactly the mean over rows).
 
     Users are spread over ``buckets`` groups by a seeded hash of ``key``; Spark reduces each
     group to its count and sums (one pass, at most ``buckets`` rows reach the driver), and the
@@ -169,14 +171,6 @@ def bootstrap_means(
     users than buckets, the variance estimate within ~sqrt(2/buckets) otherwise) without a
     users x replicates cross join. Same result on any partitioning.
     """
-    return bootstrap_means_and_count(scores, columns, seed, replicates, key, buckets)[0]
-
-
-def bootstrap_means_and_count(
-    scores: DataFrame, columns: Sequence[str], seed: int, replicates: int = 200, key: str = "user_id", buckets: int = BOOTSTRAP_BUCKETS
-) -> tuple[dict[str, Score], int]:
-    """``bootstrap_means`` and the number of rows, from one Spark job: the means are the bucket
-    sums over the bucket counts, exactly the mean over rows."""
     groups = (
         scores.withColumn("_g", (hash_uniform(key, seed=seed) * buckets).cast("int"))
         .groupBy("_g")
@@ -250,7 +244,7 @@ def evaluate_downstream(
             for method, assign in methods:
                 scores = user_scores(history, target, assign, field, n, lists=lists)
                 cols = [f"{m}_{s}" for s in STRATEGIES for m in ("hit", "ndcg")]
-                res, n_scored = bootstrap_means_and_count(scores, cols, seed, replicates)
+                res, n_scored = bootstrap_means(scores, cols, seed, replicates)
                 for c, sc in res.items():
                     m, strat = c.split("_", 1)
                     rows.append(

@@ -27,7 +27,7 @@ from seqclust.cluster import fit_best, silhouette, user_partitions
 from seqclust.config import BaselineConfig, ClusterConfig, EvaluateConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
-from seqclust.metrics import contingencies, external_scores, hash_uniform, in_user_sample
+from seqclust.metrics import contingencies, external_scores, hash_uniform, user_sample
 from seqclust.privacy import pseudonym
 
 log = logging.getLogger(__name__)
@@ -101,15 +101,6 @@ def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col
     for i in range(len(cum) - 2, -1, -1):
         expr = F.when(u < float(cum[i]), F.lit(i)).otherwise(expr)
     return df.withColumn("_u", hash_uniform(key, seed=seed)).withColumn(out_col, expr.cast("int")).drop("_u")
-
-
-def evaluation_sample(n_users: int, limit: int | None, seed: int) -> Callable[[DataFrame, str], DataFrame]:
-    """``keep(df, user_col)``: the rows of the evaluation's users — all of them up to ``limit``,
-    else a seeded hash sample of about ``limit`` (the same users in every table)."""
-    if limit is None or n_users <= limit:
-        return lambda df, col: df
-    fraction = limit / n_users
-    return lambda df, col: df.where(in_user_sample(col, fraction, seed))
 
 
 def boe_clusters(
@@ -329,7 +320,7 @@ def run(
     k = len(sizes)
     n_users = sum(sizes.values())
     shares = [sizes[i] / n_users for i in sorted(sizes)]
-    keep = evaluation_sample(n_users, ev.sample_users, seed)
+    keep = user_sample(n_users, ev.sample_users, seed)
     users = random_assignment(keep(emb.join(cl, "entity_id"), "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
     n_eval = users.count()
     if n_eval < n_users:

@@ -6,7 +6,7 @@ Only the k x m contingency table reaches the driver; the formulas match scikit-l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,15 +16,7 @@ from pyspark.sql import functions as F
 
 def contingency(df: DataFrame, label_col: str, cluster_col: str) -> np.ndarray:
     """Counts of (label, cluster) pairs as a dense [labels, clusters] matrix (built in Spark)."""
-    rows = df.groupBy(label_col, cluster_col).count().collect()
-    labels = sorted({str(r[label_col]) for r in rows})
-    clusters = sorted({r[cluster_col] for r in rows})
-    li = {v: i for i, v in enumerate(labels)}
-    ci = {v: i for i, v in enumerate(clusters)}
-    m = np.zeros((len(labels), len(clusters)), dtype=np.int64)
-    for r in rows:
-        m[li[str(r[label_col])], ci[r[cluster_col]]] += r["count"]
-    return m
+    return contingencies(df, label_col, [cluster_col]).get(cluster_col, np.zeros((0, 0), dtype=np.int64))
 
 
 def contingencies(df: DataFrame, label_col: str, cluster_cols: Sequence[str]) -> dict[str, np.ndarray]:
@@ -124,3 +116,13 @@ def in_user_sample(col: str, fraction: float, seed: int) -> Column:
     Its hash stream is not ``seed``'s, so the users it keeps are not biased in the random
     baseline's or the bootstrap's draws (which hash with ``seed`` itself)."""
     return hash_uniform(col, seed=seed + SAMPLE_SEED_OFFSET) < F.lit(float(fraction))
+
+
+def user_sample(n_users: int, limit: int | None, seed: int) -> Callable[[DataFrame, str], DataFrame]:
+    """``keep(df, user_col)``: every row while ``n_users <= limit`` (or ``limit`` is None), else
+    the rows of a seeded hash sample of about ``limit`` users (``in_user_sample``) — the same
+    users in every table it is applied to."""
+    if limit is None or n_users <= limit:
+        return lambda df, col: df
+    fraction = limit / n_users
+    return lambda df, col: df.where(in_user_sample(col, fraction, seed))
