@@ -1,0 +1,20 @@
+"""The HTML report's run table, read back from the Delta tables."""
+
+from __future__ import annotations
+
+
+def test_report_says_how_many_users_a_sampled_evaluation_measured(spark, ctx):
+    from seqclust.evaluate import write_metrics
+    from seqclust.pipeline import RunRecord, save_record
+    from seqclust.report import write_report
+
+    save_record(spark, ctx, RunRecord(status="succeeded", users=30000, k=3))
+
+    def report_for(evaluated: float) -> str:
+        row = {"method": "encoder", "k": 3, "family": "internal", "metric": "evaluated_users", "value": evaluated}
+        write_metrics(spark, ctx, [row], families=("internal",))
+        return write_report(spark, ctx).read_text()
+
+    sampled = report_for(24827.0)
+    assert "<td class=l>evaluated_users</td><td class=r>24827 (seeded hash sample: evaluate.sample_users)</td>" in sampled
+    assert "seeded hash sample" not in report_for(30000.0)  # everyone measured: nothing to say
