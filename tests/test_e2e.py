@@ -336,3 +336,28 @@ def test_report_renders_in_headless_chromium(e2e_out, tmp_path):
         assert im.size == (1200, 2400)
         colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # tables, text and charts, not a blank page
+
+
+def test_a_view_only_clickstream_without_category_or_price_runs_to_the_end(spark, tmp_path, capsys):
+    """One event type, items only (a DIGINETICA-like log): every bag-of-events vector is the
+    same, which made MLlib's block solver fail in evaluate; the behaviour tokens use the items."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    user = rng.integers(0, 200, n)
+    ts = np.sort(rng.integers(0, 86400 * 7, n)) + 1_790_000_000
+    (tmp_path / "ev").mkdir()
+    pq.write_table(
+        pa.table({"visitor": [f"v{u}" for u in user], "t": ts, "item": [f"i{int(x)}" for x in rng.zipf(1.5, n) % 500]}),
+        tmp_path / "ev" / "part-0.parquet",
+    )
+    mapping = ["source.columns.user_id=visitor", "source.columns.ts=t", "source.columns.item_id=item", "source.ts_format=epoch_s"]
+    mapping += [f"source.columns.{c}=null" for c in ("event_type", "category_id", "price", "event_id")]
+    args = ["run", "--conf", str(REPO / "conf" / "local.yaml"), "--input", str(tmp_path / "ev"), "--output", str(tmp_path / "out")]
+    args += ["--run-id", "views"] + [x for s in SMALL + mapping for x in ("--set", s)]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "views: succeeded" in captured.out and "bag_of_events" in captured.out

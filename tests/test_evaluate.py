@@ -176,6 +176,40 @@ def test_choose_k_rule():
     k, rule = choose_k(sweep, "stability", 0.1)
     assert k == 4 and "within 10%" in rule
     assert choose_k(sweep, "stability", 0.0)[0] == 5
+    # parsimonious: the smallest k within the tolerance (2 here: 0.40 >= 0.41 * 0.9)
+    assert choose_k(sweep, "parsimonious", 0.1)[0] == 2
+
+
+def curve(peaks: dict[int, float], ks=range(2, 13), base: float = 0.10) -> list[dict]:
+    """A synthetic sweep: silhouette ``base`` plus the given bumps."""
+    return [{"k": k, "silhouette": base + peaks.get(k, 0.0), "stability": 0.9} for k in ks]
+
+
+@pytest.mark.parametrize(
+    "peaks, want, runner_up",
+    [
+        ({6: 0.15, 5: 0.08, 7: 0.09}, 6, None),  # a clear peak
+        ({2: 0.05, 7: 0.20}, 7, None),  # a low k=2 bump does not win against a clear peak
+        ({4: 0.140, 5: 0.145}, 4, None),  # adjacent near-ties: the smaller, and not uncertain
+        ({8: 0.150, 9: 0.148, 10: 0.151}, 8, 10),  # a plateau: its smallest k, the far end reported
+    ],
+)
+def test_parsimonious_k_rule_on_curves_with_known_answers(peaks, want, runner_up):
+    from seqclust.cluster import select_k
+
+    c = select_k(curve(peaks), "parsimonious", 0.05)
+    assert c.k == want and c.uncertain == (runner_up is not None) and c.runner_up == runner_up
+
+
+def test_flat_or_two_peaked_curves_report_k_uncertain_with_the_runner_up():
+    from seqclust.cluster import select_k
+
+    flat = select_k(curve({}, base=0.2), "parsimonious", 0.05)
+    assert flat.k == 2 and flat.uncertain and flat.runner_up is not None and "k uncertain" in flat.rule
+    two = select_k(curve({3: 0.150, 9: 0.152}), "parsimonious", 0.05)
+    assert two.k == 3 and two.uncertain and two.runner_up == 9
+    # every rule reports its runner-up
+    assert select_k(curve({3: 0.150, 9: 0.152}), "silhouette", 0.05).runner_up == 3
 
 
 def test_stability_is_high_for_separated_blobs_and_lower_for_noise():
@@ -240,18 +274,35 @@ def test_k_sweep_on_a_user_sample_then_the_chosen_k_fitted_on_all(spark):
     df = spark.createDataFrame([(f"u{i}", x.tolist()) for i, x in enumerate(X)], "entity_id string, emb array<double>")
     users = df.withColumn("features", array_to_vector("emb")).cache()
     cfg = ClusterConfig(stability_runs=1, max_iter=20, sweep_sample=300)
-    k, model, sweep, rule = sweep_and_fit(users, 900, [2, 3, 4], 1, cfg)
-    assert k == 3 and "refitted on all 900" in rule
-    n_sweep = sweep[0]["sweep_users"]
-    assert 240 < n_sweep < 360 and all(r["sweep_users"] == n_sweep for r in sweep)
-    assert sum(model.summary.clusterSizes) == 900  # the chosen k's MLlib model saw every user
+    fit = sweep_and_fit(users, 900, [2, 3, 4], 1, cfg)
+    assert fit.k == 3 and "refitted on all 900" in fit.rule and not fit.choice.uncertain
+    n_sweep = fit.sweep[0]["sweep_users"]
+    assert 240 < n_sweep < 360 and all(r["sweep_users"] == n_sweep for r in fit.sweep)
+    # the segments' inertia is over every user, and no worse than MLlib's own fit
+    from seqclust.cluster import fit_best, inertia
+
+    assert fit.inertia == pytest.approx(inertia(users, fit.centers), rel=1e-6)
+    assert fit.inertia <= fit_best(users, 3, 1, cfg).summary.trainingCost * (1 + 1e-6)
     # the sample is a function of the ids, not of the partitioning, and comes back sorted
     ids1, X1 = sample_vectors(users.repartition(5), 900, 300, 1)
     ids2, X2 = sample_vectors(users.coalesce(1), 900, 300, 1)
     assert list(ids1) == list(ids2) == sorted(ids1) and np.array_equal(X1, X2) and len(ids1) == n_sweep
     # up to sweep_sample users the sweep sees everyone and picks the same k
-    k_all, _, sweep_all, rule_all = sweep_and_fit(users, 900, [2, 3, 4], 1, ClusterConfig(stability_runs=1, max_iter=20, sweep_sample=900))
-    assert k_all == 3 and sweep_all[0]["sweep_users"] == 900 and "sampled" not in rule_all
+    fit_all = sweep_and_fit(users, 900, [2, 3, 4], 1, ClusterConfig(stability_runs=1, max_iter=20, sweep_sample=900))
+    assert fit_all.k == 3 and fit_all.sweep[0]["sweep_users"] == 900 and "sampled" not in fit_all.rule
+
+
+def test_assign_nearest_and_inertia_match_numpy(spark):
+    from seqclust.cluster import assign_nearest, inertia
+
+    rng = np.random.default_rng(0)
+    X, C = rng.normal(size=(50, 3)), rng.normal(size=(4, 3))
+    df = spark.createDataFrame([(f"u{i}", x.tolist()) for i, x in enumerate(X)], "entity_id string, emb array<double>")
+    got = {r["entity_id"]: (r["cluster_id"], r["distance_to_centroid"]) for r in assign_nearest(df, C.tolist()).collect()}
+    d2 = ((X[:, None, :] - C[None]) ** 2).sum(axis=2)
+    for i in range(len(X)):
+        assert got[f"u{i}"][0] == int(d2[i].argmin()) and got[f"u{i}"][1] == pytest.approx(np.sqrt(d2[i].min()))
+    assert inertia(df, C.tolist()) == pytest.approx(d2.min(axis=1).sum())
 
 
 def test_fit_best_keeps_the_lowest_inertia_of_its_seeded_starts(spark):

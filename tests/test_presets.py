@@ -21,11 +21,12 @@ CASES = [
     ("taobao_userbehavior", "taobao_userbehavior", 14_321, 157),
     ("rees46", "rees46_multicat", 1_000, 330),
     ("yoochoose_clicks", "yoochoose_rsc15_100k", 83_846, 21_210),  # sessions stand for users
+    ("retailrocket", "retailrocket_subset", 97_381, 2_174),
 ]
 
 
 def test_presets_are_listed_and_unknown_is_refused():
-    assert {"taobao_userbehavior", "yoochoose_clicks", "rees46", "generated"} <= set(presets())
+    assert {"taobao_userbehavior", "yoochoose_clicks", "rees46", "generated", "retailrocket"} <= set(presets())
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(preset="nosuch")
 
@@ -48,7 +49,7 @@ def test_preset_ingests_public_sample(spark, store, preset, folder, rows, users)
     assert events.select("user_id").distinct().count() == users
     # all timestamps parsed into the dataset's years, event types mapped
     years = {r["y"] for r in events.select(F.year("ts").alias("y")).distinct().collect()}
-    assert years <= {2014, 2017, 2019}
+    assert years <= {2014, 2015, 2017, 2019}
     assert {r["event_type"] for r in events.select("event_type").distinct().collect()} <= {
         "view",
         "search",

@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=7)
     g.add_argument("--bad-rate", type=float, default=0.0, help="share of rows made invalid (and as many duplicated)")
     g.add_argument("--format", choices=["parquet", "json", "csv"], default="parquet")
+    g.add_argument(
+        "--persona-family",
+        metavar="NAME",
+        help="a generator of the persona benchmark family instead of the default one: interests, dynamics, pace_price, "
+        "mixture, real_sessions (needs --data-root), generated (Parquet only; no bad rows)",
+    )
+    g.add_argument("--data-root", help="folder holding the real logs (e.g. ../shared/data) for --persona-family real_sessions")
     g.add_argument("-v", "--verbose", action="store_true")
     w = sub.add_parser("warmup", help="start Spark with Delta once (fetches Delta's jars) and check a Delta round trip")
     w.add_argument("-v", "--verbose", action="store_true")
@@ -102,6 +109,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--users: must be >= 1")
     if not 0 <= args.bad_rate < 1:
         raise ConfigError("--bad-rate: must be in [0, 1)")
+    if args.persona_family:
+        from seqclust.personas import write_member
+
+        if args.format != "parquet" or args.bad_rate:
+            raise ConfigError("--persona-family writes clean Parquet: drop --format/--bad-rate")
+        try:
+            info = write_member(args.out, args.persona_family, args.users, args.seed, args.data_root)
+        except ValueError as e:
+            raise ConfigError(f"--persona-family: {e}") from None
+        print(
+            f"generated {info['events']} events for {info['users']} users ({info['generator']}, {info['planted_k']} planted personas): "
+            f"{Path(args.out) / 'events'} (labels: {Path(args.out) / 'personas'})"
+        )
+        return 0
     r = write_dataset(args.out, args.users, seed=args.seed, bad_rate=args.bad_rate, fmt=args.format)
     print(
         f"generated {r.events} events for {r.users} users in {r.seconds:.1f}s: {Path(args.out) / 'events'} (labels: {Path(args.out) / 'personas'})"

@@ -33,18 +33,37 @@ log = logging.getLogger(__name__)
 
 def fit_kmeans(features: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> KMeansModel:
     """Seeded k-means|| on a ``features`` vector column (Euclidean; vectors are L2-normalised,
-    so this orders neighbours as cosine distance does)."""
-    km = KMeans(
-        k=k,
-        seed=seed,
-        initMode="k-means||",
-        initSteps=cfg.init_steps,
-        maxIter=cfg.max_iter,
-        solver=cfg.solver,
-        featuresCol="features",
-        predictionCol="cluster_id",
-    )
-    return km.fit(features)
+    so this orders neighbours as cosine distance does). When k-means|| finds fewer distinct
+    centres than k (a view-only clickstream: every bag-of-events vector is the same), MLlib's
+    block solver fails (ArrayIndexOutOfBoundsException in KMeansAggregator, Spark 4.2); the
+    fit is then repeated with the row solver, which returns the fewer centres."""
+
+    def fit(solver: str) -> KMeansModel:
+        km = KMeans(
+            k=k,
+            seed=seed,
+            initMode="k-means||",
+            initSteps=cfg.init_steps,
+            maxIter=cfg.max_iter,
+            solver=solver,
+            featuresCol="features",
+            predictionCol="cluster_id",
+        )
+        return km.fit(features)
+
+    if cfg.solver == "row":
+        return fit("row")
+    try:
+        return fit(cfg.solver)
+    except Exception as e:  # py4j wraps the JVM error; only this known failure is retried
+        if "ArrayIndexOutOfBounds" not in str(e):
+            raise
+        log.warning(
+            "cluster: MLlib's %s solver failed on vectors with fewer distinct values than k=%d; refitting with the row solver",
+            cfg.solver,
+            k,
+        )
+        return fit("row")
 
 
 def user_partitions(n: int, cfg: ClusterConfig) -> int:
@@ -75,14 +94,6 @@ def silhouette(pred: DataFrame, distance: str = "squaredEuclidean", pred_col: st
             pred
         )
     )
-
-
-def with_distance(pred: DataFrame, centers: list[list[float]]) -> DataFrame:
-    """Add the Euclidean ``distance_to_centroid`` of each row's ``emb`` array to its centre."""
-    lit_centers = F.array(*[F.array(*[F.lit(float(v)) for v in c]) for c in centers])
-    center = F.element_at(lit_centers, F.col("cluster_id") + 1)
-    sq = F.aggregate(F.zip_with("emb", center, lambda a, b: (a - b) * (a - b)), F.lit(0.0).cast("double"), lambda acc, x: acc + x)
-    return pred.withColumn("distance_to_centroid", F.sqrt(sq))
 
 
 def sample_vectors(users: DataFrame, n: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,22 +161,80 @@ def stability(X: np.ndarray, labels: np.ndarray, k: int, seed: int, cfg: Cluster
     return out
 
 
-def choose_k(sweep: list[dict[str, float]], selection: str, tolerance: float) -> tuple[int, str]:
-    """The documented rule: with ``stability``, among the k whose silhouette is within
-    ``tolerance`` (relative) of the best, the one with the highest mean stability (ties: the
-    higher silhouette); with ``silhouette``, the best silhouette."""
+@dataclass(frozen=True)
+class KChoice:
+    """The chosen k, the rule in words, and whether the evidence was clear: ``uncertain``
+    when a k more than one away from the choice is within the silhouette tolerance too
+    (``runner_up`` is the best of those)."""
+
+    k: int
+    rule: str
+    uncertain: bool = False
+    runner_up: int | None = None
+
+
+def select_k(sweep: list[dict[str, float]], selection: str, tolerance: float) -> KChoice:
+    """The documented rules (docs/EVALUATION.md). ``parsimonious``: the smallest k whose
+    silhouette is within ``tolerance`` (relative) of the best: a k that splits a persona in
+    two rarely raises the silhouette by more than noise, and one that merges two lowers it
+    clearly. ``stability``: among those k, the most stable (ties: the higher silhouette).
+    ``silhouette``: the best silhouette. Every rule reports the k within the tolerance that
+    are more than one away from its choice as the runner-up and calls the choice uncertain."""
     best = max(sweep, key=lambda r: (r["silhouette"], -r["k"]))
-    if selection == "silhouette" or "stability" not in best:
-        return int(best["k"]), "best silhouette"
     floor = best["silhouette"] - tolerance * abs(best["silhouette"])
-    candidates = [r for r in sweep if r["silhouette"] >= floor]
-    pick = max(candidates, key=lambda r: (round(r["stability"], 6), r["silhouette"], -r["k"]))
-    return int(pick["k"]), f"most stable k with silhouette within {tolerance:.0%} of the best ({best['silhouette']:.4f} at k={best['k']})"
+    band = [r for r in sweep if r["silhouette"] >= floor]
+    if selection == "silhouette" or (selection == "stability" and "stability" not in best):
+        pick, rule = best, "best silhouette"
+    elif selection == "stability":
+        pick = max(band, key=lambda r: (round(r["stability"], 6), r["silhouette"], -r["k"]))
+        rule = f"most stable k with silhouette within {tolerance:.0%} of the best ({best['silhouette']:.4f} at k={best['k']})"
+    else:
+        pick = min(band, key=lambda r: r["k"])
+        rule = f"smallest k with silhouette within {tolerance:.0%} of the best ({best['silhouette']:.4f} at k={best['k']})"
+    far = [r for r in band if abs(r["k"] - pick["k"]) > 1]
+    runner = max(far, key=lambda r: (r["silhouette"], -r["k"])) if far else None
+    if runner is not None:
+        rule += f"; k uncertain: k={runner['k']} is within the tolerance too (silhouette {runner['silhouette']:.4f})"
+    return KChoice(int(pick["k"]), rule, runner is not None, int(runner["k"]) if runner else None)
 
 
-def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: ClusterConfig):
+def choose_k(sweep: list[dict[str, float]], selection: str, tolerance: float) -> tuple[int, str]:
+    """``(k, rule)`` of ``select_k``."""
+    c = select_k(sweep, selection, tolerance)
+    return c.k, c.rule
+
+
+def sweep_curves(X: np.ndarray, ks: list[int], seed: int, cfg: ClusterConfig, centers: dict | None = None) -> list[dict[str, float]]:
+    """Per k of ``ks``: silhouette, inertia and (with ``stability_runs``) stability with its
+    bootstrap interval, from scikit-learn fits (best of ``sweep_n_init`` k-means++ starts) on
+    the in-memory vectors ``X``; each k's centres go into ``centers`` when given."""
+    sweep = []
+    for k in ks:
+        km = local_kmeans(X, k, seed, cfg.sweep_n_init, cfg.max_iter)
+        if centers is not None:
+            centers[k] = km.cluster_centers_
+        row = {"k": k, "silhouette": silhouette_sq(X, km.labels_), "inertia": float(km.inertia_)}
+        if cfg.stability_runs > 0:
+            runs = stability(X, km.labels_, k, seed, cfg)
+            row["stability"], row["stability_low"], row["stability_high"] = bootstrap_ci(runs, seed=seed)
+        sweep.append(row)
+        log.info(
+            "cluster: k=%d silhouette %.4f inertia %.2f%s",
+            k,
+            row["silhouette"],
+            row["inertia"],
+            f" stability {row['stability']:.3f} [{row['stability_low']:.3f}, {row['stability_high']:.3f}]" if "stability" in row else "",
+        )
+    return sweep
+
+
+def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: ClusterConfig) -> Fit:
     """Score every k of ``ks`` on a bounded sample, choose k by the documented rule, and fit
-    the chosen k with MLlib on all ``users``; returns ``(k, model, sweep, rule)``.
+    the chosen k on all ``users``: MLlib KMeans (best of ``n_init`` k-means|| starts) and the
+    sweep's best k-means++ centres compete on inertia over all users (one more Spark job), the
+    lower gives the segments. MLlib's k-means|| can settle in a clearly worse optimum than ten
+    k-means++ starts (measured on the persona family), and a poor optimum shows as wrong
+    segments whatever the representation.
 
     The sweep is model selection, so it runs where it is cheapest: on every user up to
     ``cfg.sweep_sample`` (a seeded hash sample of about that many above it), in the driver's
@@ -179,28 +248,65 @@ def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: Clust
     ks = [k for k in ks if k < n_sweep] or ks[:1]
     sampled = n_sweep < n
     log.info("cluster: k sweep %s on %d%s users in driver memory", f"{ks[0]}..{ks[-1]}", n_sweep, f" sampled of {n}" if sampled else "")
-    sweep = []
-    for k in ks:
-        km = local_kmeans(X, k, seed, cfg.n_init, cfg.max_iter)
-        row = {"k": k, "silhouette": silhouette_sq(X, km.labels_), "inertia": float(km.inertia_)}
-        if cfg.stability_runs > 0:
-            runs = stability(X, km.labels_, k, seed, cfg)
-            row["stability"], row["stability_low"], row["stability_high"] = bootstrap_ci(runs, seed=seed)
-        sweep.append(row)
-        log.info(
-            "cluster: k=%d silhouette %.4f inertia %.2f%s",
-            k,
-            row["silhouette"],
-            row["inertia"],
-            f" stability {row['stability']:.3f} [{row['stability_low']:.3f}, {row['stability_high']:.3f}]" if "stability" in row else "",
-        )
-    k, rule = choose_k(sweep, cfg.selection, cfg.silhouette_tolerance)
+    centers: dict[int, np.ndarray] = {}
+    sweep = sweep_curves(X, ks, seed, cfg, centers)
+    choice = select_k(sweep, cfg.selection, cfg.silhouette_tolerance) if len(ks) > 1 else KChoice(ks[0], "set by cluster.k")
+    rule = choice.rule
     if sampled:
         rule += f"; chosen on {n_sweep} sampled users, refitted on all {n}"
     for row in sweep:
         row["sweep_users"] = n_sweep
+    k = choice.k
     log.info("cluster: k=%d chosen; MLlib KMeans on all %d users (best of %d starts)", k, n, cfg.n_init)
-    return k, fit_best(users, k, seed, cfg), sweep, rule
+    model = fit_best(users, k, seed, cfg)
+    ml_centers = np.array([c for c in model.clusterCenters()])
+    ml_cost = float(model.summary.trainingCost)
+    sk_cost = inertia(users, centers[k])
+    if sk_cost < ml_cost * (1 - 1e-9):
+        log.info(
+            "cluster: the sweep's k-means++ centres fit all users better (inertia %.2f vs MLlib %.2f): they are the segments",
+            sk_cost,
+            ml_cost,
+        )
+        final, how = centers[k], "k-means++ centres of the sweep (lower inertia on all users than MLlib's fit)"
+    else:
+        log.info("cluster: MLlib's fit (inertia %.2f) is the segments (sweep centres: %.2f on all users)", ml_cost, sk_cost)
+        final, how = ml_centers, "MLlib KMeans on all users"
+    return Fit(k, final, sweep, rule, choice, how, min(ml_cost, sk_cost))
+
+
+@dataclass(frozen=True)
+class Fit:
+    k: int
+    centers: np.ndarray
+    sweep: list[dict[str, float]]
+    rule: str
+    choice: KChoice
+    how: str
+    inertia: float
+
+
+def assign_nearest(users: DataFrame, centers, vec_col: str = "emb") -> DataFrame:
+    """``cluster_id`` (the nearest centre, squared Euclidean; ties to the lower id) and the
+    Euclidean ``distance_to_centroid`` of each row's ``vec_col`` array."""
+    lit = F.array(*[F.array(*[F.lit(float(v)) for v in c]) for c in centers])
+    d2 = F.transform(
+        lit,
+        lambda c: F.aggregate(F.zip_with(c, F.col(vec_col), lambda a, b: (a - b) * (a - b)), F.lit(0.0).cast("double"), lambda s, x: s + x),
+    )
+    return (
+        users.withColumn("_d2", d2)
+        .withColumn("_m", F.array_min("_d2"))
+        .withColumn("cluster_id", (F.array_position("_d2", F.col("_m")) - 1).cast("int"))
+        .withColumn("distance_to_centroid", F.sqrt("_m"))
+        .drop("_d2", "_m")
+    )
+
+
+def inertia(users: DataFrame, centers, vec_col: str = "emb") -> float:
+    """Sum of squared distances of ``users`` to their nearest centre (one Spark job)."""
+    row = assign_nearest(users.select(vec_col), centers, vec_col).agg(F.sum(F.col("distance_to_centroid") ** 2)).first()
+    return float(row[0] or 0.0)
 
 
 @dataclass(frozen=True)
@@ -209,6 +315,19 @@ class ClusterResult:
     users: int
     sweep: list[dict[str, float]]
     rule: str = ""
+    uncertain: bool = False
+    runner_up: int | None = None
+
+
+def model_run_centers(spark: SparkSession, ctx: RunContext, run_id: str) -> list[list[float]]:
+    """The segment centres of an earlier run (its ``centroids`` rows), for assigning without refit."""
+    validate_run_id(run_id)
+    rows = []
+    if ctx.store.exists(ctx.tables.centroids):
+        rows = ctx.store.read(spark, ctx.tables.centroids, run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
+    if not rows:
+        raise InputError(f"cluster.model_run: run {run_id} has no segments (no centroids rows under {ctx.store.root})")
+    return [list(r["centroid"]) for r in rows]
 
 
 def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> ClusterResult:
@@ -228,23 +347,24 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
         if n == 0:
             raise InputError("no user vectors to cluster (did the embed stage run?)")
         if cfg.model_run:
-            from pyspark.ml.clustering import KMeansModel
-
-            validate_run_id(cfg.model_run)
-            path = ctx.artifacts_dir / "runs" / cfg.model_run / "kmeans"
-            if not path.is_dir():
-                raise InputError(f"cluster.model_run: run {cfg.model_run} has no KMeans model (looked in {path})")
-            model = KMeansModel.load(str(path))
-            k, rule, sweep = model.getK(), f"assigned to the segments of run {cfg.model_run} (no refit)", []
-            log.info("cluster: assigning %d users to the %d segments of run %s", n, k, cfg.model_run)
-            return _finish(spark, ctx, users, model, k, n, sweep, rule, cfg, seed, save_model=False)
+            centers = model_run_centers(spark, ctx, cfg.model_run)
+            dim = len(stored.select("embedding").first()["embedding"])
+            if len(centers[0]) != dim:
+                raise InputError(
+                    f"cluster.model_run: run {cfg.model_run}'s segments have {len(centers[0])} dimensions, these user vectors {dim} "
+                    "(another embed.representation?)"
+                )
+            rule = f"assigned to the segments of run {cfg.model_run} (no refit)"
+            log.info("cluster: assigning %d users to the %d segments of run %s", n, len(centers), cfg.model_run)
+            return _finish(spark, ctx, users, centers, n, [], rule, cfg, seed)
         ks = [cfg.k] if cfg.k is not None else list(range(cfg.k_min, min(cfg.k_max, n - 1) + 1))
         if cfg.k is not None and cfg.k >= n:
             raise ConfigError(f"cluster.k: {cfg.k} is not below the number of users ({n})")
         if not ks:
             raise InputError(f"only {n} users: too few to cluster (need at least {cfg.k_min + 1})")
-        k, model, sweep, rule = sweep_and_fit(users, n, ks, seed, cfg)
-        return _finish(spark, ctx, users, model, k, n, sweep, rule, cfg, seed)
+        fit = sweep_and_fit(users, n, ks, seed, cfg)
+        rule = fit.rule + f"; segments: {fit.how}"
+        return _finish(spark, ctx, users, fit.centers, n, fit.sweep, rule, cfg, seed, fit.choice)
     finally:
         users.unpersist()
 
@@ -253,18 +373,18 @@ def _finish(
     spark: SparkSession,
     ctx: RunContext,
     users: DataFrame,
-    model,
-    k: int,
+    centers,
     n: int,
     sweep: list,
     rule: str,
     cfg: ClusterConfig,
     seed: int,
-    save_model: bool = True,
+    choice: KChoice | None = None,
 ) -> ClusterResult:
-    """Write clusters, centroids, the model, profiles and the sweep for the chosen model."""
-    centers = [c.tolist() for c in model.clusterCenters()]
-    pred = with_distance(model.transform(users), centers)
+    """Write clusters (nearest centre), centroids, profiles and the sweep for ``centers``."""
+    centers = [[float(v) for v in c] for c in centers]
+    k = len(centers)
+    pred = assign_nearest(users, centers)
     clusters = pred.select(
         F.lit("user").alias("entity_type"),
         "entity_id",
@@ -285,8 +405,6 @@ def _finish(
         ]
     )
     ctx.store.write_run(spark.createDataFrame(cent_rows, cent_schema), ctx.tables.centroids, ctx.run_id)
-    if save_model:
-        model.write().overwrite().save(str(ctx.run_dir / "kmeans"))
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
     assigned = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).select("entity_id", "cluster_id")
     keep = user_sample(n, cfg.profile_sample, seed)
@@ -310,7 +428,15 @@ def _finish(
             "ci_low": r.get(f"{m}_low"),
             "ci_high": r.get(f"{m}_high"),
             "family": "sweep",
-            "details": json.dumps({"chosen": r["k"] == k, "rule": rule, "users": r.get("sweep_users")}),
+            "details": json.dumps(
+                {
+                    "chosen": r["k"] == k,
+                    "rule": rule,
+                    "users": r.get("sweep_users"),
+                    "uncertain": bool(choice and choice.uncertain),
+                    "runner_up": choice.runner_up if choice else None,
+                }
+            ),
         }
         for r in sweep
         for m in ("silhouette", "inertia", "stability")
@@ -320,4 +446,4 @@ def _finish(
 
     write_metrics(spark, ctx, sweep_rows, families=("sweep",))
     log.info("cluster: k=%d for %d users (%s)", k, n, rule)
-    return ClusterResult(k, n, sweep, rule)
+    return ClusterResult(k, n, sweep, rule, bool(choice and choice.uncertain), choice.runner_up if choice else None)

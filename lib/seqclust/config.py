@@ -211,9 +211,23 @@ class EmbedConfig:
     max_oov_rate: float = 0.5
     # gpu: each task pins the GPU Spark assigned it (spark.task.resource.gpu.amount=1)
     device: Literal["cpu", "gpu"] = "cpu"
+    # what a user vector is: the pooled encoder vectors, the behaviour tokens (TF-IDF of
+    # event-type n-grams, type x price x pace, interest, session shape and time; SVD), or both
+    # concatenated (hybrid, each block's share of the squared norm set by hybrid_weight)
+    representation: Literal["encoder", "tokens", "hybrid"] = "hybrid"
+    hybrid_weight: float = 0.5  # the encoder block's share in the hybrid
+    token_vocab: int = 5000  # behaviour tokens kept: those used by most users
+    token_min_df: int = 2
+    token_dim: int = 64  # SVD dimensions of the behaviour tokens
+    token_fit_users: int = 20000  # the SVD is fitted on a seeded hash sample of about this many users
 
     def __post_init__(self) -> None:
         _check(self.arrow_batch_size >= 1, "arrow_batch_size", "must be >= 1")
+        _check(0 < self.hybrid_weight < 1, "hybrid_weight", "must be in (0, 1)")
+        _check(self.token_vocab >= 2, "token_vocab", "must be >= 2")
+        _check(self.token_min_df >= 1, "token_min_df", "must be >= 1")
+        _check(2 <= self.token_dim <= 512, "token_dim", "must be between 2 and 512")
+        _check(100 <= self.token_fit_users <= 1_000_000, "token_fit_users", "must be from 100 to 1000000 (held in driver memory)")
         _check(0 < self.max_oov_rate <= 1, "max_oov_rate", "must be in (0, 1]")
         _check(self.recency_half_life_days > 0, "recency_half_life_days", "must be > 0")
 
@@ -229,10 +243,16 @@ class ClusterConfig:
     # sweep's in-memory k-means++ fits use n_init and max_iter too)
     init_steps: int = 5
     n_init: int = 3
+    # k-means++ starts per k in the in-memory sweep (cheap there; fewer starts leave the
+    # silhouette curve at the mercy of local optima). The chosen k's sweep centres also
+    # compete with the MLlib fit: the lower inertia on all users gives the segments.
+    sweep_n_init: int = 10
     solver: Literal["auto", "row", "block"] = "block"
-    # k rule: the most stable k among those within silhouette_tolerance of the best silhouette
-    selection: Literal["stability", "silhouette"] = "stability"
-    silhouette_tolerance: float = 0.1
+    # k rule (docs/EVALUATION.md): parsimonious = the smallest k whose silhouette is within
+    # silhouette_tolerance of the best, "k uncertain" when a k further than one away is too;
+    # stability = the most stable k within the tolerance; silhouette = the best silhouette
+    selection: Literal["parsimonious", "stability", "silhouette"] = "parsimonious"
+    silhouette_tolerance: float = 0.05
     stability_runs: int = 3  # refits on subsamples per k (ARI vs the full fit)
     stability_fraction: float = 0.8
     # choose k on (a seeded hash sample of about) this many users, in driver memory, then fit
@@ -258,6 +278,7 @@ class ClusterConfig:
         _check(self.max_iter >= 1, "max_iter", "must be >= 1")
         _check(self.init_steps >= 1, "init_steps", "must be >= 1")
         _check(self.n_init >= 1, "n_init", "must be >= 1")
+        _check(self.sweep_n_init >= 1, "sweep_n_init", "must be >= 1")
         _check(self.rows_per_partition >= 1000, "rows_per_partition", "must be >= 1000")
         _check(self.profile_sample is None or self.profile_sample >= 1000, "profile_sample", "must be >= 1000 or null")
         _check(

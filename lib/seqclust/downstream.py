@@ -195,7 +195,7 @@ def bootstrap_means(
 
 def evaluate_downstream(
     sessions: DataFrame,
-    session_emb: DataFrame,
+    history_vectors: Callable[[DataFrame], DataFrame],
     centroids: Sequence[Sequence[float]],
     random_shares: Sequence[float],
     seed: int,
@@ -208,21 +208,20 @@ def evaluate_downstream(
 
     Args:
         sessions: modelled sessions (session_id, user_id, start_ts, and the ``fields`` arrays).
-        session_emb: ``(session_id, embedding)`` of those sessions.
+        history_vectors: history sessions -> ``(entity_id, embedding)``, each user's vector from
+            their history alone, made the way the run made its user vectors.
         centroids: the run's KMeans centres (on L2-normalised vectors).
         random_shares: cluster size shares of the random baseline (the encoder's).
         baseline_assign: history sessions -> ``(user_id, cluster_id)`` of the bag-of-events
             baseline fitted on history only (its rows get method ``bag_of_events``).
     """
-    from seqclust.embed import pool_users
     from seqclust.evaluate import random_assignment
 
     history, target = split_history(sessions)
     history = history.persist(StorageLevel.MEMORY_AND_DISK)
     rows: list[dict] = []
     try:
-        hist_emb = history.select("session_id", "user_id", "end_ts").join(session_emb, "session_id")
-        users = pool_users(hist_emb, dim=len(centroids[0]) if centroids else None).withColumnRenamed("entity_id", "user_id")
+        users = history_vectors(history).withColumnRenamed("entity_id", "user_id")
         enc = nearest_centroid(users, centroids).select("user_id", "cluster_id").persist(StorageLevel.MEMORY_AND_DISK)
         n_users = enc.count()
         if n_users == 0:

@@ -24,6 +24,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from seqclust import behaviour
 from seqclust.config import EmbedConfig
 from seqclust.context import RunContext
 from seqclust.errors import ArtifactError
@@ -118,6 +119,57 @@ def pool_users(session_emb: DataFrame, pooling: str = "mean", half_life_days: fl
     )
 
 
+def require_token_model(artifact: Any, cfg: EmbedConfig) -> Any:
+    """The artifact's behaviour-token model; a clear error when the representation needs one
+    and the artifact (an older or reused one) has none."""
+    if artifact.token_model is None and cfg.representation != "encoder":
+        raise ArtifactError(
+            f"encoder {artifact.encoder_id} carries no behaviour-token model, which embed.representation="
+            f"{cfg.representation} needs: train a new encoder, or set embed.representation=encoder"
+        )
+    return artifact.token_model
+
+
+def history_vectors(spark: SparkSession, ctx: RunContext, artifact: Any, cfg: EmbedConfig) -> Callable[[DataFrame], DataFrame]:
+    """sessions -> ``(entity_id, embedding)``: user vectors from only those sessions (their
+    stored session vectors for the encoder block), made as the run made its user vectors."""
+    stored = (
+        ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
+        .where(F.col("entity_type") == "session")
+        .select(F.col("entity_id").alias("session_id"), "embedding")
+    )
+
+    def fn(sessions: DataFrame) -> DataFrame:
+        emb = sessions.select("session_id", "user_id", "end_ts").join(stored, "session_id")
+        return user_vectors(sessions, emb, artifact, cfg).select("entity_id", "embedding")
+
+    return fn
+
+
+def user_vectors(sessions: DataFrame, session_emb: DataFrame, artifact: Any, cfg: EmbedConfig) -> DataFrame:
+    """``(entity_id, embedding, n_sessions)`` per user of ``sessions``, as ``cfg.representation``
+    says: the encoder's session vectors pooled (``session_emb``: user_id, end_ts, embedding),
+    the behaviour tokens of ``sessions`` (the artifact's token model), or both concatenated
+    with weights sqrt(hybrid_weight) and sqrt(1 - hybrid_weight) (unit norm, so squared
+    Euclidean distances are that mix of the two blocks' distances). Used for the run's users
+    and, in the next-session evaluation, for their history alone."""
+    dim = int(artifact.model_cfg["embedding_dim"])
+    enc = pool_users(session_emb, cfg.pooling, cfg.recency_half_life_days, dim=dim)
+    if cfg.representation == "encoder":
+        return enc
+    tm = require_token_model(artifact, cfg)
+    tok = behaviour.user_vectors(behaviour.token_counts(sessions, artifact.vocab, tm.interest), tm)
+    zeros = F.array_repeat(F.lit(0.0).cast("float"), tm.dim)
+    joined = enc.join(tok.withColumnRenamed("user_id", "entity_id"), "entity_id", "left").withColumn(
+        "tokens_vec", F.coalesce("tokens_vec", zeros)
+    )
+    if cfg.representation == "tokens":
+        return joined.select("entity_id", F.col("tokens_vec").alias("embedding"), "n_sessions")
+    a, b = math.sqrt(cfg.hybrid_weight), math.sqrt(1.0 - cfg.hybrid_weight)
+    vec = F.concat(F.transform("embedding", lambda x: (x * a).cast("float")), F.transform("tokens_vec", lambda x: (x * b).cast("float")))
+    return joined.select("entity_id", vec.alias("embedding"), "n_sessions")
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     sessions: int
@@ -150,6 +202,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any, r
     ``max_oov_rate`` of the tokens are unknown to its vocabulary, it is refused.
     """
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_size))
+    require_token_model(artifact, cfg)
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
     if reused:
         rate = oov_rate(sessions, artifact.vocab)
@@ -177,8 +230,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any, r
         .where(F.col("entity_type") == "session")
         .select("user_id", "end_ts", "embedding")
     )
-    dim = int(artifact.model_cfg["embedding_dim"])
-    users = pool_users(stored, cfg.pooling, cfg.recency_half_life_days, dim=dim).select(
+    users = user_vectors(sessions, stored, artifact, cfg).select(
         F.lit("user").alias("entity_type"),
         "entity_id",
         "embedding",
@@ -190,5 +242,10 @@ def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any, r
     n_u = ctx.store.write_run(
         users, ctx.tables.embeddings, ctx.run_id, partition_by=("run_id", "entity_type"), extra_predicate="entity_type = 'user'"
     )
-    log.info("embed: %d user vectors (%s pooling)", n_u, cfg.pooling)
+    log.info(
+        "embed: %d user vectors (%s%s)",
+        n_u,
+        cfg.representation,
+        f", encoder {cfg.pooling} pooling" if cfg.representation != "tokens" else "",
+    )
     return EmbedResult(n_s, n_u, artifact.encoder_id)

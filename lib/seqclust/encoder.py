@@ -121,17 +121,24 @@ class Artifact:
     vocab: Vocab
     weights: list[np.ndarray]
     metrics: dict[str, Any]
+    token_model: Any = None  # behaviour.TokenModel, when the artifact carries one
 
     def payload(self) -> tuple[str, str, bytes]:
         """What is broadcast to executors: config JSON, vocab JSON, weights as npz bytes."""
         return (json.dumps(self.model_cfg, sort_keys=True), self.vocab.to_json(), weights_to_npz(self.weights))
 
 
-def content_hash(model_cfg: dict[str, Any], vocab: Vocab, weights: list[np.ndarray]) -> str:
+def content_hash(model_cfg: dict[str, Any], vocab: Vocab, weights: list[np.ndarray], token_model: Any = None) -> str:
+    """sha256 of everything that decides a vector: config, vocabulary, weights and, when
+    present, the behaviour-token model (an artifact without one hashes as before)."""
     h = hashlib.sha256()
     h.update(json.dumps(model_cfg, sort_keys=True).encode())
     h.update(vocab.to_json().encode())
-    for w in weights:
+    arrays = list(weights)
+    if token_model is not None:
+        h.update(token_model.to_json().encode())
+        arrays += [token_model.idf, token_model.components]
+    for w in arrays:
         a = np.ascontiguousarray(w)
         h.update(str(a.dtype).encode() + str(a.shape).encode())
         h.update(a.tobytes())
@@ -149,9 +156,12 @@ def weights_from_npz(data: bytes) -> list[np.ndarray]:
         return [z[k] for k in sorted(z.files)]
 
 
-def save_artifact(root: Path, model_cfg: dict[str, Any], vocab: Vocab, weights: list[np.ndarray], metrics: dict[str, Any]) -> Artifact:
-    """Write the artifact under ``root/<encoder_id>/`` (atomically: temp dir, then rename)."""
-    encoder_id = content_hash(model_cfg, vocab, weights)
+def save_artifact(
+    root: Path, model_cfg: dict[str, Any], vocab: Vocab, weights: list[np.ndarray], metrics: dict[str, Any], token_model: Any = None
+) -> Artifact:
+    """Write the artifact under ``root/<encoder_id>/`` (atomically: temp dir, then rename);
+    a behaviour-token model goes beside the weights as ``tokens.json`` + ``tokens.npz``."""
+    encoder_id = content_hash(model_cfg, vocab, weights, token_model)
     final = Path(root) / encoder_id
     if final.is_dir():
         return load_artifact(final)
@@ -161,9 +171,12 @@ def save_artifact(root: Path, model_cfg: dict[str, Any], vocab: Vocab, weights: 
     (tmp / "vocab.json").write_text(vocab.to_json())
     (tmp / "weights.npz").write_bytes(weights_to_npz(weights))
     (tmp / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=1))
+    if token_model is not None:
+        (tmp / "tokens.json").write_text(token_model.to_json())
+        (tmp / "tokens.npz").write_bytes(token_model.arrays_npz())
     (tmp / "manifest.json").write_text(json.dumps({"encoder_id": encoder_id, "format_version": FORMAT_VERSION}))
     os.replace(tmp, final)
-    return Artifact(final, encoder_id, model_cfg, vocab, weights, metrics)
+    return Artifact(final, encoder_id, model_cfg, vocab, weights, metrics, token_model)
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -177,18 +190,23 @@ def load_artifact(path: str | Path) -> Artifact:
         vocab = Vocab.from_json((p / "vocab.json").read_text())
         weights = weights_from_npz((p / "weights.npz").read_bytes())
         metrics = json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").exists() else {}
+        token_model = None
+        if (p / "tokens.json").exists():
+            from seqclust.behaviour import TokenModel
+
+            token_model = TokenModel.load((p / "tokens.json").read_text(), (p / "tokens.npz").read_bytes())
     except FileNotFoundError as e:
         raise ArtifactError(f"encoder artifact {p}: missing file {Path(e.filename).name}") from None
     except (ValueError, TypeError, OSError, KeyError) as e:
         raise ArtifactError(f"encoder artifact {p}: corrupt ({type(e).__name__}: {str(e)[:120]})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"encoder artifact {p}: format version {manifest.get('format_version')} is not {FORMAT_VERSION}")
-    actual = content_hash(model_cfg, vocab, weights)
+    actual = content_hash(model_cfg, vocab, weights, token_model)
     if actual != manifest.get("encoder_id"):
         raise ArtifactError(
             f"encoder artifact {p}: content hash {actual} does not match manifest {manifest.get('encoder_id')} (tampered or corrupt)"
         )
-    return Artifact(p, actual, model_cfg, vocab, weights, metrics)
+    return Artifact(p, actual, model_cfg, vocab, weights, metrics, token_model)
 
 
 def seq_lengths(tok: np.ndarray) -> np.ndarray:

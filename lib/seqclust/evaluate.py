@@ -300,6 +300,7 @@ def run(
     baseline: BaselineConfig,
     salt: str | None = None,
     evaluate_cfg: EvaluateConfig | None = None,
+    history_vectors: Callable[[DataFrame], DataFrame] | None = None,
 ) -> EvaluateResult:
     """Evaluate this run's user clusters beside a random baseline (same cluster sizes) and the
     bag-of-events baseline (KMeans at the same k); write ``metrics``.
@@ -307,7 +308,9 @@ def run(
     Internal indices are computed in each method's own space (``details.space``); external
     agreement is comparable across methods as is. Above ``evaluate.sample_users`` clustered
     users, every family is measured on the same seeded hash sample of about that many users
-    (metric ``evaluated_users`` says how many).
+    (metric ``evaluated_users`` says how many). ``history_vectors`` (sessions -> entity_id,
+    embedding) makes a user's vector from their history for the next-session evaluation, the
+    way the run made its user vectors (default: the encoder's session vectors pooled).
     """
     ev = evaluate_cfg or EvaluateConfig(downstream=False)
     emb = (
@@ -423,9 +426,16 @@ def run(
             cents = (
                 ctx.store.read(spark, ctx.tables.centroids, ctx.run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
             )
-            sess_emb = keep(  # session rows carry their user: only the sample's sessions reach the join
-                ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "session"), "user_id"
-            ).select(F.col("entity_id").alias("session_id"), "embedding")
+            if history_vectors is None:  # the encoder's vectors pooled, as embed.representation=encoder does
+                from seqclust.embed import pool_users
+
+                stored = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "session")
+                stored = stored.select(F.col("entity_id").alias("session_id"), "embedding")
+
+                def history_vectors(hist: DataFrame) -> DataFrame:
+                    emb = hist.select("session_id", "user_id", "end_ts").join(stored, "session_id")
+                    return pool_users(emb).select("entity_id", "embedding")
+
             boe_assign = None
             if baseline.bag_of_events:
 
@@ -434,7 +444,7 @@ def run(
 
             down = evaluate_downstream(
                 sessions,
-                sess_emb,
+                history_vectors,
                 [r["centroid"] for r in cents],
                 shares,
                 seed,

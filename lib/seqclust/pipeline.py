@@ -208,7 +208,7 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
         s = sessionize_stage.run(spark, ctx, cfg.sessionize)
         rec.sessions, rec.users, rec.sessions_quarantined = s.sessions, s.users, s.quarantined_sessions
     elif name == "train":
-        t, art = train_stage.run(spark, ctx, cfg.tokenize, cfg.encoder, seed)
+        t, art = train_stage.run(spark, ctx, cfg.tokenize, cfg.encoder, seed, cfg.embed)
         rec.encoder_id, rec.encoder_path = t.encoder_id, t.path
         state["artifact"] = art
     elif name == "embed":
@@ -226,9 +226,19 @@ def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext,
         c = cluster_stage.run(spark, ctx, cfg.cluster, seed)
         rec.k = c.k
         rec.users = c.users
-        state["k_choice"] = next(({"rule": c.rule, **r} for r in c.sweep if r["k"] == c.k), None)
+        state["k_choice"] = next(
+            ({"rule": c.rule, "uncertain": c.uncertain, "runner_up": c.runner_up, **r} for r in c.sweep if r["k"] == c.k), None
+        )
     elif name == "evaluate":
-        e = evaluate_stage.run(spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline, salt=cfg.privacy.salt(), evaluate_cfg=cfg.evaluate)
+        art = state.get("artifact")
+        if art is None and rec.encoder_path:
+            from seqclust.encoder import load_artifact
+
+            art = load_artifact(rec.encoder_path)
+        hv = embed_stage.history_vectors(spark, ctx, art, cfg.embed) if art is not None else None
+        e = evaluate_stage.run(
+            spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline, salt=cfg.privacy.salt(), evaluate_cfg=cfg.evaluate, history_vectors=hv
+        )
         state["metrics"] = e.metrics
     else:  # pragma: no cover
         raise ValueError(name)
@@ -372,7 +382,7 @@ def format_summary(s: RunSummary) -> str:
     if s.k_choice:
         kc = s.k_choice
         stab = f", stability {kc['stability']:.3f} [{kc['stability_low']:.3f}, {kc['stability_high']:.3f}]" if "stability" in kc else ""
-        lines.append(f"  k = {kc['k']}: {kc['rule']}{stab}")
+        lines.append(f"  k = {kc['k']}{' (uncertain)' if kc.get('uncertain') else ''}: {kc['rule']}{stab}")
     if s.metrics:
         methods = [m for m in ("encoder", "bag_of_events", "random") if m in s.metrics]
         names = [

@@ -10,7 +10,8 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from seqclust.config import EncoderConfig, TokenizeConfig
+from seqclust import behaviour
+from seqclust.config import EmbedConfig, EncoderConfig, TokenizeConfig
 from seqclust.context import RunContext
 from seqclust.encoder import Artifact, load_artifact, save_artifact, train
 from seqclust.errors import InputError
@@ -41,8 +42,22 @@ class TrainResult:
     sample_sessions: int
 
 
-def run(spark: SparkSession, ctx: RunContext, tok: TokenizeConfig, cfg: EncoderConfig, seed: int) -> tuple[TrainResult, Artifact]:
-    """Train (or load with ``encoder.path``) the encoder for this run."""
+def fit_token_model(sessions: DataFrame, vocab, embed: EmbedConfig, seed: int, interest: str) -> behaviour.TokenModel:
+    """The behaviour-token representation fitted on this run's modelled sessions."""
+    counts = behaviour.token_counts(sessions, vocab, interest).persist()
+    try:
+        return behaviour.fit(counts, embed.token_vocab, embed.token_min_df, embed.token_dim, embed.token_fit_users, seed, interest)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    finally:
+        counts.unpersist()
+
+
+def run(
+    spark: SparkSession, ctx: RunContext, tok: TokenizeConfig, cfg: EncoderConfig, seed: int, embed: EmbedConfig | None = None
+) -> tuple[TrainResult, Artifact]:
+    """Train (or load with ``encoder.path``) the encoder for this run; with a representation
+    that uses behaviour tokens (``embed.representation``), fit their model into the artifact."""
     if cfg.path:
         art = load_artifact(cfg.path)
         log.info("train: reusing encoder %s from %s", art.encoder_id, cfg.path)
@@ -51,7 +66,14 @@ def run(spark: SparkSession, ctx: RunContext, tok: TokenizeConfig, cfg: EncoderC
     sample = training_sample(sessions, cfg.train_sample, seed)
     if sample.num_rows < 10:
         raise InputError(f"only {sample.num_rows} sessions to train on; need at least 10")
-    vocab = build_vocab(sessions, tok.max_len, tok.vocab_size, tok.min_count, tok.price_bands, tuple(tok.token_fields), sample)
+    fields = tuple(tok.token_fields)
+    interest = behaviour.interest_field(sessions)
+    if "category" in fields and interest == "item":
+        # a source without categories (RetailRocket, a clickstream): the item carries the
+        # interest, instead of every token collapsing to its event type
+        fields = tuple("item" if f == "category" else f for f in fields if not (f == "category" and "item" in fields))
+        log.info("train: the events carry no category; the encoder's tokens use the item instead (%s)", ":".join(fields))
+    vocab = build_vocab(sessions, tok.max_len, tok.vocab_size, tok.min_count, tok.price_bands, fields, sample)
     if not vocab.tokens:
         raise InputError(f"no token occurs at least tokenize.min_count={tok.min_count} times; lower it or give more data")
     feats = featurize(sample, vocab)
@@ -72,6 +94,9 @@ def run(spark: SparkSession, ctx: RunContext, tok: TokenizeConfig, cfg: EncoderC
         seed=seed,
         objective=cfg.objective,
     )
-    art = save_artifact(ctx.artifacts_dir / "encoders", model_cfg, vocab, weights, metrics)
+    token_model = None
+    if embed is not None and embed.representation != "encoder":
+        token_model = fit_token_model(sessions, vocab, embed, seed, interest)
+    art = save_artifact(ctx.artifacts_dir / "encoders", model_cfg, vocab, weights, metrics, token_model)
     log.info("train: encoder %s saved to %s", art.encoder_id, art.path)
     return TrainResult(art.encoder_id, str(art.path), True, sample.num_rows), art

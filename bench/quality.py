@@ -1,0 +1,216 @@
+"""Segment quality on the persona benchmark family: data we did not tune on.
+
+For every generator of ``seqclust.personas.family`` (interests, dynamics, pace_price, mixture,
+real_sessions when the RetailRocket subset is in ../shared/data, and today's generator), this
+writes a log of ``--users`` users, runs the whole pipeline on it with the default
+configuration (``conf/local.yaml`` + ``--set`` overrides) and the planted personas as labels,
+then measures, side by side on the same users:
+
+  - ``default``: the run's own segments (its user vectors, its k rule, its MLlib fit);
+  - ``encoder``: the encoder's pooled session vectors alone;
+  - ``tokens``: the behaviour tokens alone (the multi-field bag-of-tokens baseline:
+    TF-IDF of event-type n-grams, type x price band x pace bucket n-grams, interest, session
+    shape and time, SVD);
+  - ``bag_of_events``: TF-IDF of the run's event_type:category tokens (today's baseline);
+  - ``random``: random segments of the default's sizes.
+
+For each: the k its own sweep chooses (same rule as the pipeline), ARI at the pipeline's chosen
+k and ARI at the planted k (scikit-learn k-means, best of 3 starts, on the same vectors), and
+for the default whether the run called its k uncertain.
+
+Usage: python bench/quality.py [--users 3000] [--seed 7] [--out DIR] [--only a,b] [--set key=value ...]
+Last line: JSON {"min_ari", "mean_ari", "k_within_1", "generators", "per_generator": {...}}
+(min/mean over generators of the default's ARI at its chosen k; k_within_1 = generators whose
+chosen k is within 1 of the planted k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+DATA_ROOT = REPO.parent / "shared" / "data"
+
+log = logging.getLogger("bench.quality")
+
+
+def _vectors(df, col: str = "embedding", id_col: str = "entity_id") -> tuple[np.ndarray, np.ndarray]:
+    t = df.select(id_col, col).toArrow()
+    ids = np.asarray(t.column(id_col).to_pylist(), dtype=object)
+    import pyarrow.compute as pc
+
+    X = pc.list_flatten(t.column(col)).to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(ids), -1)
+    order = np.argsort(ids.astype(str), kind="stable")
+    return ids[order], X[order]
+
+
+def measure(spark, cfg, ctx, art, labels: dict[str, str], planted_k: int, chosen_k: int, seed: int, dump: Path | None = None) -> dict:
+    """Every representation's k and ARI on the run's users (driver-side; bench sizes only)."""
+    from pyspark.sql import functions as F
+    from sklearn.metrics import adjusted_rand_score
+
+    from seqclust import behaviour
+    from seqclust.baseline import bag_of_events
+    from seqclust.cluster import choose_k, local_kmeans, sweep_curves
+    from seqclust.embed import pool_users
+
+    store, tables = ctx.store, ctx.tables
+    emb = store.read(spark, tables.embeddings, ctx.run_id)
+    sessions = store.read(spark, tables.sessions, ctx.run_id).where("is_modelled")
+    reps = {}
+    reps["default"] = _vectors(emb.where(F.col("entity_type") == "user"))
+    sess = emb.where(F.col("entity_type") == "session").select("user_id", "end_ts", "embedding")
+    reps["encoder"] = _vectors(pool_users(sess, "mean", dim=int(art.model_cfg["embedding_dim"])))
+    if art.token_model is not None:
+        tm = art.token_model
+        reps["tokens"] = _vectors(
+            behaviour.user_vectors(behaviour.token_counts(sessions, art.vocab, tm.interest), tm), "tokens_vec", "user_id"
+        )
+    reps["bag_of_events"] = _vectors(bag_of_events(sessions, cfg.baseline.vocab_size, cfg.baseline.min_df), "emb")
+    if dump is not None:  # the vectors, for studying representations and k rules offline
+        np.savez_compressed(
+            dump,
+            **{f"{n}_ids": i.astype(str) for n, (i, _) in reps.items()},
+            **{f"{n}_X": x for n, (_, x) in reps.items()},
+            labels_ids=np.array(list(labels), dtype=str),
+            labels=np.array(list(labels.values()), dtype=str),
+        )
+    clusters = store.read(spark, tables.clusters, ctx.run_id).select("entity_id", "cluster_id").toPandas().set_index("entity_id")
+    out = {}
+    base_ids = reps["default"][0]
+    for name, (ids, X) in reps.items():
+        keep = np.isin(ids, base_ids)
+        ids, X = ids[keep], X[keep]
+        y = np.array([labels.get(i, "?") for i in ids])
+        ks = list(range(cfg.cluster.k_min, cfg.cluster.k_max + 1))
+        sweep = sweep_curves(X, ks, seed, cfg.cluster)
+        k_own, _ = choose_k(sweep, cfg.cluster.selection, cfg.cluster.silhouette_tolerance)[:2]
+        res = {"k_own": int(k_own)}
+        if name == "default":
+            pred = clusters.loc[ids, "cluster_id"].to_numpy()
+            res["ari"] = float(adjusted_rand_score(y, pred))
+        else:
+            res["ari"] = float(adjusted_rand_score(y, local_kmeans(X, chosen_k, seed, 3, cfg.cluster.max_iter).labels_))
+        res["ari_planted_k"] = float(adjusted_rand_score(y, local_kmeans(X, planted_k, seed, 3, cfg.cluster.max_iter).labels_))
+        res["sweep"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in sweep]
+        out[name] = res
+    # random segments of the default's sizes
+    rng = np.random.default_rng(seed)
+    ids = reps["default"][0]
+    y = np.array([labels.get(i, "?") for i in ids])
+    pred = clusters.loc[ids, "cluster_id"].to_numpy()
+    out["random"] = {
+        "ari": float(adjusted_rand_score(y, rng.permutation(pred))),
+        "ari_planted_k": float(adjusted_rand_score(y, rng.integers(0, planted_k, len(y)))),
+    }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--out", default=str(REPO / "out" / "bench_quality"))
+    ap.add_argument("--only", default="", help="comma-separated generator names")
+    ap.add_argument("--data-root", default=str(DATA_ROOT))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import pyarrow.parquet as pq
+
+    from seqclust import personas, pipeline
+    from seqclust.config import load_config
+    from seqclust.spark import get_spark
+
+    only = [s for s in args.only.split(",") if s]
+    members = [m for m in personas.family(args.data_root) if not only or m.name in only]
+    out = Path(args.out)
+    cfg = load_config(str(REPO / "conf" / "local.yaml"), overrides=[f"run.output={out / 'tables'}", *args.set])
+    spark = get_spark(cfg.spark)
+    results, skipped = {}, {}
+    for m in members:
+        if m.needs_data and not (Path(args.data_root) / m.needs_data).is_dir():
+            skipped[m.name] = f"needs {Path(args.data_root) / m.needs_data}"
+            log.warning("skipping %s: %s", m.name, skipped[m.name])
+            continue
+        t0 = time.perf_counter()
+        data = out / "data" / m.name
+        personas.write_member(data, m.name, args.users, args.seed, args.data_root)
+        labels_t = pq.read_table(data / "personas")
+        labels = dict(zip(labels_t.column("user_id").to_pylist(), labels_t.column("persona").to_pylist()))
+        ctx = pipeline.make_context(cfg, str(data / "events"), str(data / "personas"), f"quality-{m.name}")
+        summary = pipeline.run(spark, cfg, ctx)
+        from seqclust.encoder import load_artifact
+
+        art = load_artifact(summary.record.encoder_path)
+        k = int(summary.record.k)
+        meas = measure(spark, cfg, ctx, art, labels, m.planted_k, k, cfg.run.seed, dump=out / f"{m.name}_vectors.npz")
+        choice = summary.k_choice or {}
+        results[m.name] = {
+            "planted_k": m.planted_k,
+            "k_chosen": k,
+            "k_uncertain": bool(choice.get("uncertain", False)),
+            "k_runner_up": choice.get("runner_up"),
+            "ari": meas["default"]["ari"],
+            "ari_planted_k": meas["default"]["ari_planted_k"],
+            "methods": meas,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        log.info(
+            "%s: planted k=%d, chosen k=%d, ARI %.3f (at planted k %.3f)",
+            m.name,
+            m.planted_k,
+            k,
+            meas["default"]["ari"],
+            meas["default"]["ari_planted_k"],
+        )
+    names = ("default", "encoder", "tokens", "bag_of_events", "random")
+    print(f"\n{'generator':<14} {'k planted':>9} {'k chosen':>8}  " + "  ".join(f"{n + ' ARI (@planted)':>26}" for n in names))
+    for g, r in results.items():
+        cells = []
+        for n in names:
+            mm = r["methods"].get(n)
+            cells.append(f"{'-':>26}" if mm is None else f"{mm['ari']:>8.3f} ({mm['ari_planted_k']:.3f}) k_own={mm.get('k_own', '-')!s:>3}")
+        flag = "?" if r["k_uncertain"] else " "
+        print(f"{g:<14} {r['planted_k']:>9} {r['k_chosen']:>7}{flag}  " + "  ".join(cells))
+    for g, why in skipped.items():
+        print(f"{g:<14} skipped: {why}")
+    aris = [r["ari"] for r in results.values()]
+    summary = {
+        "min_ari": round(min(aris), 4) if aris else None,
+        "mean_ari": round(float(np.mean(aris)), 4) if aris else None,
+        "k_within_1": sum(abs(r["k_chosen"] - r["planted_k"]) <= 1 for r in results.values()),
+        "generators": len(results),
+        "skipped": skipped,
+        "per_generator": {
+            g: {
+                "planted_k": r["planted_k"],
+                "k_chosen": r["k_chosen"],
+                "k_uncertain": r["k_uncertain"],
+                "ari": round(r["ari"], 4),
+                "ari_planted_k": round(r["ari_planted_k"], 4),
+                "baselines": {
+                    n: {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in mm.items() if kk != "sweep"}
+                    for n, mm in r["methods"].items()
+                    if n != "default"
+                },
+            }
+            for g, r in results.items()
+        },
+    }
+    (out / "quality.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
