@@ -15,7 +15,7 @@ then measures, side by side on the same users:
   - ``random``: random segments of the default's sizes.
 
 For each: the k its own sweep chooses (same rule as the pipeline), ARI at the pipeline's chosen
-k and ARI at the planted k (scikit-learn k-means, best of 3 starts, on the same vectors), and
+k and ARI at the planted k (scikit-learn k-means, best of cluster.sweep_n_init starts, on the same vectors), and
 for the default whether the run called its k uncertain.
 
 Usage: python bench/quality.py [--users 3000] [--seed 7] [--out DIR] [--only a,b] [--set key=value ...]
@@ -84,7 +84,9 @@ def measure(spark, cfg, ctx, art, labels: dict[str, str], planted_k: int, chosen
             labels_ids=np.array(list(labels), dtype=str),
             labels=np.array(list(labels.values()), dtype=str),
         )
-    clusters = store.read(spark, tables.clusters, ctx.run_id).select("entity_id", "cluster_id").toPandas().set_index("entity_id")
+    from seqclust.cluster import coarse
+
+    clusters = coarse(store.read(spark, tables.clusters, ctx.run_id)).select("entity_id", "cluster_id").toPandas().set_index("entity_id")
     out = {}
     base_ids = reps["default"][0]
     for name, (ids, X) in reps.items():
@@ -99,8 +101,12 @@ def measure(spark, cfg, ctx, art, labels: dict[str, str], planted_k: int, chosen
             pred = clusters.loc[ids, "cluster_id"].to_numpy()
             res["ari"] = float(adjusted_rand_score(y, pred))
         else:
-            res["ari"] = float(adjusted_rand_score(y, local_kmeans(X, chosen_k, seed, 3, cfg.cluster.max_iter).labels_))
-        res["ari_planted_k"] = float(adjusted_rand_score(y, local_kmeans(X, planted_k, seed, 3, cfg.cluster.max_iter).labels_))
+            res["ari"] = float(
+                adjusted_rand_score(y, local_kmeans(X, chosen_k, seed, cfg.cluster.sweep_n_init, cfg.cluster.max_iter).labels_)
+            )
+        res["ari_planted_k"] = float(
+            adjusted_rand_score(y, local_kmeans(X, planted_k, seed, cfg.cluster.sweep_n_init, cfg.cluster.max_iter).labels_)
+        )
         res["sweep"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in sweep]
         out[name] = res
     # random segments of the default's sizes

@@ -133,3 +133,15 @@ def test_token_model_round_trips_through_the_artifact(tmp_path):
 
     with pytest.raises(ArtifactError, match="content hash"):
         load_artifact(art.path)
+
+
+def test_the_fitted_model_does_not_depend_on_partitioning(spark):
+    """The artifact's hash covers the token model, so a cluster and a laptop must fit the same
+    arrays from the same data (found by the two-worker cluster test)."""
+    t = random_sessions(400, seed=8)
+    t = t.set_column(0, "user_id", pa.array([f"u{i % 60}" for i in range(t.num_rows)]))
+    df = spark.createDataFrame(t.to_pandas())
+    counts = behaviour.token_counts(df, VOCAB, "item")
+    a = behaviour.fit(counts.repartition(5), 300, 1, 3, 1000, 2, "item")
+    b = behaviour.fit(counts.coalesce(1), 300, 1, 3, 1000, 2, "item")
+    assert a.tokens == b.tokens and np.array_equal(a.idf, b.idf) and np.array_equal(a.components, b.components)

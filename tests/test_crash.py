@@ -133,7 +133,9 @@ def test_sigkill_during_embedding_and_during_a_write_then_resume(spark, tmp_path
     assert {k: v for k, v in after.items() if k != "runs"} == {k: v for k, v in ref_counts.items() if k != "runs"}
 
     def clusters(root: Path) -> dict[str, int]:
-        return {r["entity_id"]: r["cluster_id"] for r in spark.read.format("delta").load(str(root / "clusters")).collect()}
+        return {
+            (r["entity_id"], r["granularity"]): r["cluster_id"] for r in spark.read.format("delta").load(str(root / "clusters")).collect()
+        }
 
     got, want = clusters(out), clusters(ref)
     assert len(got) == 80 and got == want

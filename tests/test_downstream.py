@@ -91,3 +91,86 @@ def test_nearest_centroid_and_bootstrap(spark):
         # a function of the data and the seed: the same interval on another partitioning
         again = bootstrap_means(scores.repartition(5), ["x"], seed=1, replicates=400)[0]["x"]
         assert (again.low, again.high) == pytest.approx((res.low, res.high), abs=1e-12)
+
+
+def test_conversion_auc_and_lift_match_scikit_learn_and_a_python_oracle(spark):
+    from sklearn.metrics import roc_auc_score
+
+    from seqclust.downstream import _auc_and_lift, conversion_rows
+
+    rng = np.random.default_rng(3)
+    users = [f"u{i}" for i in range(400)]
+    seg = {u: int(rng.integers(0, 4)) for u in users}
+    t0 = dt.datetime(2026, 10, 1)
+    rows = []
+    for u in users:
+        p = 0.1 + 0.2 * seg[u]  # segments differ in how often they buy
+        for j in range(int(rng.integers(2, 5))):
+            buys = int(rng.random() < p)
+            rows.append((u, f"{u}-{j}", t0 + dt.timedelta(days=j), {"view": 3, "purchase": buys}))
+    sessions = spark.createDataFrame(rows, "user_id string, session_id string, start_ts timestamp, event_counts map<string,int>")
+    history, target = split_history(sessions)
+    assign = spark.createDataFrame([(u, seg[u]) for u in users], "user_id string, cluster_id int")
+    out = {r["metric"]: r for r in conversion_rows(history, target, [("encoder", assign)], seed=1, replicates=50)}
+    # oracle: the segment's history conversion per session, each user's next session
+    last = {}
+    for u, sid, ts, ec in rows:
+        if u not in last or ts > last[u][0]:
+            last[u] = (ts, ec["purchase"] > 0, sid)
+    rate_n, rate_d = np.zeros(4), np.zeros(4)
+    for u, sid, _ts, ec in rows:
+        if sid != last[u][2]:
+            rate_n[seg[u]] += ec["purchase"] > 0
+            rate_d[seg[u]] += 1
+    rate = rate_n / rate_d
+    y = np.array([last[u][1] for u in users], dtype=int)
+    score = np.array([rate[seg[u]] for u in users])
+    assert out["conversion_auc"]["value"] == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    above = score > score.mean()
+    assert out["conversion_lift"]["value"] == pytest.approx(y[above].mean() / y.mean(), rel=1e-9)
+    assert out["conversion_auc"]["ci_low"] < out["conversion_auc"]["value"] < out["conversion_auc"]["ci_high"]
+    assert out["conversion_auc"]["value"] > 0.6  # the planted difference is found
+    # ties inside and across segments, checked against scikit-learn directly
+    s, pos, neg = np.array([0.2, 0.2, 0.5]), np.array([3.0, 1.0, 4.0]), np.array([5.0, 2.0, 1.0])
+    yy = np.repeat([1, 0, 1, 0, 1, 0], [3, 5, 1, 2, 4, 1])
+    ss = np.repeat([0.2, 0.2, 0.2, 0.2, 0.5, 0.5], [3, 5, 1, 2, 4, 1])
+    assert _auc_and_lift(s, pos, neg)[0] == pytest.approx(roc_auc_score(yy, ss))
+
+
+def test_temporal_stability_against_a_python_oracle(spark):
+    from pyspark.sql import functions as F
+    from sklearn.metrics import adjusted_rand_score
+
+    from seqclust.downstream import temporal_stability_rows
+
+    rng = np.random.default_rng(4)
+    centroids = [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]
+    rows, first_seg, second_seg = [], {}, {}
+    t0 = dt.datetime(2026, 10, 1)
+    for i in range(300):
+        u = f"u{i}"
+        home = int(rng.integers(0, 3))
+        moved = rng.random() < 0.2  # a fifth of the users change segment half-way
+        late = (home + 1) % 3 if moved else home
+        n = int(rng.integers(2, 7))
+        for j in range(n):
+            c = home if j < n // 2 else late
+            rows.append((u, f"{u}-{j}", t0 + dt.timedelta(days=j), [centroids[c][0] + rng.normal(), centroids[c][1] + rng.normal()]))
+        first_seg[u], second_seg[u] = home, late
+    sessions = spark.createDataFrame(rows, "user_id string, session_id string, start_ts timestamp, v array<double>")
+
+    def vectors(s):
+        return (
+            s.groupBy("user_id")
+            .agg(F.array(F.avg(F.col("v")[0]), F.avg(F.col("v")[1])).alias("embedding"))
+            .withColumnRenamed("user_id", "entity_id")
+        )
+
+    out = {(r["method"], r["metric"]): r for r in temporal_stability_rows(sessions, vectors, centroids, [1 / 3] * 3, seed=2, replicates=50)}
+    users = sorted(first_seg)
+    want = adjusted_rand_score([first_seg[u] for u in users], [second_seg[u] for u in users])
+    assert out[("encoder", "temporal_ari")]["value"] == pytest.approx(want, abs=1e-9)
+    assert out[("encoder", "temporal_same_segment")]["value"] == pytest.approx(np.mean([first_seg[u] == second_seg[u] for u in users]))
+    assert abs(out[("random", "temporal_ari")]["value"]) < 0.05
+    r = out[("encoder", "temporal_ari")]
+    assert r["ci_low"] < r["value"] < r["ci_high"] and r["ci_low"] > out[("random", "temporal_ari")]["ci_high"]

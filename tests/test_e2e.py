@@ -122,9 +122,14 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, e2e_out, capsys):
     assert runs["rows_duplicates"] > 0 and runs["rows_quarantined"] > 0
     assert set(runs["stage_seconds"]) == {"ingest", "sessionize", "train", "embed", "cluster", "evaluate"}
 
-    clusters = spark.read.format("delta").load(str(out / "clusters"))
+    both = spark.read.format("delta").load(str(out / "clusters"))
+    clusters = both.where("granularity = 'coarse'")
     assert dict(clusters.dtypes)["entity_id"] == "string" and dict(clusters.dtypes)["cluster_id"] == "int"
     assert clusters.count() == clusters.select("entity_id").distinct().count() == 350
+    # fine segments for recommendation fill: every user once more, at most one segment per 20 users
+    fine = both.where("granularity = 'fine'")
+    assert fine.count() == fine.select("entity_id").distinct().count() == 350
+    assert runs["k"] < fine.select("cluster_id").distinct().count() <= 350 // 20
     assert clusters.where("distance_to_centroid < 0").count() == 0
 
     m = {
@@ -151,7 +156,7 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, e2e_out, capsys):
             r["entity_id"]: r["embedding"]
             for r in spark.read.format("delta").load(str(out / "embeddings")).where("entity_type = 'user'").collect()
         }
-        cl = {r["entity_id"]: r["cluster_id"] for r in spark.read.format("delta").load(str(out / "clusters")).collect()}
+        cl = {(r["entity_id"], r["granularity"]): r["cluster_id"] for r in spark.read.format("delta").load(str(out / "clusters")).collect()}
         sess = sorted(r["session_id"] for r in spark.read.format("delta").load(str(out / "sessions")).collect())
         return emb, cl, sess, spark.read.format("delta").load(str(out / "runs")).first()["encoder_id"]
 
@@ -226,7 +231,7 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
     )
     assert "drift vs the previous run" in capsys.readouterr().out
     k_model = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'e2e-1'").first()["k"]
-    assigned = spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'assign-1'")
+    assigned = spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'assign-1' AND granularity = 'coarse'")
     assert assigned.count() == 40 and assigned.agg({"cluster_id": "max"}).first()[0] < k_model
     rec = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'assign-1'").first()
     assert rec["status"] == "succeeded" and rec["encoder_id"] == Path(art).name
@@ -265,7 +270,7 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
     assert done["status"] == "succeeded"
     assert done["stages_completed"] == ["ingest", "sessionize", "train", "embed", "cluster", "evaluate"]
     assert done["stage_seconds"]["ingest"] == rec["stage_seconds"]["ingest"]  # not run again
-    assert spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'reuse-1'").count() == 40
+    assert spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'reuse-1' AND granularity = 'coarse'").count() == 40
 
     # labels that match none of the users: the evaluation still runs, says so, and records 0
     nobody = tmp_path / "nobody.csv"

@@ -309,6 +309,29 @@ def inertia(users: DataFrame, centers, vec_col: str = "emb") -> float:
     return float(row[0] or 0.0)
 
 
+def coarse(clusters: DataFrame) -> DataFrame:
+    """The persona (coarse) rows of a ``clusters`` table; rows written before granularities
+    existed have none and are personas."""
+    if "granularity" not in clusters.columns:
+        return clusters
+    return clusters.where(F.col("granularity").isNull() | (F.col("granularity") == "coarse"))
+
+
+def fine_centers(users: DataFrame, n: int, k: int, seed: int, cfg: ClusterConfig) -> list[list[float]] | None:
+    """Fine segments for recommendation fill: MLlib KMeans at ``cfg.fine_k`` on the same user
+    vectors (at most one segment per ``fine_min_users`` users; none when that is not finer than
+    the personas' k)."""
+    if cfg.fine_k is None:
+        return None
+    fk = min(cfg.fine_k, n // cfg.fine_min_users)
+    if fk <= k:
+        log.info("cluster: no fine segments (%d users allow at most %d, not more than k=%d)", n, fk, k)
+        return None
+    model = fit_kmeans(users, fk, seed, cfg)
+    log.info("cluster: %d fine segments (MLlib KMeans, cluster.fine_k) for recommendation fill", fk)
+    return [[float(v) for v in c] for c in model.clusterCenters()]
+
+
 @dataclass(frozen=True)
 class ClusterResult:
     k: int
@@ -319,12 +342,15 @@ class ClusterResult:
     runner_up: int | None = None
 
 
-def model_run_centers(spark: SparkSession, ctx: RunContext, run_id: str) -> list[list[float]]:
-    """The segment centres of an earlier run (its ``centroids`` rows), for assigning without refit."""
+def model_run_centers(spark: SparkSession, ctx: RunContext, run_id: str, method: str = "encoder") -> list[list[float]]:
+    """The segment centres of an earlier run (its ``centroids`` rows of ``method``: ``encoder``
+    for the personas, ``fine`` for the fine segments), for assigning without refit."""
     validate_run_id(run_id)
     rows = []
     if ctx.store.exists(ctx.tables.centroids):
-        rows = ctx.store.read(spark, ctx.tables.centroids, run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
+        rows = ctx.store.read(spark, ctx.tables.centroids, run_id).where(F.col("method") == method).orderBy("cluster_id").collect()
+    if not rows and method != "encoder":
+        return []
     if not rows:
         raise InputError(f"cluster.model_run: run {run_id} has no segments (no centroids rows under {ctx.store.root})")
     return [list(r["centroid"]) for r in rows]
@@ -356,7 +382,8 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
                 )
             rule = f"assigned to the segments of run {cfg.model_run} (no refit)"
             log.info("cluster: assigning %d users to the %d segments of run %s", n, len(centers), cfg.model_run)
-            return _finish(spark, ctx, users, centers, n, [], rule, cfg, seed)
+            fine = model_run_centers(spark, ctx, cfg.model_run, "fine") or None
+            return _finish(spark, ctx, users, centers, n, [], rule, cfg, seed, fine=fine)
         ks = [cfg.k] if cfg.k is not None else list(range(cfg.k_min, min(cfg.k_max, n - 1) + 1))
         if cfg.k is not None and cfg.k >= n:
             raise ConfigError(f"cluster.k: {cfg.k} is not below the number of users ({n})")
@@ -380,22 +407,34 @@ def _finish(
     cfg: ClusterConfig,
     seed: int,
     choice: KChoice | None = None,
+    fine: list[list[float]] | None = None,
 ) -> ClusterResult:
-    """Write clusters (nearest centre), centroids, profiles and the sweep for ``centers``."""
+    """Write clusters (nearest centre), centroids, profiles and the sweep for ``centers``; with
+    ``cluster.fine_k``, the fine segments too (``granularity = 'fine'`` in ``clusters``, method
+    ``fine`` in ``centroids``)."""
     centers = [[float(v) for v in c] for c in centers]
     k = len(centers)
-    pred = assign_nearest(users, centers)
-    clusters = pred.select(
-        F.lit("user").alias("entity_type"),
-        "entity_id",
-        F.col("cluster_id").cast("int").alias("cluster_id"),
-        "distance_to_centroid",
-    )
+    if fine is None and not cfg.model_run:
+        fine = fine_centers(users, n, k, seed, cfg)
+
+    def rows(cs, granularity: str) -> DataFrame:
+        return assign_nearest(users, cs).select(
+            F.lit("user").alias("entity_type"),
+            "entity_id",
+            F.col("cluster_id").cast("int").alias("cluster_id"),
+            "distance_to_centroid",
+            F.lit(granularity).alias("granularity"),
+        )
+
+    clusters = rows(centers, "coarse")
+    if fine is not None:
+        clusters = clusters.unionByName(rows(fine, "fine"))
     ctx.store.write_run(clusters, ctx.tables.clusters, ctx.run_id)
-    sizes = {
-        r["cluster_id"]: r["count"] for r in ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("cluster_id").count().collect()
-    }
+    counts = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("granularity", "cluster_id").count().collect()
+    sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "coarse"}
+    fine_sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "fine"}
     cent_rows = [(i, "encoder", [float(v) for v in c], int(sizes.get(i, 0))) for i, c in enumerate(centers)]
+    cent_rows += [(i, "fine", [float(v) for v in c], int(fine_sizes.get(i, 0))) for i, c in enumerate(fine or [])]
     cent_schema = T.StructType(
         [
             T.StructField("cluster_id", T.IntegerType()),
@@ -406,7 +445,7 @@ def _finish(
     )
     ctx.store.write_run(spark.createDataFrame(cent_rows, cent_schema), ctx.tables.centroids, ctx.run_id)
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
-    assigned = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).select("entity_id", "cluster_id")
+    assigned = coarse(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id)).select("entity_id", "cluster_id")
     keep = user_sample(n, cfg.profile_sample, seed)
     sessions, assigned = keep(sessions, "user_id"), keep(assigned, "entity_id")
     if cfg.profile_sample is not None and n > cfg.profile_sample:

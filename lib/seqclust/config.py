@@ -265,6 +265,10 @@ class ClusterConfig:
     rows_per_partition: int = 100000
     # assign users to the segments of an earlier run (its saved KMeans) instead of fitting
     model_run: str | None = None
+    # fine segments beside the personas (granularity 'fine' in clusters): k in the tens, for
+    # recommendation fill; at most one per fine_min_users users; null: none
+    fine_k: int | None = 50
+    fine_min_users: int = 20
 
     def __post_init__(self) -> None:
         if self.model_run is not None:
@@ -279,6 +283,8 @@ class ClusterConfig:
         _check(self.init_steps >= 1, "init_steps", "must be >= 1")
         _check(self.n_init >= 1, "n_init", "must be >= 1")
         _check(self.sweep_n_init >= 1, "sweep_n_init", "must be >= 1")
+        _check(self.fine_k is None or 2 <= self.fine_k <= 5000, "fine_k", "must be from 2 to 5000, or null")
+        _check(self.fine_min_users >= 2, "fine_min_users", "must be >= 2")
         _check(self.rows_per_partition >= 1000, "rows_per_partition", "must be >= 1000")
         _check(self.profile_sample is None or self.profile_sample >= 1000, "profile_sample", "must be >= 1000 or null")
         _check(

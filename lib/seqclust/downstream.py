@@ -23,6 +23,7 @@ history, does the segment add anything?
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -193,6 +194,163 @@ def bootstrap_means(
     return out, int(total)
 
 
+def _auc_and_lift(score: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """AUC (ties count half) and lift of a per-segment ``score`` from per-segment counts of
+    users whose next session converted (``pos``) or not (``neg``). Lift: the conversion rate of
+    users in segments scoring above the users' mean score, over everyone's rate."""
+    P, N = pos.sum(), neg.sum()
+    if P <= 0 or N <= 0:
+        return float("nan"), float("nan")
+    auc = 0.0
+    for v in np.unique(score):
+        at = score == v
+        auc += pos[at].sum() * (neg[score < v].sum() + 0.5 * neg[at].sum())
+    auc /= P * N
+    mean = (score * (pos + neg)).sum() / (P + N)
+    hi = score > mean
+    n_hi = (pos[hi] + neg[hi]).sum()
+    lift = (pos[hi].sum() / n_hi) / (P / (P + N)) if n_hi > 0 else float("nan")
+    return float(auc), float(lift)
+
+
+def conversion_rows(
+    history: DataFrame, target: DataFrame, methods: Sequence[tuple[str, DataFrame]], seed: int, replicates: int = 200
+) -> list[dict]:
+    """Does a segment predict who buys next time? Each segment's score is the share of its
+    history sessions with a purchase; a user's next session converts or not. Per method:
+    ``conversion_auc`` (ranking users by their segment's score; 0.5 = no information) and
+    ``conversion_lift`` (next-session conversion of users in segments scoring above the mean,
+    over everyone's), with 95% bootstrap intervals over the same 1024 user buckets as the
+    other downstream figures (only bucket x segment x outcome counts reach the driver)."""
+    bought = F.coalesce(F.col("event_counts")["purchase"], F.lit(0)) > 0
+    hist = history.select("user_id", bought.cast("int").alias("b"))
+    tgt = target.select("user_id", bought.cast("int").alias("y"))
+    if not tgt.where("y = 1").limit(1).count() or not hist.where("b = 1").limit(1).count():
+        log.info("downstream: no purchases in history or next sessions; conversion skipped")
+        return []
+    rows: list[dict] = []
+    for method, assign in methods:
+        a = assign.select("user_id", "cluster_id")
+        rate = {r["cluster_id"]: r["r"] for r in hist.join(a, "user_id").groupBy("cluster_id").agg(F.avg("b").alias("r")).collect()}
+        counts = (
+            tgt.join(a, "user_id")
+            .withColumn("_g", (hash_uniform("user_id", seed=seed) * BOOTSTRAP_BUCKETS).cast("int"))
+            .groupBy("_g", "cluster_id")
+            .agg(F.sum("y").alias("p"), F.sum(1 - F.col("y")).alias("n"))
+            .collect()
+        )
+        if not counts:
+            continue
+        segs = sorted(rate)
+        idx = {c: i for i, c in enumerate(segs)}
+        score = np.array([rate[c] for c in segs], dtype=np.float64)
+        pos = np.zeros((BOOTSTRAP_BUCKETS, len(segs)))
+        neg = np.zeros((BOOTSTRAP_BUCKETS, len(segs)))
+        for r in counts:
+            if r["cluster_id"] in idx:
+                pos[r["_g"], idx[r["cluster_id"]]] += r["p"]
+                neg[r["_g"], idx[r["cluster_id"]]] += r["n"]
+        auc, lift = _auc_and_lift(score, pos.sum(axis=0), neg.sum(axis=0))
+        w = np.random.default_rng(seed).poisson(1.0, size=(replicates, BOOTSTRAP_BUCKETS)).astype(np.float64)
+        reps = np.array([_auc_and_lift(score, wi @ pos, wi @ neg) for wi in w])
+        n_users = int(pos.sum() + neg.sum())
+        for j, (name, value) in enumerate((("conversion_auc", auc), ("conversion_lift", lift))):
+            vals = reps[:, j][np.isfinite(reps[:, j])]
+            lo, hi = np.percentile(vals, [2.5, 97.5]) if len(vals) else (float("nan"), float("nan"))
+            rows.append(
+                {
+                    "method": method,
+                    "family": "downstream",
+                    "metric": name,
+                    "value": value,
+                    "ci_low": float(lo),
+                    "ci_high": float(hi),
+                    "details": json.dumps(
+                        {
+                            "target": "next session has a purchase",
+                            "score": "segment's history conversion",
+                            "users": n_users,
+                            "bootstrap": replicates,
+                        }
+                    ),
+                }
+            )
+        log.info("downstream (conversion, %s, %d users): AUC %.3f, lift %.2f", method, n_users, auc, lift)
+    return rows
+
+
+def temporal_stability_rows(
+    sessions: DataFrame,
+    history_vectors: Callable[[DataFrame], DataFrame],
+    centroids: Sequence[Sequence[float]],
+    random_shares: Sequence[float],
+    seed: int,
+    replicates: int = 200,
+) -> list[dict]:
+    """Is a user's segment a trait or a mood? Each user with two or more sessions gets a segment
+    from the first half of their sessions and one from the second half (vectors made from
+    those sessions alone, nearest of the run's centroids). ``temporal_ari`` is the ARI between
+    the two (family ``temporal``), ``temporal_same_segment`` the share of users whose segment
+    did not change; the reference is ``random`` (two independent draws of the same sizes:
+    ARI about 0). Intervals: the same 1024-bucket bootstrap (bucket x segment x segment counts)."""
+    from seqclust.evaluate import random_assignment
+    from seqclust.metrics import external_scores
+
+    w = Window.partitionBy("user_id").orderBy("start_ts", "session_id")
+    ranked = sessions.withColumn("_r", F.row_number().over(w)).withColumn("_n", F.count("*").over(Window.partitionBy("user_id")))
+    ranked = ranked.where(F.col("_n") >= 2)
+    first = ranked.where(F.col("_r") <= F.floor(F.col("_n") / 2)).drop("_r", "_n")
+    second = ranked.where(F.col("_r") > F.floor(F.col("_n") / 2)).drop("_r", "_n")
+    a = nearest_centroid(history_vectors(first), centroids).select(F.col("entity_id").alias("user_id"), F.col("cluster_id").alias("c1"))
+    b = nearest_centroid(history_vectors(second), centroids).select(F.col("entity_id").alias("user_id"), F.col("cluster_id").alias("c2"))
+    pairs = a.join(b, "user_id").persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        users = pairs.select("user_id")
+        r1 = random_assignment(users, random_shares, seed + 11, "c1", key="user_id")
+        r2 = random_assignment(users, random_shares, seed + 12, "c2", key="user_id")
+        methods = [("encoder", pairs), ("random", r1.join(r2, "user_id"))]
+        rows: list[dict] = []
+        k = len(centroids)
+        for method, df in methods:
+            counts = (
+                df.withColumn("_g", (hash_uniform("user_id", seed=seed) * BOOTSTRAP_BUCKETS).cast("int"))
+                .groupBy("_g", "c1", "c2")
+                .count()
+                .collect()
+            )
+            if not counts:
+                return []
+            t = np.zeros((BOOTSTRAP_BUCKETS, k, k))
+            for r in counts:
+                t[r["_g"], r["c1"], r["c2"]] += r["count"]
+            total = t.sum(axis=0)
+            ari = external_scores(total)["ari"]
+            same = float(np.trace(total) / total.sum())
+            wts = np.random.default_rng(seed).poisson(1.0, size=(replicates, BOOTSTRAP_BUCKETS)).astype(np.float64)
+            reps = [np.tensordot(wi, t, axes=1) for wi in wts]
+            rep_ari = np.array([external_scores(m)["ari"] for m in reps if m.sum() > 0])
+            rep_same = np.array([np.trace(m) / m.sum() for m in reps if m.sum() > 0])
+            n_users = int(total.sum())
+            details = json.dumps({"halves": "first and second half of each user's sessions", "users": n_users, "bootstrap": replicates})
+            for name, value, reps_ in (("temporal_ari", ari, rep_ari), ("temporal_same_segment", same, rep_same)):
+                lo, hi = np.percentile(reps_, [2.5, 97.5]) if len(reps_) else (float("nan"), float("nan"))
+                rows.append(
+                    {
+                        "method": method,
+                        "family": "temporal",
+                        "metric": name,
+                        "value": float(value),
+                        "ci_low": float(lo),
+                        "ci_high": float(hi),
+                        "details": details,
+                    }
+                )
+            log.info("temporal stability (%s, %d users): ARI %.3f, same segment %.1f%%", method, n_users, ari, 100 * same)
+        return rows
+    finally:
+        pairs.unpersist()
+
+
 def evaluate_downstream(
     sessions: DataFrame,
     history_vectors: Callable[[DataFrame], DataFrame],
@@ -203,8 +361,10 @@ def evaluate_downstream(
     fields: Sequence[str] = ("categories", "items"),
     replicates: int = 200,
     baseline_assign: Callable[[DataFrame], DataFrame] | None = None,
+    fine_centroids: Sequence[Sequence[float]] | None = None,
 ) -> list[dict]:
-    """Metric rows (family ``downstream``) for the encoder's segments and the random baseline.
+    """Metric rows (family ``downstream``) for the encoder's segments and the random baseline
+    (and, with ``fine_centroids``, the fine segments as method ``fine``).
 
     Args:
         sessions: modelled sessions (session_id, user_id, start_ts, and the ``fields`` arrays).
@@ -230,6 +390,9 @@ def evaluate_downstream(
         rnd = random_assignment(enc.select("user_id"), random_shares, seed, out_col="cluster_id", key="user_id")
         methods = [("encoder", enc), ("random", rnd)]
         log.info("downstream: %d users with history assigned to the encoder's segments", n_users)
+        if fine_centroids:
+            fine = nearest_centroid(users, fine_centroids).select("user_id", "cluster_id").persist(StorageLevel.MEMORY_AND_DISK)
+            methods.append(("fine", fine))
         if baseline_assign is not None:
             boe = baseline_assign(history).persist(StorageLevel.MEMORY_AND_DISK)
             methods.append(("bag_of_events", boe))
@@ -273,6 +436,7 @@ def evaluate_downstream(
                     res["hit_own_global_fill"].value,
                 )
             lists.unpersist()
+        rows += conversion_rows(history, target, methods, seed, replicates)
         for _, a in methods:
             a.unpersist()
     finally:

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust.baseline import bag_of_events
-from seqclust.cluster import fit_best, silhouette, user_partitions
+from seqclust.cluster import coarse, fit_best, silhouette, user_partitions
 from seqclust.config import BaselineConfig, ClusterConfig, EvaluateConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
@@ -179,7 +179,7 @@ def _drift_rows(
 
     def clusters(rid: str) -> DataFrame:
         return keep(
-            ctx.store.read(spark, ctx.tables.clusters, rid).where(F.col("entity_type") == "user").select("entity_id", "cluster_id"),
+            coarse(ctx.store.read(spark, ctx.tables.clusters, rid)).where(F.col("entity_type") == "user").select("entity_id", "cluster_id"),
             "entity_id",
         )
 
@@ -318,7 +318,11 @@ def run(
         .where(F.col("entity_type") == "user")
         .select("entity_id", F.col("embedding").alias("emb"))
     )
-    cl = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).where(F.col("entity_type") == "user").select("entity_id", "cluster_id")
+    cl = (
+        coarse(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id))
+        .where(F.col("entity_type") == "user")
+        .select("entity_id", "cluster_id")
+    )
     sizes = {r["cluster_id"]: r["count"] for r in cl.groupBy("cluster_id").count().collect()}
     k = len(sizes)
     n_users = sum(sizes.values())
@@ -451,11 +455,25 @@ def run(
                 ev.top_n,
                 replicates=ev.bootstrap,
                 baseline_assign=boe_assign,
+                fine_centroids=[
+                    r["centroid"]
+                    for r in ctx.store.read(spark, ctx.tables.centroids, ctx.run_id)
+                    .where(F.col("method") == "fine")
+                    .orderBy("cluster_id")
+                    .collect()
+                ],
             )
             rows += [{**r, "k": k} for r in down]
             for r in down:
                 results.setdefault(r["method"], {})[r["metric"]] = r["value"]
             families = (*families, "downstream")
+            from seqclust.downstream import temporal_stability_rows
+
+            temporal = temporal_stability_rows(sessions, history_vectors, [r["centroid"] for r in cents], shares, seed, ev.bootstrap)
+            rows += [{**r, "k": k} for r in temporal]
+            for r in temporal:
+                results.setdefault(r["method"], {})[r["metric"]] = r["value"]
+            families = (*families, "temporal")
         write_metrics(spark, ctx, rows, families=families)
         for method, vals in results.items():
             log.info("evaluate: %s %s", method, ", ".join(f"{m}={v:.4f}" for m, v in sorted(vals.items())))

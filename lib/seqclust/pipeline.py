@@ -352,7 +352,7 @@ def _read_metrics(spark: SparkSession, ctx: RunContext) -> dict[str, dict[str, f
     out: dict[str, dict[str, float]] = {}
     for r in (
         ctx.store.read(spark, ctx.tables.metrics, ctx.run_id)
-        .where(F.col("family").isin("internal", "external", "proxy", "downstream", "drift"))
+        .where(F.col("family").isin("internal", "external", "proxy", "downstream", "drift", "temporal"))
         .collect()
     ):
         out.setdefault(r["method"], {})[r["metric"]] = r["value"]
@@ -414,9 +414,20 @@ def format_summary(s: RunSummary) -> str:
             lines.append(f"  drift vs the previous run ({n_cmp} shared users)")
             lines += _method_table(s.metrics, drifted, ("psi_cluster_shares", "js_cluster_shares", "users_changed_cluster"), 24)
         down = sorted({m for x in methods for m in s.metrics[x] if "@" in m})
+        with_fine = methods[:1] + (["fine"] if "fine" in s.metrics else []) + methods[1:]
         if down:
-            lines.append("  next-session recommendation (history only; segment lists from each method's segments)")
-            lines += _method_table(s.metrics, methods, down, 40)
+            lines.append("  next-session recommendation (history only; segment lists from each method's segments; fine: the fine segments)")
+            lines += _method_table(s.metrics, with_fine, down, 40)
+        conv = [
+            m
+            for m in ("conversion_auc", "conversion_lift", "temporal_ari", "temporal_same_segment")
+            if any(m in s.metrics[x] for x in methods)
+        ]
+        if conv:
+            lines.append(
+                "  next-session conversion (AUC 0.5 = no information) and a user's segment, first vs second half of their sessions"
+            )
+            lines += _method_table(s.metrics, with_fine, conv, 40)
     return "\n".join(lines)
 
 

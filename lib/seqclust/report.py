@@ -20,12 +20,13 @@ from seqclust.context import RunContext
 
 log = logging.getLogger(__name__)
 
-METHODS = ("encoder", "bag_of_events", "random")
+METHODS = ("encoder", "fine", "bag_of_events", "random")
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee}
 .note{color:#666;font-size:90%}
+.warn{background:#fff3cd;border:1px solid #e0c36c;padding:6px 10px}
 """
 
 
@@ -123,12 +124,16 @@ def write_report(spark: SparkSession, ctx: RunContext) -> Path:
     )
     by: dict[tuple[str, str, str], Any] = {}
     sweep: dict[int, dict[str, Any]] = {}
+    k_rule: dict[str, Any] = {}
     drift_details = None
     for r in metrics:
         if r["family"] == "sweep":
             d = sweep.setdefault(int(r["k"]), {})
             d[r["metric"]] = (r["value"], r["ci_low"], r["ci_high"]) if r["metric"] == "stability" else r["value"]
-            d["chosen"] = d.get("chosen") or json.loads(r["details"] or "{}").get("chosen", False)
+            det = json.loads(r["details"] or "{}")
+            d["chosen"] = d.get("chosen") or det.get("chosen", False)
+            if det.get("chosen"):
+                k_rule = det
         else:
             by[(r["family"], r["method"], r["metric"])] = (r["value"], r["ci_low"], r["ci_high"])
             if r["family"] == "drift":
@@ -174,12 +179,21 @@ def write_report(spark: SparkSession, ctx: RunContext) -> Path:
                 ),
             )
         )
+    if k_rule.get("rule"):
+        chosen_k = next((k for k, d in sweep.items() if d.get("chosen")), None)
+        if k_rule.get("uncertain"):
+            parts.append(
+                f"<p class=warn><b>k uncertain</b>: k = {chosen_k} was chosen, but k = {k_rule.get('runner_up')} fits about as well; "
+                "read the segments as one plausible granularity, not a finding.</p>"
+            )
+        parts.append(f"<p class=note>How k was chosen: {html.escape(str(k_rule['rule']))}</p>")
     families = [
         ("internal", "Internal indices (each method in its own space)"),
         ("external", "Agreement with known labels"),
         ("proxy", "Agreement with proxy labels (derived from the events, not ground truth)"),
         ("downstream", "Next-session recommendation from history only (95% bootstrap CI)"),
         ("drift", "Drift against the previous run"),
+        ("temporal", "Segments as traits: first vs second half of each user's sessions (random: independent draws)"),
     ]
     for fam, title in families:
         names = sorted({m for (f, _, m) in by if f == fam})
