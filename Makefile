@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.seqclust-installed
 
-.PHONY: setup run test lint bench clean airflow
+.PHONY: setup run test test-fast lint bench clean airflow
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# the tests that need no Spark (generators, config, tokens, k rule, metrics oracles): seconds
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not spark" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check lib tests jobs bench dags notebooks

@@ -15,6 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "spark: uses Spark (left out by `make test-fast`)")
+
+
+SPARK_FIXTURES = {"spark", "cluster", "store", "ctx", "data", "e2e_out"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need Spark (a Spark fixture, or the CLI/subprocess runs in these modules) are
+    marked ``spark``; ``make test-fast`` runs the rest."""
+    spark_modules = {"test_crash.py", "test_submit.py", "test_cluster.py", "test_e2e.py", "test_notebooks.py", "test_incremental.py"}
+    for item in items:
+        if SPARK_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in spark_modules:
+            item.add_marker(pytest.mark.spark)
+
+
 @pytest.fixture(scope="session")
 def spark():
     from seqclust.config import SparkConfig
