@@ -51,12 +51,11 @@ def split_history(sessions: DataFrame) -> tuple[DataFrame, DataFrame]:
 
 
 def nearest_centroid(users: DataFrame, centroids: Sequence[Sequence[float]], vec_col: str = "embedding") -> DataFrame:
-    """Add ``cluster_id``: the nearest centroid (squared Euclidean) to ``vec_col`` (array)."""
-    c = F.array(*[F.array(*[F.lit(float(v)) for v in cen]) for cen in centroids])
-    dists = F.transform(
-        c, lambda cen: F.aggregate(F.zip_with(cen, F.col(vec_col), lambda a, b: (a - b) * (a - b)), F.lit(0.0), lambda s, x: s + x)
-    )
-    return users.withColumn("_d", dists).withColumn("cluster_id", F.array_position("_d", F.array_min("_d")).cast("int") - 1).drop("_d")
+    """Add ``cluster_id``: the nearest centroid (squared Euclidean) to ``vec_col`` (array); the
+    cluster stage's ``assign_nearest``, without the distance."""
+    from seqclust.cluster import assign_nearest
+
+    return assign_nearest(users, centroids, vec_col).drop("distance_to_centroid")
 
 
 def _top(counts: DataFrame, group: list[str], n: int) -> DataFrame:
