@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.seqclust-installed
 
-.PHONY: setup run test test-fast lint bench clean airflow
+.PHONY: setup run test test-fast lint bench clean airflow compat
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,21 @@ airflow: $(AIRFLOW_VENV)/.installed
 $(AIRFLOW_VENV)/.installed:
 	$(PYTHON) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/pip install --quiet "apache-airflow>=2.10,<4" apache-airflow-providers-apache-spark apache-airflow-providers-databricks
+	touch $@
+
+# The compatibility matrix: one venv per runtime library set in .ci/compat/ (Databricks LTS ML
+# sets on open-source Spark 3.5 and 4.0), seqclust installed without its dependencies, Delta's
+# jars for that Spark line fetched once. tests/test_e2e.py repeats its run in each (skips,
+# saying so, when a venv is missing). CI runs this before `make test`.
+COMPAT_SETS := $(basename $(notdir $(wildcard .ci/compat/*.txt)))
+compat: $(COMPAT_SETS:%=.venv-compat/%/.installed)
+.venv-compat/%/.installed: .ci/compat/%.txt setup.py
+	rm -rf .venv-compat/$*
+	$(PYTHON) -m venv .venv-compat/$*
+	.venv-compat/$*/bin/pip install --quiet --upgrade pip
+	.venv-compat/$*/bin/pip install --quiet -r $< "pytest>=8"
+	.venv-compat/$*/bin/pip install --quiet --no-deps -e .
+	.venv-compat/$*/bin/seqclust warmup
 	touch $@
 
 clean:

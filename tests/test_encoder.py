@@ -207,3 +207,15 @@ def test_trimmed_length_sorted_embedding_equals_the_full_width_model(trained, ar
     full = tf.math.l2_normalize(model({f: tf.constant(feats[f]) for f in FIELDS}, training=False), axis=1).numpy()
     got = embedding_fn(cfg, weights, chunk=16)(feats)  # several chunks of different widths
     np.testing.assert_allclose(got, full, atol=1e-5)
+
+
+def test_keras_2_is_refused_with_a_clear_message(monkeypatch):
+    import keras
+
+    from seqclust.encoder import build_encoder, require_keras3
+    from seqclust.errors import ArtifactError
+
+    require_keras3()  # the installed Keras 3 passes
+    monkeypatch.setattr(keras, "__version__", "2.15.0")
+    with pytest.raises(ArtifactError, match=r"needs Keras 3 \(found keras 2\.15\.0"):
+        build_encoder({"max_len": 4, "token_dim": 8, "sizes": {}, "architecture": "gru", "hidden": 8, "embedding_dim": 4})

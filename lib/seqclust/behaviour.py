@@ -36,6 +36,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from seqclust.compat import to_arrow
 from seqclust.features import Vocab, _list_parts, event_parts
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def fit(counts: DataFrame, vocab_size: int, min_df: int, dim: int, fit_users: in
     vdf = spark.createDataFrame([(t, i) for i, t in enumerate(tokens)], "token string, col int")
     sample = user_sample(n_users, fit_users, seed)(counts, "user_id").join(F.broadcast(vdf), "token").select("user_id", "col", "n")
     # sorted: the matrix, so the SVD and the artifact's hash, must not depend on partitioning
-    t = sample.toArrow().sort_by([("user_id", "ascending"), ("col", "ascending")])
+    t = to_arrow(sample).sort_by([("user_id", "ascending"), ("col", "ascending")])
     uid = pc.dictionary_encode(t.column("user_id").combine_chunks())
     rows = uid.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     n_sample = len(uid.dictionary)

@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust import behaviour
+from seqclust.compat import to_arrow
 from seqclust.config import EmbedConfig
 from seqclust.context import RunContext
 from seqclust.errors import ArtifactError
@@ -179,11 +180,8 @@ class EmbedResult:
 
 def oov_rate(sessions: DataFrame, vocab: Vocab, sample: int = 20000, seed: int = 0) -> float:
     """Share of event tokens (in a bounded sample of sessions) the vocabulary does not know."""
-    rows = (
-        sessions.select(*input_columns(sessions.columns, vocab.token_fields))
-        .orderBy(F.xxhash64("session_id", F.lit(seed)))
-        .limit(sample)
-        .toArrow()
+    rows = to_arrow(
+        sessions.select(*input_columns(sessions.columns, vocab.token_fields)).orderBy(F.xxhash64("session_id", F.lit(seed))).limit(sample)
     )
     if tuple(vocab.token_fields) == DEFAULT_TOKEN_FIELDS:
         flat = pc.list_flatten(rows.column("tokens"))

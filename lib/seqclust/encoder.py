@@ -48,6 +48,24 @@ def _tf(threads: int | None = None) -> Any:
     return tf
 
 
+def require_keras3() -> None:
+    """Keras 3 is the contract (``keras.ops``, the ``.keras`` format, safe-mode loading). A
+    runtime whose ``keras`` is the Keras 2 line (``tf.keras`` legacy, TensorFlow <= 2.15) gets
+    a clear error instead of a failure deep inside a layer."""
+    import keras
+
+    version = str(getattr(keras, "__version__", "0"))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < 3:
+        raise ArtifactError(
+            f"seqclust needs Keras 3 (found keras {version}, the Keras 2 / tf.keras line): "
+            "install keras>=3 (pip install 'keras>=3,<4') next to TensorFlow 2.16 or later"
+        )
+
+
 def _position_layer() -> Any:
     import keras
     from keras import ops
@@ -77,6 +95,7 @@ def build_encoder(model_cfg: dict[str, Any]) -> Any:
     The output is not normalised; ``embedding_fn`` L2-normalises it.
     """
     _tf()
+    require_keras3()
     import keras
     from keras import layers, ops
 

@@ -17,6 +17,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from seqclust.compat import try_cast
 from seqclust.config import SourceConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError, ReconciliationError
@@ -71,14 +72,14 @@ def parse_ts(col: Column, dtype: T.DataType, ts_format: str, timezone: str) -> C
         return _epoch(col, ts_format)
     s = F.trim(col.cast("string"))
     if ts_format in ("epoch_s", "epoch_ms"):
-        return _epoch(s.try_cast("double"), ts_format)
+        return _epoch(try_cast(s, "double"), ts_format)
     if ts_format in ("auto", "iso8601"):
-        parsed = s.try_cast("timestamp")
+        parsed = try_cast(s, "timestamp")
         has_zone = s.rlike(r"(Z|[+-]\d{2}:?\d{2}|UTC)$")
         if local_to_utc:
             parsed = F.when(has_zone, parsed).otherwise(F.to_utc_timestamp(parsed, timezone))
         if ts_format == "auto":
-            return F.when(s.rlike(r"^-?\d+(\.\d+)?$"), _epoch(s.try_cast("double"), "auto")).otherwise(parsed)
+            return F.when(s.rlike(r"^-?\d+(\.\d+)?$"), _epoch(try_cast(s, "double"), "auto")).otherwise(parsed)
         return parsed
     parsed = F.try_to_timestamp(s, F.lit(ts_format))
     if local_to_utc and not _ZONE_LETTERS.search(re.sub(r"'[^']*'", "", ts_format)):
@@ -125,7 +126,7 @@ def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "
     price = (
         price_src.cast("double")
         if c.price and isinstance(schema_types.get(c.price), _NUMERIC)
-        else F.trim(price_src.cast("string")).try_cast("double")
+        else try_cast(F.trim(price_src.cast("string")), "double")
     )
     try:
         min_ts = dt.datetime.fromisoformat(cfg.min_ts.replace("Z", "+00:00"))

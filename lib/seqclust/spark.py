@@ -78,13 +78,14 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
 
 
 def delta_package() -> str:
-    """The Maven coordinate of the Delta jar matching the installed delta-spark and pyspark."""
-    from importlib.metadata import version
+    """The Maven coordinate of the Delta jar matching the installed delta-spark and pyspark:
+    whatever delta-spark's own ``configure_spark_with_delta_pip`` asks for (its naming changed
+    between lines: ``delta-spark_2.12:3.3.x`` for Spark 3.5, ``delta-spark_4.2_2.13:4.4.x``)."""
+    from delta import configure_spark_with_delta_pip
+    from pyspark.sql import SparkSession
 
-    import pyspark
-
-    spark_mm = ".".join(pyspark.__version__.split(".")[:2])
-    return f"io.delta:delta-spark_{spark_mm}_2.13:{version('delta-spark')}"
+    builder = configure_spark_with_delta_pip(SparkSession.Builder())  # a fresh builder: nothing global
+    return str(builder._options["spark.jars.packages"]).split(",")[0]
 
 
 def warm_up(tmp_dir: str) -> str:

@@ -11,6 +11,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from seqclust import behaviour
+from seqclust.compat import to_arrow
 from seqclust.config import EmbedConfig, EncoderConfig, TokenizeConfig
 from seqclust.context import RunContext
 from seqclust.encoder import Artifact, load_artifact, save_artifact, train
@@ -24,13 +25,12 @@ log = logging.getLogger(__name__)
 def training_sample(sessions: DataFrame, n: int, seed: int) -> pa.Table:
     """Up to ``n`` sessions chosen by a seeded hash of the session id: the same sessions
     whatever the partitioning, and never more than ``n`` rows reach the driver."""
-    return (
+    return to_arrow(
         sessions.select("session_id", *input_columns(sessions.columns))
         .withColumn("_h", F.xxhash64("session_id", F.lit(seed)))
         .orderBy("_h", "session_id")
         .limit(n)
         .drop("_h")
-        .toArrow()
     )
 
 
