@@ -43,6 +43,43 @@ def spark_error_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+# Delta's optimistic-concurrency conflicts: another writer committed first. Our writes replace
+# one run's rows (replaceWhere / MERGE on run_id), so writing again is safe and idempotent.
+CONFLICTS = (
+    "ProtocolChangedException",
+    "MetadataChangedException",
+    "ConcurrentAppendException",
+    "ConcurrentWriteException",
+    "ConcurrentDeleteReadException",
+    "ConcurrentDeleteDeleteException",
+    "ConcurrentTransactionException",
+    "DELTA_PROTOCOL_CHANGED",
+    "DELTA_METADATA_CHANGED",
+    "DELTA_CONCURRENT",
+)
+
+
+def retry_conflicts(fn, what: str, attempts: int = 6, base_s: float = 0.5):
+    """``fn()``, again after a seeded-jitter backoff when Delta reports a concurrent-writer
+    conflict (two runs creating the same table at once, a backfill beside a daily run);
+    other errors, and the last conflict, propagate."""
+    import random
+    import time
+
+    rng = random.Random(hash(what) & 0xFFFF)
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (AnalysisException, Py4JJavaError, PySparkException) as e:
+            text = f"{spark_error_line(e)} {e}"
+            if attempt == attempts or not any(c in text for c in CONFLICTS):
+                raise
+            wait = base_s * (2 ** (attempt - 1)) * (1 + rng.random())
+            log.warning("%s: a concurrent writer committed first (%s); retrying in %.1fs", what, spark_error_line(e)[:120], wait)
+            time.sleep(wait)
+    return None  # pragma: no cover - the loop returns or raises
+
+
 def detect_format(path: str) -> str:
     """Guess a source format from a local path: Delta log, then file extensions."""
     p = Path(path)
@@ -192,8 +229,15 @@ class TableStore:
 
     @staticmethod
     def _spark() -> SparkSession:
+        # the active session is thread-local in PySpark; a store used from a worker thread (a
+        # scheduler running two writes at once) finds the process's session through the builder
         spark = SparkSession.getActiveSession()
-        assert spark is not None, "no active Spark session"
+        if spark is None:
+            from pyspark import SparkContext
+
+            if SparkContext._active_spark_context is None:
+                raise SeqclustError("no Spark session: start one (seqclust.spark.get_spark) before using the table store")
+            spark = SparkSession.builder.getOrCreate()
         return spark
 
     def _delta(self, spark: SparkSession, name: str):  # -> delta.tables.DeltaTable
@@ -246,7 +290,8 @@ class TableStore:
         path = self.path(name)
         before = self._version(name) if count else -1
         log.info("table %s: writing run %s", name, run_id)
-        try:
+
+        def write() -> None:
             # mergeSchema: a newer version may add columns to a table written by an older one
             writer = (
                 df.write.format("delta")
@@ -259,6 +304,9 @@ class TableStore:
                 writer.saveAsTable(path)
             else:
                 writer.save(path)
+
+        try:
+            retry_conflicts(write, f"table {name}, run {run_id}")
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
             line = spark_error_line(e)
             full = f"{line} {e}"
