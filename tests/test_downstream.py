@@ -13,6 +13,17 @@ from seqclust.downstream import STRATEGIES, bootstrap_means, nearest_centroid, s
 T0 = dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc)
 
 
+def _mean_vectors(s):
+    """A user's vector: the mean of their sessions' 2-d ``v`` (the history_vectors contract)."""
+    from pyspark.sql import functions as F
+
+    return (
+        s.groupBy("user_id")
+        .agg(F.array(F.avg(F.col("v")[0]), F.avg(F.col("v")[1])).alias("embedding"))
+        .withColumnRenamed("user_id", "entity_id")
+    )
+
+
 def _oracle(recs, target, n):
     top = recs[:n]
     hit = float(any(x in target for x in top))
@@ -50,19 +61,20 @@ def test_user_scores_match_a_python_oracle(spark):
         tgt[u] = set(ss[-1][2])
         hist[u] = [c for _, _, seq in ss[:-1] for c in seq]
 
-    def top(counter_items):
-        return [x for x, _ in sorted(counter_items, key=lambda kv: (-kv[1], kv[0]))][:n]
+    def top(counter_items, m=n):
+        return [x for x, _ in sorted(counter_items, key=lambda kv: (-kv[1], kv[0]))][:m]
 
     from collections import Counter
 
-    glob = top(Counter(c for h in hist.values() for c in h).items())
-    clus = {k: top(Counter(c for u, h in hist.items() if assign[u] == k for c in h).items()) for k in range(3)}
+    # fill lists are 2n long, so a fill reaches n even when the user's own values come first
+    glob = top(Counter(c for h in hist.values() for c in h).items(), 2 * n)
+    clus = {k: top(Counter(c for u, h in hist.items() if assign[u] == k for c in h).items(), 2 * n) for k in range(3)}
     assert set(got) == set(hist)
     for u in hist:
         own = top(Counter(hist[u]).items())
         lists = {
-            "global": glob,
-            "cluster": clus[assign[u]],
+            "global": glob[:n],
+            "cluster": clus[assign[u]][:n],
             "own": own,
             "own_cluster_fill": list(dict.fromkeys(own + clus[assign[u]]))[:n],
             "own_global_fill": list(dict.fromkeys(own + glob))[:n],
@@ -138,7 +150,6 @@ def test_conversion_auc_and_lift_match_scikit_learn_and_a_python_oracle(spark):
 
 
 def test_temporal_stability_against_a_python_oracle(spark):
-    from pyspark.sql import functions as F
     from sklearn.metrics import adjusted_rand_score
 
     from seqclust.downstream import temporal_stability_rows
@@ -159,14 +170,10 @@ def test_temporal_stability_against_a_python_oracle(spark):
         first_seg[u], second_seg[u] = home, late
     sessions = spark.createDataFrame(rows, "user_id string, session_id string, start_ts timestamp, v array<double>")
 
-    def vectors(s):
-        return (
-            s.groupBy("user_id")
-            .agg(F.array(F.avg(F.col("v")[0]), F.avg(F.col("v")[1])).alias("embedding"))
-            .withColumnRenamed("user_id", "entity_id")
-        )
-
-    out = {(r["method"], r["metric"]): r for r in temporal_stability_rows(sessions, vectors, centroids, [1 / 3] * 3, seed=2, replicates=50)}
+    out = {
+        (r["method"], r["metric"]): r
+        for r in temporal_stability_rows(sessions, _mean_vectors, centroids, [1 / 3] * 3, seed=2, replicates=50)
+    }
     users = sorted(first_seg)
     want = adjusted_rand_score([first_seg[u] for u in users], [second_seg[u] for u in users])
     assert out[("encoder", "temporal_ari")]["value"] == pytest.approx(want, abs=1e-9)
@@ -174,3 +181,70 @@ def test_temporal_stability_against_a_python_oracle(spark):
     assert abs(out[("random", "temporal_ari")]["value"]) < 0.05
     r = out[("encoder", "temporal_ari")]
     assert r["ci_low"] < r["value"] < r["ci_high"] and r["ci_low"] > out[("random", "temporal_ari")]["ci_high"]
+
+
+def test_return_within_n_days_against_a_python_oracle(spark):
+    """Segments whose users come back often get a high return rate from history; the AUC of
+    that rate for 'returns within 7 days after the cutoff' matches scikit-learn on a plain
+    Python computation of the same split, and the random segments do not find it."""
+    from pyspark.sql import functions as F
+    from sklearn.metrics import roc_auc_score
+
+    from seqclust.downstream import return_rows
+
+    rng = np.random.default_rng(5)
+    centroids = [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]
+    mean_gap = [1.5, 6.0, 20.0]  # days between sessions: frequent, weekly, rare
+    t0 = dt.datetime(2026, 8, 1)
+    rows, seg = [], {}
+    for i in range(450):
+        u, c = f"u{i}", i % 3
+        seg[u] = c
+        t = t0 + dt.timedelta(days=float(rng.uniform(0, 20)))
+        j = 0
+        while t < t0 + dt.timedelta(days=70):
+            rows.append((u, f"{u}-{j}", t, [centroids[c][0] + rng.normal(), centroids[c][1] + rng.normal()]))
+            t += dt.timedelta(days=float(rng.exponential(mean_gap[c])) + 0.01)
+            j += 1
+    sessions = spark.createDataFrame(rows, "user_id string, session_id string, start_ts timestamp, v array<double>")
+
+    out = {
+        (r["method"], r["metric"]): r for r in return_rows(sessions, _mean_vectors, centroids, [1 / 3] * 3, seed=3, days=7, replicates=50)
+    }
+    # oracle: the same split in plain Python (Spark timestamps are session-local; compare as epoch seconds)
+    ts = {sid: t for _u, sid, t, _v in rows}
+    epoch = {
+        sid: r["s"]
+        for sid, r in ((r["session_id"], r) for r in sessions.select("session_id", F.col("start_ts").cast("double").alias("s")).collect())
+    }
+    assert len(epoch) == len(ts)
+    by_user: dict[str, list[float]] = {}
+    for u, sid, _t, _v in rows:
+        by_user.setdefault(u, []).append(epoch[sid])
+    week = 7 * 86400.0
+    cutoff = max(epoch.values()) - week
+    num, den = np.zeros(3), np.zeros(3)
+    users, y = [], []
+    for u, starts in by_user.items():
+        starts = sorted(starts)
+        before = [s for s in starts if s < cutoff]
+        if not before:
+            continue
+        for a, b in zip(before, before[1:] + [None]):
+            if a < cutoff - week:
+                num[seg[u]] += b is not None and b - a <= week
+                den[seg[u]] += 1
+        users.append(u)
+        y.append(int(any(cutoff <= s < cutoff + week for s in starts)))
+    rate = num / den
+    score = np.array([rate[seg[u]] for u in users])
+    y = np.array(y)
+    r = out[("encoder", "return_auc")]
+    assert r["value"] == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    above = score > score.mean()
+    assert out[("encoder", "return_lift")]["value"] == pytest.approx(y[above].mean() / y.mean(), rel=1e-9)
+    assert r["value"] > 0.7 and r["ci_low"] > out[("random", "return_auc")]["ci_high"]
+    assert abs(out[("random", "return_auc")]["value"] - 0.5) < 0.1
+    # a log shorter than two windows is skipped, not mis-measured
+    short = sessions.where(F.col("start_ts") < F.lit(t0 + dt.timedelta(days=10)))
+    assert return_rows(short, _mean_vectors, centroids, [1 / 3] * 3, seed=3, days=7) == []

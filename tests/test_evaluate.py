@@ -328,3 +328,62 @@ def test_user_partitions_follow_the_data_not_the_cores():
 
     cfg = ClusterConfig(rows_per_partition=100_000)
     assert [user_partitions(n, cfg) for n in (1, 21_052, 100_000, 100_001, 2_000_000)] == [1, 1, 1, 2, 20]
+
+
+def test_personas_fitted_on_multi_session_users_in_principal_components_then_lifted(spark):
+    """The fit population is the users with 2+ sessions (20 per k or more), the sweep runs on
+    the top principal components, and the segments' centres are the mean stored vector of the
+    users nearest each projected centre (a numpy oracle), so every user is assigned in the
+    stored space; a population too small to fit on falls back to every user."""
+    from pyspark.ml.functions import array_to_vector
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import adjusted_rand_score
+
+    from seqclust.cluster import Projection, assign_nearest, fit_population, sweep_and_fit
+    from seqclust.config import ClusterConfig
+
+    rng = np.random.default_rng(8)
+    k, dim, n = 5, 40, 1500
+    centres = np.zeros((k, dim))
+    centres[np.arange(k), np.arange(k)] = 4.0  # five personas along five of the 40 axes
+    y = rng.integers(0, k, n)
+    n_sess = np.where(rng.random(n) < 0.4, 1, rng.integers(2, 6, n))
+    noise = np.where(n_sess[:, None] == 1, 1.2, 0.4)
+    X = centres[y] + rng.normal(0, 1, (n, dim)) * noise
+    df = spark.createDataFrame(
+        [(f"u{i:04d}", X[i].tolist(), int(n_sess[i])) for i in range(n)], "entity_id string, emb array<double>, n_sessions long"
+    )
+    users = df.withColumn("features", array_to_vector("emb")).cache()
+    cfg = ClusterConfig(stability_runs=0, max_iter=30, sweep_pca_dim=8, k_max=8)
+    ks = list(range(2, 9))
+    rich, n_rich, note = fit_population(users, n, ks, cfg)
+    assert n_rich == int((n_sess >= 2).sum()) and "users with 2+ sessions" in note
+    assert set(r["entity_id"] for r in rich.select("entity_id").collect()) == {f"u{i:04d}" for i in range(n) if n_sess[i] >= 2}
+    # too few rich users for the sweep's largest k (20 per k): every user
+    assert fit_population(users, n, list(range(2, 60)), cfg)[1] == n
+    assert fit_population(users, n, ks, ClusterConfig(fit_min_sessions=1))[1] == n
+
+    fit = sweep_and_fit(rich, n_rich, ks, 3, cfg)
+    assert fit.k == k and "principal components" in fit.rule and "lifted" in fit.how
+    assert fit.centers.shape == (k, dim)
+    # oracle: the same projection and assignment in numpy, then each segment's mean vector
+    sel = n_sess >= 2
+    comps = PCA(8, random_state=3, svd_solver="full").fit(X[sel]).components_
+    proj = Projection(comps)
+    P = X[sel] @ comps.T
+    # the projected centres are the lifted centres' preimage: recover them from the fit's lift
+    lab = assign_nearest(rich.select("entity_id", "emb"), fit.centers.tolist()).select("entity_id", "cluster_id").collect()
+    got = {r["entity_id"]: r["cluster_id"] for r in lab}
+    ids = [f"u{i:04d}" for i in range(n) if sel[i]]
+    z = np.array([got[i] for i in ids])
+    assert adjusted_rand_score(y[sel], z) > 0.95
+    for c in range(k):  # each lifted centre is close to the mean of its members (assignment in full space agrees)
+        assert np.linalg.norm(X[sel][z == c].mean(axis=0) - fit.centers[c]) < 0.1
+    assert np.allclose(proj.np(X[sel]), P)
+    # every user, one-session ones included, assigned by the lifted centres
+    every = assign_nearest(users.select("entity_id", "emb"), fit.centers.tolist()).collect()
+    pred = np.array([r["cluster_id"] for r in sorted(every, key=lambda r: r["entity_id"])])
+    assert adjusted_rand_score(y, pred) > 0.8
+    # the Spark projection equals the numpy one
+    sp = {r["entity_id"]: r["pemb"] for r in proj.spark(rich.select("entity_id", "emb")).select("entity_id", "pemb").collect()}
+    assert np.allclose(np.array([sp[i] for i in ids]), P, atol=1e-9)

@@ -248,16 +248,23 @@ class ClusterConfig:
     # compete with the MLlib fit: the lower inertia on all users gives the segments.
     sweep_n_init: int = 10
     solver: Literal["auto", "row", "block"] = "block"
-    # k rule (docs/EVALUATION.md): parsimonious = the smallest k whose silhouette is within
-    # silhouette_tolerance of the best, "k uncertain" when a k further than one away is too;
-    # stability = the most stable k within the tolerance; silhouette = the best silhouette
-    selection: Literal["parsimonious", "stability", "silhouette"] = "parsimonious"
+    # k rule (docs/EVALUATION.md): silhouette = the best silhouette (in the sweep's space, see
+    # sweep_pca_dim); parsimonious = the smallest k whose silhouette is within
+    # silhouette_tolerance of the best; stability = the most stable k within the tolerance.
+    # Every rule says "k uncertain" when a k further than one away is within the tolerance.
+    selection: Literal["parsimonious", "stability", "silhouette"] = "silhouette"
     silhouette_tolerance: float = 0.05
     stability_runs: int = 3  # refits on subsamples per k (ARI vs the full fit)
     stability_fraction: float = 0.8
     # choose k on (a seeded hash sample of about) this many users, in driver memory, then fit
     # the chosen k with MLlib on every user: the sweep's cost stops growing with the data
     sweep_sample: int = 50000
+    # the sweep and the persona fit run on the top this-many principal components of the
+    # (sampled) user vectors, centres then lifted back to the vectors; null: on the vectors
+    sweep_pca_dim: int | None = 32
+    # personas are fitted on users with at least this many modelled sessions (when there are
+    # 20 per k or more), then every user is assigned; 1: fit on every user
+    fit_min_sessions: int = 2
     # segment profiles: exact sizes, the other figures from a seeded hash sample of about this
     # many users' sessions (null: all users)
     profile_sample: int | None = 50000
@@ -285,6 +292,8 @@ class ClusterConfig:
         _check(self.sweep_n_init >= 1, "sweep_n_init", "must be >= 1")
         _check(self.fine_k is None or 2 <= self.fine_k <= 5000, "fine_k", "must be from 2 to 5000, or null")
         _check(self.fine_min_users >= 2, "fine_min_users", "must be >= 2")
+        _check(self.sweep_pca_dim is None or self.sweep_pca_dim >= 2, "sweep_pca_dim", "must be >= 2 or null")
+        _check(self.fit_min_sessions >= 1, "fit_min_sessions", "must be >= 1")
         _check(self.rows_per_partition >= 1000, "rows_per_partition", "must be >= 1000")
         _check(self.profile_sample is None or self.profile_sample >= 1000, "profile_sample", "must be >= 1000 or null")
         _check(
@@ -316,6 +325,9 @@ class EvaluateConfig:
     downstream: bool = True
     top_n: int = 10
     bootstrap: int = 200  # replicates for the confidence intervals
+    # return-within-N-days: does the segment predict who comes back (0 = skip; skipped too when
+    # the log spans less than two windows)
+    return_days: float = 7.0
     # above this many clustered users every family is measured on a seeded hash sample of about
     # this many (null: all users): the evaluation's cost stops growing with the data, and at
     # this size the estimates' intervals are a fraction of the gaps between methods
@@ -325,6 +337,7 @@ class EvaluateConfig:
         _check(self.sample_users is None or self.sample_users >= 1000, "sample_users", "must be >= 1000 or null")
         _check(self.top_n >= 1, "top_n", "must be >= 1")
         _check(self.bootstrap >= 10, "bootstrap", "must be >= 10")
+        _check(self.return_days >= 0, "return_days", "must be >= 0 (0 = skip)")
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ Strategies:
     global            the N most frequent values in all history
     cluster           the N most frequent in the history of the user's segment
     own               the user's own history, most frequent first (may be shorter than N)
-    own_cluster_fill  own, filled up to N from the segment's list
-    own_global_fill   own, filled up to N from the global list
+    own_cluster_fill  own, filled up to N from the segment's list (2N long, so the fill still
+                      reaches N once the user's own values are removed)
+    own_global_fill   own, filled up to N from the global list (2N long, likewise)
 
 ``own_cluster_fill`` vs ``own_global_fill`` is the honest question: once a user has
 history, does the segment add anything?
@@ -106,7 +107,8 @@ def field_lists(
         ev = ev.join(users.select("user_id"), "user_id")
     if persist:
         ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
-    glob = [r["x"] for r in ev.groupBy("x").agg(F.count("*").alias("cnt")).orderBy(F.desc("cnt"), "x").limit(n).collect()]
+    # 2n long: a fill list must still have n values after the user's own are removed
+    glob = [r["x"] for r in ev.groupBy("x").agg(F.count("*").alias("cnt")).orderBy(F.desc("cnt"), "x").limit(2 * n).collect()]
     own = _top(ev.groupBy("user_id", "x").agg(F.count("*").alias("cnt")), ["user_id"], n).withColumnRenamed("recs", "own_recs")
     tgt = target.select("user_id", F.array_distinct(F.filter(field, lambda x: x.isNotNull() & (x != ""))).alias("target")).where(
         F.size("target") > 0
@@ -128,14 +130,16 @@ def user_scores(
     """
     lists = lists or field_lists(history, target, field, n, users=assignment)
     ev = lists.ev.join(assignment, "user_id")
-    clus = _top(ev.groupBy("cluster_id", "x").agg(F.count("*").alias("cnt")), ["cluster_id"], n).withColumnRenamed("recs", "cluster_recs")
+    clus = _top(ev.groupBy("cluster_id", "x").agg(F.count("*").alias("cnt")), ["cluster_id"], 2 * n).withColumnRenamed(
+        "recs", "cluster_recs"
+    )
     glob = lists.glob
     g = F.array(*[F.lit(x) for x in glob]) if glob else F.array().cast("array<string>")
     df = lists.target.join(assignment, "user_id").join(F.broadcast(clus), "cluster_id", "left").join(lists.own, "user_id", "left")
     empty = F.array().cast("array<string>")
     recs = {
-        "global": g,
-        "cluster": F.coalesce("cluster_recs", empty),
+        "global": F.slice(g, 1, n),
+        "cluster": F.slice(F.coalesce("cluster_recs", empty), 1, n),
         "own": F.coalesce("own_recs", empty),
         "own_cluster_fill": F.slice(F.array_distinct(F.concat(F.coalesce("own_recs", empty), F.coalesce("cluster_recs", empty))), 1, n),
         "own_global_fill": F.slice(F.array_distinct(F.concat(F.coalesce("own_recs", empty), g)), 1, n),
@@ -212,6 +216,65 @@ def _auc_and_lift(score: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> tuple[
     return float(auc), float(lift)
 
 
+def _segment_rate_rows(
+    hist: DataFrame,
+    tgt: DataFrame,
+    methods: Sequence[tuple[str, DataFrame]],
+    seed: int,
+    replicates: int,
+    prefix: str,
+    details: dict,
+) -> list[dict]:
+    """``<prefix>_auc`` and ``<prefix>_lift`` per method: each segment's score is the mean of
+    ``hist.b`` (0/1 per history unit) over its users' units; each user of ``tgt`` has an
+    outcome ``y`` (0/1). AUC ranks users by their segment's score (0.5 = no information); lift
+    is the outcome rate of users in segments scoring above the users' mean, over everyone's.
+    95% intervals from the 1024-bucket user bootstrap (only bucket x segment x outcome counts
+    reach the driver)."""
+    rows: list[dict] = []
+    for method, assign in methods:
+        a = assign.select("user_id", "cluster_id")
+        rate = {r["cluster_id"]: r["r"] for r in hist.join(a, "user_id").groupBy("cluster_id").agg(F.avg("b").alias("r")).collect()}
+        counts = (
+            tgt.join(a, "user_id")
+            .withColumn("_g", (hash_uniform("user_id", seed=seed) * BOOTSTRAP_BUCKETS).cast("int"))
+            .groupBy("_g", "cluster_id")
+            .agg(F.sum("y").alias("p"), F.sum(1 - F.col("y")).alias("n"))
+            .collect()
+        )
+        if not counts or not rate:
+            continue
+        segs = sorted(rate)
+        idx = {c: i for i, c in enumerate(segs)}
+        score = np.array([rate[c] for c in segs], dtype=np.float64)
+        pos = np.zeros((BOOTSTRAP_BUCKETS, len(segs)))
+        neg = np.zeros((BOOTSTRAP_BUCKETS, len(segs)))
+        for r in counts:
+            if r["cluster_id"] in idx:
+                pos[r["_g"], idx[r["cluster_id"]]] += r["p"]
+                neg[r["_g"], idx[r["cluster_id"]]] += r["n"]
+        auc, lift = _auc_and_lift(score, pos.sum(axis=0), neg.sum(axis=0))
+        w = np.random.default_rng(seed).poisson(1.0, size=(replicates, BOOTSTRAP_BUCKETS)).astype(np.float64)
+        reps = np.array([_auc_and_lift(score, wi @ pos, wi @ neg) for wi in w])
+        n_users = int(pos.sum() + neg.sum())
+        for j, (name, value) in enumerate(((f"{prefix}_auc", auc), (f"{prefix}_lift", lift))):
+            vals = reps[:, j][np.isfinite(reps[:, j])]
+            lo, hi = np.percentile(vals, [2.5, 97.5]) if len(vals) else (float("nan"), float("nan"))
+            rows.append(
+                {
+                    "method": method,
+                    "family": "downstream",
+                    "metric": name,
+                    "value": value,
+                    "ci_low": float(lo),
+                    "ci_high": float(hi),
+                    "details": json.dumps({**details, "users": n_users, "bootstrap": replicates}),
+                }
+            )
+        log.info("downstream (%s, %s, %d users): AUC %.3f, lift %.2f", prefix, method, n_users, auc, lift)
+    return rows
+
+
 def conversion_rows(
     history: DataFrame, target: DataFrame, methods: Sequence[tuple[str, DataFrame]], seed: int, replicates: int = 200
 ) -> list[dict]:
@@ -227,55 +290,87 @@ def conversion_rows(
     if not tgt.where("y = 1").limit(1).count() or not hist.where("b = 1").limit(1).count():
         log.info("downstream: no purchases in history or next sessions; conversion skipped")
         return []
-    rows: list[dict] = []
-    for method, assign in methods:
-        a = assign.select("user_id", "cluster_id")
-        rate = {r["cluster_id"]: r["r"] for r in hist.join(a, "user_id").groupBy("cluster_id").agg(F.avg("b").alias("r")).collect()}
-        counts = (
-            tgt.join(a, "user_id")
-            .withColumn("_g", (hash_uniform("user_id", seed=seed) * BOOTSTRAP_BUCKETS).cast("int"))
-            .groupBy("_g", "cluster_id")
-            .agg(F.sum("y").alias("p"), F.sum(1 - F.col("y")).alias("n"))
-            .collect()
-        )
-        if not counts:
-            continue
-        segs = sorted(rate)
-        idx = {c: i for i, c in enumerate(segs)}
-        score = np.array([rate[c] for c in segs], dtype=np.float64)
-        pos = np.zeros((BOOTSTRAP_BUCKETS, len(segs)))
-        neg = np.zeros((BOOTSTRAP_BUCKETS, len(segs)))
-        for r in counts:
-            if r["cluster_id"] in idx:
-                pos[r["_g"], idx[r["cluster_id"]]] += r["p"]
-                neg[r["_g"], idx[r["cluster_id"]]] += r["n"]
-        auc, lift = _auc_and_lift(score, pos.sum(axis=0), neg.sum(axis=0))
-        w = np.random.default_rng(seed).poisson(1.0, size=(replicates, BOOTSTRAP_BUCKETS)).astype(np.float64)
-        reps = np.array([_auc_and_lift(score, wi @ pos, wi @ neg) for wi in w])
-        n_users = int(pos.sum() + neg.sum())
-        for j, (name, value) in enumerate((("conversion_auc", auc), ("conversion_lift", lift))):
-            vals = reps[:, j][np.isfinite(reps[:, j])]
-            lo, hi = np.percentile(vals, [2.5, 97.5]) if len(vals) else (float("nan"), float("nan"))
-            rows.append(
-                {
-                    "method": method,
-                    "family": "downstream",
-                    "metric": name,
-                    "value": value,
-                    "ci_low": float(lo),
-                    "ci_high": float(hi),
-                    "details": json.dumps(
-                        {
-                            "target": "next session has a purchase",
-                            "score": "segment's history conversion",
-                            "users": n_users,
-                            "bootstrap": replicates,
-                        }
-                    ),
-                }
-            )
-        log.info("downstream (conversion, %s, %d users): AUC %.3f, lift %.2f", method, n_users, auc, lift)
-    return rows
+    details = {"target": "next session has a purchase", "score": "segment's history conversion"}
+    return _segment_rate_rows(hist, tgt, methods, seed, replicates, "conversion", details)
+
+
+def return_split(sessions: DataFrame, days: float) -> tuple[DataFrame, DataFrame, DataFrame] | None:
+    """The return-within-N-days split at ``cutoff = last session start - days``:
+    ``(before, hist, tgt)`` where ``before`` is every session starting before the cutoff (a
+    user's segment is made from these alone), ``hist`` is ``(user_id, b)`` per session that
+    starts more than ``days`` before the cutoff (``b`` = the same user's next session starts
+    within ``days``; fully observed before the cutoff) and ``tgt`` is ``(user_id, y)`` per user
+    active before the cutoff (``y`` = a session starts in ``[cutoff, cutoff + days)``). None
+    when the log spans less than two windows."""
+    secs = days * 86400.0
+    ts = F.col("start_ts").cast("double")
+    span = sessions.agg(F.min(ts).alias("lo"), F.max(ts).alias("hi")).first()
+    if span is None or span["lo"] is None or span["hi"] - span["lo"] < 2 * secs:
+        return None
+    cutoff = span["hi"] - secs
+    before = sessions.where(ts < cutoff)
+    nxt = F.lead(ts).over(Window.partitionBy("user_id").orderBy("start_ts", "session_id"))
+    hist = (
+        before.select("user_id", "session_id", "start_ts")
+        .withColumn("_next", nxt)
+        .where(ts < cutoff - secs)
+        .select("user_id", (F.col("_next").isNotNull() & (F.col("_next") - ts <= secs)).cast("int").alias("b"))
+    )
+    inside = ((ts >= cutoff) & (ts < cutoff + secs)).cast("int")
+    tgt = (
+        sessions.groupBy("user_id")
+        .agg(F.min(ts).alias("_first"), F.max(inside).alias("y"))
+        .where(F.col("_first") < cutoff)
+        .select("user_id", "y")
+    )
+    return before, hist, tgt
+
+
+def return_rows(
+    sessions: DataFrame,
+    history_vectors: Callable[[DataFrame], DataFrame],
+    centroids: Sequence[Sequence[float]],
+    random_shares: Sequence[float],
+    seed: int,
+    days: float = 7.0,
+    replicates: int = 200,
+    fine_centroids: Sequence[Sequence[float]] | None = None,
+) -> list[dict]:
+    """Does a segment predict who comes back? ``return_auc`` / ``return_lift`` (family
+    ``downstream``) of the segment's historical return rate (share of its sessions followed by
+    the same user's next session within ``days``) for whether a user active before the cutoff
+    returns within ``days`` after it (see ``return_split``). Segments come from the sessions
+    before the cutoff only; methods: the run's segments, random segments of the same sizes,
+    and the fine segments when given."""
+    from seqclust.evaluate import random_assignment
+
+    split = return_split(sessions, days)
+    if split is None:
+        log.info("downstream: the log spans less than 2 x %g days; return-within-%g-days skipped", days, days)
+        return []
+    before, hist, tgt = split
+    before = before.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        if not hist.limit(1).count():
+            log.info("downstream: no session is %g days before the cutoff; return skipped", days)
+            return []
+        users = history_vectors(before).withColumnRenamed("entity_id", "user_id").persist(StorageLevel.MEMORY_AND_DISK)
+        enc = nearest_centroid(users, centroids).select("user_id", "cluster_id")
+        methods = [
+            ("encoder", enc),
+            ("random", random_assignment(users.select("user_id"), random_shares, seed, out_col="cluster_id", key="user_id")),
+        ]
+        if fine_centroids:
+            methods.append(("fine", nearest_centroid(users, fine_centroids).select("user_id", "cluster_id")))
+        details = {
+            "target": f"returns within {days:g} days of the cutoff",
+            "score": f"segment's share of sessions followed within {days:g} days",
+        }
+        rows = _segment_rate_rows(hist, tgt, methods, seed, replicates, "return", details)
+        users.unpersist()
+        return rows
+    finally:
+        before.unpersist()
 
 
 def temporal_stability_rows(

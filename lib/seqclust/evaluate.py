@@ -440,6 +440,13 @@ def run(
                     emb = hist.select("session_id", "user_id", "end_ts").join(stored, "session_id")
                     return pool_users(emb).select("entity_id", "embedding")
 
+            fine_cents = [
+                r["centroid"]
+                for r in ctx.store.read(spark, ctx.tables.centroids, ctx.run_id)
+                .where(F.col("method") == "fine")
+                .orderBy("cluster_id")
+                .collect()
+            ]
             boe_assign = None
             if baseline.bag_of_events:
 
@@ -455,13 +462,7 @@ def run(
                 ev.top_n,
                 replicates=ev.bootstrap,
                 baseline_assign=boe_assign,
-                fine_centroids=[
-                    r["centroid"]
-                    for r in ctx.store.read(spark, ctx.tables.centroids, ctx.run_id)
-                    .where(F.col("method") == "fine")
-                    .orderBy("cluster_id")
-                    .collect()
-                ],
+                fine_centroids=fine_cents,
             )
             rows += [{**r, "k": k} for r in down]
             for r in down:
@@ -474,6 +475,22 @@ def run(
             for r in temporal:
                 results.setdefault(r["method"], {})[r["metric"]] = r["value"]
             families = (*families, "temporal")
+            if ev.return_days > 0:
+                from seqclust.downstream import return_rows
+
+                ret = return_rows(
+                    sessions,
+                    history_vectors,
+                    [r["centroid"] for r in cents],
+                    shares,
+                    seed,
+                    ev.return_days,
+                    ev.bootstrap,
+                    fine_centroids=fine_cents,
+                )
+                rows += [{**r, "k": k} for r in ret]
+                for r in ret:
+                    results.setdefault(r["method"], {})[r["metric"]] = r["value"]
         write_metrics(spark, ctx, rows, families=families)
         for method, vals in results.items():
             log.info("evaluate: %s %s", method, ", ".join(f"{m}={v:.4f}" for m, v in sorted(vals.items())))

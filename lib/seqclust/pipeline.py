@@ -420,12 +420,13 @@ def format_summary(s: RunSummary) -> str:
             lines += _method_table(s.metrics, with_fine, down, 40)
         conv = [
             m
-            for m in ("conversion_auc", "conversion_lift", "temporal_ari", "temporal_same_segment")
+            for m in ("conversion_auc", "conversion_lift", "return_auc", "return_lift", "temporal_ari", "temporal_same_segment")
             if any(m in s.metrics[x] for x in methods)
         ]
         if conv:
             lines.append(
-                "  next-session conversion (AUC 0.5 = no information) and a user's segment, first vs second half of their sessions"
+                "  next-session conversion, return within evaluate.return_days (AUC 0.5 = no information),"
+                " and a user's segment, first vs second half of their sessions"
             )
             lines += _method_table(s.metrics, with_fine, conv, 40)
     return "\n".join(lines)

@@ -191,7 +191,7 @@ def write_report(spark: SparkSession, ctx: RunContext) -> Path:
         ("internal", "Internal indices (each method in its own space)"),
         ("external", "Agreement with known labels"),
         ("proxy", "Agreement with proxy labels (derived from the events, not ground truth)"),
-        ("downstream", "Next-session recommendation from history only (95% bootstrap CI)"),
+        ("downstream", "Next-session recommendation, conversion and return within N days, from history only (95% bootstrap CI)"),
         ("drift", "Drift against the previous run"),
         ("temporal", "Segments as traits: first vs second half of each user's sessions (random: independent draws)"),
     ]
