@@ -245,6 +245,10 @@ def test_return_within_n_days_against_a_python_oracle(spark):
     assert out[("encoder", "return_lift")]["value"] == pytest.approx(y[above].mean() / y.mean(), rel=1e-9)
     assert r["value"] > 0.7 and r["ci_low"] > out[("random", "return_auc")]["ci_high"]
     assert abs(out[("random", "return_auc")]["value"] - 0.5) < 0.1
+    # a handful of returners is not measured: only sessions of a few users after the cutoff
+    few = sorted(by_user, key=lambda u: max(by_user[u]))[-5:]  # the last five users to be seen
+    thin = sessions.where((F.col("start_ts").cast("double") < cutoff - week) | F.col("user_id").isin(*few))
+    assert return_rows(thin, _mean_vectors, centroids, [1 / 3] * 3, seed=3, days=7) == []
     # a log shorter than two windows is skipped, not mis-measured
     short = sessions.where(F.col("start_ts") < F.lit(t0 + dt.timedelta(days=10)))
     assert return_rows(short, _mean_vectors, centroids, [1 / 3] * 3, seed=3, days=7) == []

@@ -40,6 +40,7 @@ from seqclust.metrics import hash_uniform
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("global", "cluster", "own", "own_cluster_fill", "own_global_fill")
+MIN_OUTCOME_USERS = 20  # return within N days is measured only with this many users on each side
 
 
 def split_history(sessions: DataFrame) -> tuple[DataFrame, DataFrame]:
@@ -353,6 +354,21 @@ def return_rows(
     try:
         if not hist.limit(1).count():
             log.info("downstream: no session is %g days before the cutoff; return skipped", days)
+            return []
+        # an AUC from a handful of returners (or stayers) is noise that looks like a finding
+        # (a log whose last days hold a few stragglers: the demo data's tail)
+        outcome = tgt.agg(F.sum("y").alias("p"), F.count("*").alias("n")).first()
+        pos, neg = int(outcome["p"] or 0), int(outcome["n"] or 0) - int(outcome["p"] or 0)
+        need = max(MIN_OUTCOME_USERS, int(0.01 * (pos + neg)))
+        if min(pos, neg) < need:
+            log.info(
+                "downstream: %d users return within %g days of the cutoff and %d do not (fewer than %d on one side); "
+                "return skipped (a log with a sparse tail: set evaluate.return_days)",
+                pos,
+                days,
+                neg,
+                need,
+            )
             return []
         users = history_vectors(before).withColumnRenamed("entity_id", "user_id").persist(StorageLevel.MEMORY_AND_DISK)
         enc = nearest_centroid(users, centroids).select("user_id", "cluster_id")
