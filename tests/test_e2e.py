@@ -150,9 +150,9 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, e2e_out, capsys):
             assert (method, f"hitrate@10_categories_{strat}") in m and (method, f"ndcg@10_categories_{strat}") in m
     assert down.where("NOT (ci_low <= value AND value <= ci_high)").count() == 0
     assert m[("encoder", "hitrate@10_categories_own_global_fill")] >= m[("encoder", "hitrate@10_categories_own")]
-    # the 30-day demo log holds two 7-day windows: who comes back is measured beside random segments
-    for method in ("encoder", "random"):
-        assert (method, "return_auc") in m and (method, "return_lift") in m
+    # who comes back is measured beside random segments, or not at all: the demo log's last week
+    # holds too few returners (tests/test_downstream.py measures the family on a log that has them)
+    assert (("encoder", "return_auc") in m) == (("random", "return_auc") in m) == (("encoder", "return_lift") in m)
 
     def snapshot():
         emb = {
