@@ -306,7 +306,7 @@ def lift_centers(users: DataFrame, centers, k: int, vec_col: str = "emb", space_
     for r in rows:
         out[r["cluster_id"], r["pos"]] = r["v"]
     empty = np.isnan(out).any(axis=1)
-    if empty.any():  # a centre nobody is nearest to: keep its projected position's best preimage
+    if empty.any():  # a centre nobody is nearest to has no mean: it is dropped (k shrinks)
         log.warning("cluster: %d of %d centres have no user; dropped", int(empty.sum()), k)
         out = out[~empty]
     return out

@@ -349,8 +349,9 @@ def return_rows(
     if split is None:
         log.info("downstream: the log spans less than 2 x %g days; return-within-%g-days skipped", days, days)
         return []
-    before, hist, tgt = split
-    before = before.persist(StorageLevel.MEMORY_AND_DISK)
+    # each is read once per method (and tgt once more by the guard): computed once
+    before, hist, tgt = (df.persist(StorageLevel.MEMORY_AND_DISK) for df in split)
+    users = None
     try:
         if not hist.limit(1).count():
             log.info("downstream: no session is %g days before the cutoff; return skipped", days)
@@ -382,11 +383,11 @@ def return_rows(
             "target": f"returns within {days:g} days of the cutoff",
             "score": f"segment's share of sessions followed within {days:g} days",
         }
-        rows = _segment_rate_rows(hist, tgt, methods, seed, replicates, "return", details)
-        users.unpersist()
-        return rows
+        return _segment_rate_rows(hist, tgt, methods, seed, replicates, "return", details)
     finally:
-        before.unpersist()
+        for df in (before, hist, tgt, users):
+            if df is not None:
+                df.unpersist()
 
 
 def temporal_stability_rows(

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust.baseline import bag_of_events
-from seqclust.cluster import coarse, fit_best, silhouette, user_partitions
+from seqclust.cluster import coarse, fit_best, model_run_centers, silhouette, user_partitions
 from seqclust.config import BaselineConfig, ClusterConfig, EvaluateConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
@@ -440,13 +440,7 @@ def run(
                     emb = hist.select("session_id", "user_id", "end_ts").join(stored, "session_id")
                     return pool_users(emb).select("entity_id", "embedding")
 
-            fine_cents = [
-                r["centroid"]
-                for r in ctx.store.read(spark, ctx.tables.centroids, ctx.run_id)
-                .where(F.col("method") == "fine")
-                .orderBy("cluster_id")
-                .collect()
-            ]
+            fine_cents = model_run_centers(spark, ctx, ctx.run_id, "fine")
             boe_assign = None
             if baseline.bag_of_events:
 
