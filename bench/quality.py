@@ -22,7 +22,10 @@ for the default whether the run called its k uncertain.
 
 Beside them, ``supervised_ceiling``: the best ARI a classifier that knows the personas reaches
 from any of these vectors (5-fold cross-validated logistic regression); unsupervised segments
-are not expected above it.
+are not expected above it. And ``bayes_ceiling`` where the generator's likelihood has a closed
+form (``dynamics``, ``real_sessions``): the ARI of the Bayes-optimal classifier that knows the
+generator itself (``personas.bayes_labels``), the most any method can expect to read from the
+log, whatever its representation.
 
 Usage: python bench/quality.py [--users 3000] [--seed 7] [--out DIR] [--only a,b] [--set key=value ...]
 Last line: JSON {"min_ari", "mean_ari", "k_within_1", "generators", "per_generator": {...}}
@@ -192,6 +195,14 @@ def main() -> None:
         personas.write_member(data, m.name, args.users, args.seed, args.data_root)
         labels_t = pq.read_table(data / "personas")
         labels = dict(zip(labels_t.column("user_id").to_pylist(), labels_t.column("persona").to_pylist()))
+        bayes = personas.bayes_labels(m.name, pq.read_table(data / "events"), m.planted_k)
+        bayes_ari = float("nan")
+        if bayes is not None:
+            from sklearn.metrics import adjusted_rand_score
+
+            users = sorted(bayes)
+            bayes_ari = float(adjusted_rand_score([labels[u] for u in users], [bayes[u] for u in users]))
+            log.info("%s: the Bayes-optimal classifier reads ARI %.3f from the log", m.name, bayes_ari)
         ctx = pipeline.make_context(cfg, str(data / "events"), str(data / "personas"), f"quality-{m.name}")
         summary = pipeline.run(spark, cfg, ctx)
         from seqclust.encoder import load_artifact
@@ -208,6 +219,7 @@ def main() -> None:
             "ari": meas["default"]["ari"],
             "ari_planted_k": meas["default"]["ari_planted_k"],
             "supervised_ceiling": max((mm.get("supervised_ari", float("nan")) for mm in meas.values()), default=float("nan")),
+            "bayes_ceiling": bayes_ari,
             "methods": meas,
             "seconds": round(time.perf_counter() - t0, 1),
         }
@@ -221,7 +233,8 @@ def main() -> None:
         )
     names = ("default", "encoder", "tokens", "bag_of_events", "random")
     print(
-        f"\n{'generator':<14} {'k planted':>9} {'k chosen':>8} {'ceiling':>8}  " + "  ".join(f"{n + ' ARI (@planted)':>26}" for n in names)
+        f"\n{'generator':<14} {'k planted':>9} {'k chosen':>8} {'ceiling':>8} {'bayes':>6}  "
+        + "  ".join(f"{n + ' ARI (@planted)':>26}" for n in names)
     )
     for g, r in results.items():
         cells = []
@@ -229,7 +242,8 @@ def main() -> None:
             mm = r["methods"].get(n)
             cells.append(f"{'-':>26}" if mm is None else f"{mm['ari']:>8.3f} ({mm['ari_planted_k']:.3f}) k_own={mm.get('k_own', '-')!s:>3}")
         flag = "?" if r["k_uncertain"] else " "
-        print(f"{g:<14} {r['planted_k']:>9} {r['k_chosen']:>7}{flag} {r['supervised_ceiling']:>8.3f}  " + "  ".join(cells))
+        bayes = "-" if np.isnan(r["bayes_ceiling"]) else f"{r['bayes_ceiling']:.3f}"
+        print(f"{g:<14} {r['planted_k']:>9} {r['k_chosen']:>7}{flag} {r['supervised_ceiling']:>8.3f} {bayes:>6}  " + "  ".join(cells))
     for g, why in skipped.items():
         print(f"{g:<14} skipped: {why}")
     aris = [r["ari"] for r in results.values()]
@@ -247,6 +261,7 @@ def main() -> None:
                 "ari": round(r["ari"], 4),
                 "ari_planted_k": round(r["ari_planted_k"], 4),
                 "supervised_ceiling": round(r["supervised_ceiling"], 4),
+                "bayes_ceiling": None if np.isnan(r["bayes_ceiling"]) else round(r["bayes_ceiling"], 4),
                 "baselines": {
                     n: {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in mm.items() if kk != "sweep"}
                     for n, mm in r["methods"].items()

@@ -81,7 +81,7 @@ def test_dynamics_personas_share_the_mix_and_differ_in_what_follows_what():
     per_persona = pd.crosstab(lab.loc[df["user_id"]].to_numpy(), df["event_type"], normalize="index")
     assert (per_persona.max() - per_persona.min()).max() < 0.04  # the mix barely differs
     # oracle: the likelihood of each user's transitions under each persona's chain
-    chains = P.distinct_chains(5, np.random.default_rng(2005), 10.0)
+    chains = P.dynamics_chains(5)
     code = {t: i for i, t in enumerate(P.TYPES)}
     df["e"] = df["event_type"].map(code)
     df["p"] = df.groupby("sid")["e"].shift()
@@ -150,6 +150,42 @@ def test_real_sessions_are_real_and_personas_follow_their_session_kinds():
     ll = pd.DataFrame(logp[:, kind].T, index=df["user_id"].to_numpy()[off[:-1]]).groupby(level=0).sum()
     pred = ll.to_numpy().argmax(axis=1)
     assert adjusted_rand_score(labels_of(personas, ll.index), pred) > 0.8
+
+
+def test_bayes_labels_read_the_dynamics_personas_at_least_as_well_as_the_plug_in_oracle():
+    events, personas = P.dynamics(USERS, 3, 5)
+    lab = P.bayes_labels("dynamics", events, 5)
+    truth = personas.to_pandas().set_index("user_id")["persona"]
+    assert set(lab) == set(truth.index)  # every user, one-event users too (the prior's argmax)
+    users = sorted(lab)
+    bayes = adjusted_rand_score(truth.loc[users].to_numpy(), [lab[u] for u in users])
+    # the plug-in oracle of the test above: the chains' likelihood without the per-user jitter
+    df = sessions(events)
+    code = {t: i for i, t in enumerate(P.TYPES)}
+    df["e"] = df["event_type"].map(code)
+    df["p"] = df.groupby("sid")["e"].shift()
+    d = df.dropna(subset=["p"])
+    logp = np.log(P.dynamics_chains(5) + 0.02)
+    ll = d.groupby("user_id")[["p", "e"]].apply(lambda x: logp[:, x["p"].astype(int).to_numpy(), x["e"].to_numpy()].sum(axis=1))
+    plug = np.stack(ll.to_numpy()).argmax(axis=1)
+    plug_ari = adjusted_rand_score(truth.loc[ll.index].to_numpy(), [f"p{i}" for i in plug])
+    assert bayes > 0.85
+    assert bayes >= plug_ari - 0.01
+
+
+def test_bayes_labels_only_where_the_likelihood_is_closed_form():
+    events, _ = P.pace_price(60, 1)
+    assert P.bayes_labels("pace_price", events, 6) is None
+
+
+@pytest.mark.skipif(not (DATA_ROOT / "retailrocket_subset").is_dir(), reason=f"the RetailRocket subset is not at {DATA_ROOT}")
+def test_bayes_labels_of_real_sessions_follow_the_session_kinds():
+    events, personas = P.real_sessions(USERS, 3, DATA_ROOT / "retailrocket_subset")
+    lab = P.bayes_labels("real_sessions", events, 5)
+    truth = personas.to_pandas().set_index("user_id")["persona"]
+    users = sorted(lab)
+    assert set(lab.values()) <= set(P.REAL_PERSONAS)
+    assert adjusted_rand_score(truth.loc[users].to_numpy(), [lab[u] for u in users]) > 0.8
 
 
 def test_write_member_and_unknown_names(tmp_path):

@@ -53,6 +53,10 @@ MAX_EVENT_GAP_S = 25 * 60
 MAX_SESSION_LEN = 60
 # a stationary event-type mix shared by personas whose dynamics differ
 BASE_MIX = np.array([0.40, 0.16, 0.18, 0.12, 0.14])
+# per-user jitter of a persona's distribution: Dirichlet(persona * CONC + FLOOR), shared by the
+# generators and by ``bayes_labels`` (which integrates it out)
+DYNAMICS_CONC, DYNAMICS_FLOOR = 40.0, 0.02
+REAL_CONC, REAL_FLOOR = 30.0, 0.05
 
 
 @dataclass
@@ -120,6 +124,11 @@ def distinct_chains(k: int, prng: np.random.Generator, weight: float = 4.0) -> n
         kernel[np.arange(N_T), succ] += weight
         out.append(with_mix(kernel, BASE_MIX))
     return np.stack(out)
+
+
+def dynamics_chains(k: int, prng: np.random.Generator | None = None) -> np.ndarray:
+    """The ``dynamics`` generator's persona chains for ``k`` personas."""
+    return distinct_chains(k, prng if prng is not None else np.random.default_rng(2000 + k), 10.0)
 
 
 def stationary(p: np.ndarray) -> np.ndarray:
@@ -272,11 +281,10 @@ def interests(users: int, seed: int, k: int = 8) -> tuple[pa.Table, pa.Table]:
 def dynamics(users: int, seed: int, k: int = 5) -> tuple[pa.Table, pa.Table]:
     """Personas differ in what follows what among event types; one stationary mix."""
     rng = np.random.default_rng(seed)
-    prng = np.random.default_rng(2000 + k)
     persona = rng.integers(0, k, users)
     pop = base_population(rng, persona)
-    mats = distinct_chains(k, prng, 10.0)
-    pop.trans = _dirichlet_rows(rng, mats[persona] * 40.0 + 0.02)
+    mats = dynamics_chains(k)
+    pop.trans = _dirichlet_rows(rng, mats[persona] * DYNAMICS_CONC + DYNAMICS_FLOOR)
     return simulate(rng, pop, "d")
 
 
@@ -422,7 +430,7 @@ def real_sessions(users: int, seed: int, data: str | Path) -> tuple[pa.Table, pa
         raise ValueError("real_sessions: the log lacks a session kind")
     mix = np.stack([REAL_PERSONAS[n] for n in names])
     s_user = np.repeat(np.arange(users), pop.n_sessions)
-    user_mix = _dirichlet_rows(rng, mix[persona] * 30.0 + 0.05)
+    user_mix = _dirichlet_rows(rng, mix[persona] * REAL_CONC + REAL_FLOOR)
     s_kind = _draw(rng, user_mix[s_user])
     s_src = np.array([pools[kd][rng.integers(0, len(pools[kd]))] for kd in s_kind])
     lens = np.diff(real.offsets)[s_src]
@@ -495,3 +503,64 @@ def write_member(out: str | Path, name: str, users: int, seed: int = 7, data_roo
     info = {"generator": name, "users": users, "seed": seed, "events": events.num_rows, "planted_k": m.planted_k}
     log.info("generated %s: %d events for %d users, %d planted personas (%s)", name, events.num_rows, users, m.planted_k, out)
     return info
+
+
+# --------------------------------------------------------------------------------------
+# the Bayes ceiling: what the best possible classifier reads from a generated log
+
+
+def _dirichlet_multinomial_ll(counts: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """log P(counts | Dirichlet(alpha)-multinomial) up to the multinomial coefficient (which
+    is the same for every alpha): ``counts`` [..., n], ``alpha`` [n] -> [...]."""
+    from scipy.special import gammaln
+
+    a0 = alpha.sum()
+    return gammaln(a0) - gammaln(a0 + counts.sum(axis=-1)) + (gammaln(alpha + counts) - gammaln(alpha)).sum(axis=-1)
+
+
+def _log_sessions(events: pa.Table, gap_s: float = 1800.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user per event, event type per event, seconds, session offsets) of ``events`` sorted by
+    user and time and cut at ``gap_s`` of inactivity (the pipeline's default rule)."""
+    user = np.asarray(events.column("user_id").to_pylist(), dtype=object)
+    t = events.column("ts").cast(pa.int64()).to_numpy().astype(np.float64) / 1000.0
+    etype = np.asarray(events.column("event_type").to_pylist(), dtype=object)
+    eid = np.asarray(events.column("event_id").to_pylist(), dtype=object)
+    order = np.lexsort((eid, t, user))
+    user, t, etype = user[order], t[order], etype[order]
+    new = np.ones(len(t), dtype=bool)
+    new[1:] = (user[1:] != user[:-1]) | (np.diff(t) > gap_s)
+    return user, etype, t, np.append(np.nonzero(new)[0], len(t))
+
+
+def bayes_labels(name: str, events: pa.Table, k: int) -> dict[str, str] | None:
+    """The Bayes-optimal persona of every user of a ``dynamics`` or ``real_sessions`` log:
+    the persona under which the user's events are most likely, with the per-user jitter
+    integrated out exactly (Dirichlet-multinomial) and equal priors. In both generators
+    everything else a user does is drawn independently of the persona, so no method can
+    expect to recover the personas better; its ARI is the generator's ceiling. ``None`` for
+    the generators whose likelihood has no closed form here."""
+    user, etype, t, off = _log_sessions(events)
+    first = off[:-1]
+    s_user = user[first]
+    users, u_idx = np.unique(s_user, return_inverse=True)
+    if name == "dynamics":
+        code = {str(x): i for i, x in enumerate(TYPES)}
+        e = np.array([code[x] for x in etype])
+        same = np.ones(len(e), dtype=bool)
+        same[first] = False  # a transition needs a previous event in the same session
+        ev_user = np.repeat(u_idx, np.diff(off))
+        counts = np.zeros((len(users), N_T, N_T))
+        np.add.at(counts, (ev_user[same], e[np.nonzero(same)[0] - 1], e[same]), 1.0)
+        chains = dynamics_chains(k)
+        ll = np.stack([_dirichlet_multinomial_ll(counts, c * DYNAMICS_CONC + DYNAMICS_FLOOR).sum(axis=1) for c in chains], axis=1)
+        names = [f"p{i}" for i in range(k)]
+    elif name == "real_sessions":
+        kind = session_kinds(off, etype.astype(str), t)
+        counts = np.zeros((len(users), len(KINDS)))
+        np.add.at(counts, (u_idx, kind), 1.0)
+        names = list(REAL_PERSONAS)
+        ll = np.stack([_dirichlet_multinomial_ll(counts, REAL_PERSONAS[n] * REAL_CONC + REAL_FLOOR) for n in names], axis=1)
+    else:
+        return None
+    best = ll.argmax(axis=1)
+    return {str(u): names[b] for u, b in zip(users, best)}
