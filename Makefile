@@ -26,8 +26,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not spark" tests
 
+# style, formatting and types (mypy over the package, not strict: zero errors); CI runs it before the tests
 lint: $(STAMP)
 	$(BIN)/ruff check lib tests jobs bench dags notebooks
+	$(BIN)/ruff format --check lib tests jobs bench dags notebooks
+	$(BIN)/mypy lib/seqclust --ignore-missing-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py

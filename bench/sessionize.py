@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the DuckDB oracle lives with the tests
 
 
 def _best(fn, repeat: int) -> float:
@@ -42,10 +43,11 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+    from sessionize_duckdb import sessionize_parquet
+
     from seqclust.config import SessionizeConfig, SparkConfig
     from seqclust.datagen import write_dataset
     from seqclust.sessionize import sessions_and_runaways
-    from seqclust.sessionize_duckdb import sessionize_parquet
     from seqclust.spark import get_spark
 
     rules = SessionizeConfig()

@@ -42,6 +42,8 @@ def test_env_overlay_and_set_overrides():
         ("cluster.sweep_sample=5000000", "cluster.sweep_sample: must be a number of users from 100 to 2000000"),
         ("evaluate.sample_users=10", "evaluate.sample_users: must be >= 1000 or null"),
         ("cluster.profile_sample=10", "cluster.profile_sample: must be >= 1000 or null"),
+        ("source.ts_format=iso", "source.ts_format: 'iso' is neither one of auto, epoch_s, epoch_ms, iso8601 nor a Spark datetime pattern"),
+        ("source.ts_format=yyyy-MM-dd'T", 'source.ts_format: "yyyy-MM-dd\'T" is neither'),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -100,3 +102,8 @@ def test_token_fields_are_checked():
     assert cfg.tokenize.token_fields == ["item", "gap_bucket"]
     with pytest.raises(ConfigError, match="token_fields: unknown field\\(s\\) 'brand'"):
         load_config(None, overrides=["tokenize.token_fields=[event_type, brand]"])
+
+
+@pytest.mark.parametrize("fmt", ["auto", "epoch_ms", "yyyy-MM-dd HH:mm:ss", "yyyy-MM-dd HH:mm:ss 'UTC'", "dd/MM/yyyy'T'HH:mm:ss.SSSXXX"])
+def test_timestamp_formats_that_load(fmt):
+    assert load_config(REPO / "conf" / "local.yaml", overrides=[f"source.ts_format={fmt}"]).source.ts_format == fmt

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+import seqclust.stages
+
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW_PY = Path(os.environ.get("SEQCLUST_AIRFLOW_PYTHON", REPO / ".venv-airflow" / "bin" / "python"))
-STAGES = ["ingest", "sessionize", "train", "embed", "cluster", "evaluate"]
+STAGES = list(seqclust.stages.STAGES)  # the one list; the DAG and the bundle keep copies held to it here
 
 PROBE = r"""
 import json, sys

@@ -123,7 +123,7 @@ def test_conversion_auc_and_lift_match_scikit_learn_and_a_python_oracle(spark):
     sessions = spark.createDataFrame(rows, "user_id string, session_id string, start_ts timestamp, event_counts map<string,int>")
     history, target = split_history(sessions)
     assign = spark.createDataFrame([(u, seg[u]) for u in users], "user_id string, cluster_id int")
-    out = {r["metric"]: r for r in conversion_rows(history, target, [("encoder", assign)], seed=1, replicates=50)}
+    out = {r.metric: r for r in conversion_rows(history, target, [("encoder", assign)], seed=1, replicates=50)}
     # oracle: the segment's history conversion per session, each user's next session
     last = {}
     for u, sid, ts, ec in rows:
@@ -137,11 +137,11 @@ def test_conversion_auc_and_lift_match_scikit_learn_and_a_python_oracle(spark):
     rate = rate_n / rate_d
     y = np.array([last[u][1] for u in users], dtype=int)
     score = np.array([rate[seg[u]] for u in users])
-    assert out["conversion_auc"]["value"] == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert out["conversion_auc"].value == pytest.approx(roc_auc_score(y, score), abs=1e-12)
     above = score > score.mean()
-    assert out["conversion_lift"]["value"] == pytest.approx(y[above].mean() / y.mean(), rel=1e-9)
-    assert out["conversion_auc"]["ci_low"] < out["conversion_auc"]["value"] < out["conversion_auc"]["ci_high"]
-    assert out["conversion_auc"]["value"] > 0.6  # the planted difference is found
+    assert out["conversion_lift"].value == pytest.approx(y[above].mean() / y.mean(), rel=1e-9)
+    assert out["conversion_auc"].ci_low < out["conversion_auc"].value < out["conversion_auc"].ci_high
+    assert out["conversion_auc"].value > 0.6  # the planted difference is found
     # ties inside and across segments, checked against scikit-learn directly
     s, pos, neg = np.array([0.2, 0.2, 0.5]), np.array([3.0, 1.0, 4.0]), np.array([5.0, 2.0, 1.0])
     yy = np.repeat([1, 0, 1, 0, 1, 0], [3, 5, 1, 2, 4, 1])
@@ -170,17 +170,14 @@ def test_temporal_stability_against_a_python_oracle(spark):
         first_seg[u], second_seg[u] = home, late
     sessions = spark.createDataFrame(rows, "user_id string, session_id string, start_ts timestamp, v array<double>")
 
-    out = {
-        (r["method"], r["metric"]): r
-        for r in temporal_stability_rows(sessions, _mean_vectors, centroids, [1 / 3] * 3, seed=2, replicates=50)
-    }
+    out = {(r.method, r.metric): r for r in temporal_stability_rows(sessions, _mean_vectors, centroids, [1 / 3] * 3, seed=2, replicates=50)}
     users = sorted(first_seg)
     want = adjusted_rand_score([first_seg[u] for u in users], [second_seg[u] for u in users])
-    assert out[("encoder", "temporal_ari")]["value"] == pytest.approx(want, abs=1e-9)
-    assert out[("encoder", "temporal_same_segment")]["value"] == pytest.approx(np.mean([first_seg[u] == second_seg[u] for u in users]))
-    assert abs(out[("random", "temporal_ari")]["value"]) < 0.05
+    assert out[("encoder", "temporal_ari")].value == pytest.approx(want, abs=1e-9)
+    assert out[("encoder", "temporal_same_segment")].value == pytest.approx(np.mean([first_seg[u] == second_seg[u] for u in users]))
+    assert abs(out[("random", "temporal_ari")].value) < 0.05
     r = out[("encoder", "temporal_ari")]
-    assert r["ci_low"] < r["value"] < r["ci_high"] and r["ci_low"] > out[("random", "temporal_ari")]["ci_high"]
+    assert r.ci_low < r.value < r.ci_high and r.ci_low > out[("random", "temporal_ari")].ci_high
 
 
 def test_return_within_n_days_against_a_python_oracle(spark):
@@ -208,9 +205,7 @@ def test_return_within_n_days_against_a_python_oracle(spark):
             j += 1
     sessions = spark.createDataFrame(rows, "user_id string, session_id string, start_ts timestamp, v array<double>")
 
-    out = {
-        (r["method"], r["metric"]): r for r in return_rows(sessions, _mean_vectors, centroids, [1 / 3] * 3, seed=3, days=7, replicates=50)
-    }
+    out = {(r.method, r.metric): r for r in return_rows(sessions, _mean_vectors, centroids, [1 / 3] * 3, seed=3, days=7, replicates=50)}
     # oracle: the same split in plain Python (Spark timestamps are session-local; compare as epoch seconds)
     ts = {sid: t for _u, sid, t, _v in rows}
     epoch = {
@@ -240,11 +235,11 @@ def test_return_within_n_days_against_a_python_oracle(spark):
     score = np.array([rate[seg[u]] for u in users])
     y = np.array(y)
     r = out[("encoder", "return_auc")]
-    assert r["value"] == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert r.value == pytest.approx(roc_auc_score(y, score), abs=1e-12)
     above = score > score.mean()
-    assert out[("encoder", "return_lift")]["value"] == pytest.approx(y[above].mean() / y.mean(), rel=1e-9)
-    assert r["value"] > 0.7 and r["ci_low"] > out[("random", "return_auc")]["ci_high"]
-    assert abs(out[("random", "return_auc")]["value"] - 0.5) < 0.1
+    assert out[("encoder", "return_lift")].value == pytest.approx(y[above].mean() / y.mean(), rel=1e-9)
+    assert r.value > 0.7 and r.ci_low > out[("random", "return_auc")].ci_high
+    assert abs(out[("random", "return_auc")].value - 0.5) < 0.1
     # a handful of returners is not measured: only sessions of a few users after the cutoff
     few = sorted(by_user, key=lambda u: max(by_user[u]))[-5:]  # the last five users to be seen
     thin = sessions.where((F.col("start_ts").cast("double") < cutoff - week) | F.col("user_id").isin(*few))

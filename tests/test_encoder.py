@@ -219,3 +219,17 @@ def test_keras_2_is_refused_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(keras, "__version__", "2.15.0")
     with pytest.raises(ArtifactError, match=r"needs Keras 3 \(found keras 2\.15\.0"):
         build_encoder({"max_len": 4, "token_dim": 8, "sizes": {}, "architecture": "gru", "hidden": 8, "embedding_dim": 4})
+
+
+def test_the_worker_model_cache_is_bounded_least_recently_used_out():
+    from collections import OrderedDict
+
+    from seqclust.embed import MAX_WORKER_MODELS, _remember
+
+    assert MAX_WORKER_MODELS >= 1
+    cache: OrderedDict = OrderedDict()
+    for e in ("a", "b"):
+        _remember(e, e.upper(), cache, limit=2)
+    cache.move_to_end("a")  # "a" used again: "b" is now the least recently used
+    _remember("c", "C", cache, limit=2)
+    assert list(cache) == ["a", "c"]

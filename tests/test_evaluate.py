@@ -4,7 +4,8 @@ from pyspark.sql import functions as F
 from sklearn import metrics as skm
 from sklearn.datasets import make_blobs
 
-from seqclust.evaluate import internal_scores, random_assignment
+from seqclust.baseline import random_assignment
+from seqclust.evaluate import internal_scores
 from seqclust.metrics import bootstrap_ci, contingency, external_scores
 
 

@@ -59,3 +59,72 @@ def test_conflict_retry_gives_up_on_other_errors_at_once():
     with pytest.raises(PySparkException):
         retry_conflicts(conflict, "t", attempts=3, base_s=0.0)
     assert len(calls) == 3
+
+
+def _mount_tmpfs(where, size: str) -> bool:
+    import subprocess
+
+    where.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_mid_write_leaves_the_tables_as_they_were_and_a_rerun_completes(spark, tmp_path, capsys):
+    """The output volume fills up while sessionize rewrites its tables: the write fails with one
+    line naming the table, every table stays at its previous version (Delta commits nothing),
+    and after space is freed the same command completes with the same sessions."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from deltalake import DeltaTable
+    from pyspark.sql import functions as F
+
+    from seqclust.cli import main
+    from seqclust.datagen import write_dataset
+
+    out = tmp_path / "vol"
+    if not _mount_tmpfs(out, "64m"):
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root / CAP_SYS_ADMIN); the full-disk fault is not exercised")
+    try:
+        data = tmp_path / "gen"
+        write_dataset(data, users=400, seed=9, bad_rate=0.0)
+        conf = str(Path(__file__).resolve().parents[1] / "conf" / "local.yaml")
+        base = ["--run-id", "disk", "--conf", conf, "--input", str(data / "events"), "--output", str(out)]
+        for stage in ("ingest", "sessionize"):
+            assert main([stage, *base]) == 0, capsys.readouterr().err[-2000:]
+        capsys.readouterr()
+        before = {t: DeltaTable(str(out / t)).version() for t in ("events", "sessions", "session_quarantine")}
+
+        def sessions():  # event_counts (a map) as JSON: set operations take no maps
+            df = spark.read.format("delta").load(str(out / "sessions")).where("run_id = 'disk'").drop("run_id")
+            return df.withColumn("event_counts", F.to_json("event_counts"))
+
+        sessions_before = sessions().cache()
+        n_before = sessions_before.count()
+        # fill the volume, leaving a few kilobytes: too little for the sessions rewrite
+        free = shutil.disk_usage(out).free
+        filler = out / "filler.bin"
+        subprocess.run(["fallocate", "-l", str(max(free - 48 * 1024, 0)), str(filler)], check=True)
+        assert shutil.disk_usage(out).free < 200 * 1024
+        assert main(["sessionize", *base]) == 2
+        err = capsys.readouterr().err
+        assert "seqclust: error:" in err and "Traceback" not in err
+        assert "the output volume is full (No space left on device); nothing was committed" in err
+        # nothing committed: each table at its version, readable, the same rows
+        assert {t: DeltaTable(str(out / t)).version() for t in before} == before
+        assert sessions().count() == n_before
+        runs = DeltaTable(str(out / "runs")).to_pyarrow_table().to_pylist()
+        rec = next(r for r in runs if r["run_id"] == "disk")
+        assert rec["status"] in ("failed", "running")  # "failed" when the bookkeeping itself still fit
+        if rec["status"] == "failed":
+            assert rec["error"].startswith("sessionize:")
+        # space freed: the same command completes, with the same sessions
+        os.remove(filler)
+        assert main(["sessionize", *base]) == 0, capsys.readouterr().err[-2000:]
+        again = sessions()
+        assert again.count() == n_before and again.exceptAll(sessions_before).count() == 0
+        rec = next(r for r in DeltaTable(str(out / "runs")).to_pyarrow_table().to_pylist() if r["run_id"] == "disk")
+        assert rec["error"] is None and "sessionize" in rec["stages_completed"]
+    finally:
+        subprocess.run(["umount", "-l", str(out)], capture_output=True)

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+import seqclust.stages
 from seqclust.datagen import write_dataset
 from seqclust.notebook import WIDGETS, cli_args, run_id_for
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
-STAGES = ["ingest", "sessionize", "train", "embed", "cluster", "evaluate"]
+STAGES = list(seqclust.stages.STAGES)  # the one list; the DAG and the bundle keep copies held to it here
 
 
 class NotebookExit(Exception):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 
 def test_report_says_how_many_users_a_sampled_evaluation_measured(spark, ctx):
-    from seqclust.evaluate import write_metrics
-    from seqclust.pipeline import RunRecord, save_record
+    from seqclust.pipeline import save_record
     from seqclust.report import write_report
+    from seqclust.tables import MetricRow, RunRecord, write_metrics
 
     save_record(spark, ctx, RunRecord(status="succeeded", users=30000, k=3))
 
     def report_for(evaluated: float) -> str:
-        row = {"method": "encoder", "k": 3, "family": "internal", "metric": "evaluated_users", "value": evaluated}
+        row = MetricRow(method="encoder", k=3, family="internal", metric="evaluated_users", value=evaluated)
         write_metrics(spark, ctx, [row], families=("internal",))
         return write_report(spark, ctx).read_text()
 
@@ -21,25 +21,16 @@ def test_report_says_how_many_users_a_sampled_evaluation_measured(spark, ctx):
 
 
 def test_report_says_k_uncertain_with_the_runner_up_only_when_the_rule_did(spark, ctx):
-    import json
-
-    from seqclust.evaluate import write_metrics
-    from seqclust.pipeline import RunRecord, save_record
+    from seqclust.pipeline import save_record
     from seqclust.report import write_report
+    from seqclust.tables import MetricRow, RunRecord, write_metrics
 
     save_record(spark, ctx, RunRecord(status="succeeded", users=300, k=3))
 
     def report_for(uncertain: bool) -> str:
         det = {"rule": "smallest k with silhouette within 5% of the best", "uncertain": uncertain, "runner_up": 9 if uncertain else None}
         rows = [
-            {
-                "method": "encoder",
-                "k": k,
-                "family": "sweep",
-                "metric": "silhouette",
-                "value": 0.2,
-                "details": json.dumps({**det, "chosen": k == 3}),
-            }
+            MetricRow(method="encoder", k=k, family="sweep", metric="silhouette", value=0.2, details={**det, "chosen": k == 3})
             for k in (2, 3, 9)
         ]
         write_metrics(spark, ctx, rows, families=("sweep",))

@@ -28,7 +28,7 @@ def million(tmp_path_factory):
     res = write_dataset(root, users=22_000, seed=5, bad_rate=0.0, files=4)
     assert res.events >= 1_000_000
     ref = root / "duck.parquet"
-    from seqclust.sessionize_duckdb import sessionize_parquet
+    from sessionize_duckdb import sessionize_parquet  # tests/: the oracle is not part of the package
 
     sessionize_parquet(str(root / "events" / "*.parquet"), str(ref), RULES)
     return root, ref, res.events

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seqclust.errors import ConfigError, SeqclustError
+from seqclust.stages import ABOUT, STAGES
 
 log = logging.getLogger("seqclust")
 
-STAGE_COMMANDS = ("ingest", "sessionize", "train", "embed", "cluster", "evaluate")
+PRESETS = sorted(p.stem for p in (Path(__file__).parent / "presets").glob("*.yaml"))
 
 
 def _common(p: argparse.ArgumentParser, stage: bool) -> None:
@@ -39,7 +40,7 @@ def _common(p: argparse.ArgumentParser, stage: bool) -> None:
     p.add_argument("--conf", help="environment YAML (e.g. conf/local.yaml); conf/base.yaml beside it is applied first")
     p.add_argument(
         "--preset",
-        help="source preset: column mapping and formats of a known log (taobao_userbehavior, yoochoose_clicks, rees46, generated)",
+        help=f"source preset: column mapping and formats of a known log ({', '.join(PRESETS)})",
     )
     p.add_argument("--env", help="environment name when --conf is not given (default $SEQCLUST_ENV or local)")
     p.add_argument(
@@ -51,14 +52,14 @@ def _common(p: argparse.ArgumentParser, stage: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqclust", description="User-behaviour segments from e-commerce event logs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run_p = sub.add_parser("run", help="run every stage: ingest, sessionize, train, embed, cluster, evaluate")
+    run_p = sub.add_parser("run", help=f"run every stage: {', '.join(STAGES)}")
     _common(run_p, stage=False)
     run_p.add_argument("--resume", action="store_true", help="skip the stages this run id already completed (needs --run-id)")
     a = sub.add_parser("assign", help="assign users of new data to the segments of an earlier run (its encoder and KMeans, no refit)")
     _common(a, stage=False)
     a.add_argument("--model", required=True, metavar="RUN_ID", help="the run whose encoder and segments to use")
-    for name in STAGE_COMMANDS:
-        _common(sub.add_parser(name, help=f"run the {name} stage of an existing run id"), stage=True)
+    for name in STAGES:
+        _common(sub.add_parser(name, help=f"run the {name} stage of an existing run id ({ABOUT[name]})"), stage=True)
     g = sub.add_parser("generate", help="write a synthetic event log with planted personas")
     g.add_argument("--out", required=True, help="output folder (events/ and personas/ are written inside)")
     g.add_argument("--users", type=int, required=True)
@@ -179,7 +180,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     ctx.store.check_schema(spark)
     if args.command == "assign":
         cfg = pipeline.with_model_run_encoder(spark, cfg)
-    stages = pipeline.STAGES if args.command in ("run", "assign") else (args.command,)
+    stages = STAGES if args.command in ("run", "assign") else (args.command,)
     resume = bool(getattr(args, "resume", False))
     if resume and not (args.run_id or cfg.run.run_id):
         raise ConfigError("--resume needs the --run-id of the run to continue")

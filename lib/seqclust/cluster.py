@@ -6,7 +6,6 @@ memory, scikit-learn); the segments are the chosen k's MLlib fit on every user.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -20,12 +19,13 @@ from pyspark.ml.evaluation import ClusteringEvaluator
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
+from seqclust import tables
 from seqclust.compat import to_arrow
 from seqclust.config import ClusterConfig, validate_run_id
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError
+from seqclust.io import one_row
 from seqclust.metrics import bootstrap_ci, user_sample
 from seqclust.profiles import cluster_profiles
 
@@ -79,12 +79,13 @@ def fit_best(features: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> KMea
     """The lowest-inertia of ``cfg.n_init`` seeded k-means|| fits (seeds ``seed``,
     ``seed + 1``, …): one k-means|| start can settle in a poor local optimum, and a k judged
     on a poor fit loses the sweep for a reason that has nothing to do with the data."""
-    best = None
-    for i in range(cfg.n_init):
+    best: tuple[float, KMeansModel] | None = None
+    for i in range(max(1, cfg.n_init)):
         model = fit_kmeans(features, k, seed + i, cfg)
         cost = float(model.summary.trainingCost)
         if best is None or cost < best[0]:
             best = (cost, model)
+    assert best is not None
     return best[1]
 
 
@@ -280,12 +281,12 @@ class Projection:
     def spark(self, users: DataFrame, vec_col: str = "emb", out_col: str = "pemb") -> DataFrame:
         """``out_col`` (array) and ``features`` (vector) in the projected space."""
         if self.components is None:
-            return users.withColumn(out_col, F.col(vec_col)).withColumn("features", array_to_vector(out_col))
+            return users.withColumn(out_col, F.col(vec_col)).withColumn("features", array_to_vector(F.col(out_col)))
         comps = F.array(*[F.array(*[F.lit(float(v)) for v in c]) for c in self.components])
         proj = F.transform(
             comps, lambda c: F.aggregate(F.zip_with(c, F.col(vec_col), lambda a, b: a * b), F.lit(0.0).cast("double"), lambda s_, x: s_ + x)
         )
-        return users.withColumn(out_col, proj).withColumn("features", array_to_vector(out_col))
+        return users.withColumn(out_col, proj).withColumn("features", array_to_vector(F.col(out_col)))
 
 
 def lift_centers(users: DataFrame, centers, k: int, vec_col: str = "emb", space_col: str = "pemb") -> np.ndarray:
@@ -404,7 +405,7 @@ def assign_nearest(users: DataFrame, centers, vec_col: str = "emb") -> DataFrame
 
 def inertia(users: DataFrame, centers, vec_col: str = "emb") -> float:
     """Sum of squared distances of ``users`` to their nearest centre (one Spark job)."""
-    row = assign_nearest(users.select(vec_col), centers, vec_col).agg(F.sum(F.col("distance_to_centroid") ** 2)).first()
+    row = one_row(assign_nearest(users.select(vec_col), centers, vec_col).agg(F.sum(F.col("distance_to_centroid") ** 2)))
     return float(row[0] or 0.0)
 
 
@@ -461,7 +462,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
     n = stored.count()
     users = (
         stored.select("entity_id", F.col("embedding").alias("emb"), "n_sessions")
-        .withColumn("features", array_to_vector("emb"))
+        .withColumn("features", array_to_vector(F.col("emb")))
         # rows in a fixed partition and order: KMeans' seeded k-means|| sampling and the
         # stability subsamples then pick the same users on any cluster layout
         .repartition(user_partitions(n, cfg), "entity_id")
@@ -473,7 +474,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
             raise InputError("no user vectors to cluster (did the embed stage run?)")
         if cfg.model_run:
             centers = model_run_centers(spark, ctx, cfg.model_run)
-            dim = len(stored.select("embedding").first()["embedding"])
+            dim = len(one_row(stored.select("embedding"))["embedding"])
             if len(centers[0]) != dim:
                 raise InputError(
                     f"cluster.model_run: run {cfg.model_run}'s segments have {len(centers[0])} dimensions, these user vectors {dim} "
@@ -529,21 +530,13 @@ def _finish(
     clusters = rows(centers, "coarse")
     if fine is not None:
         clusters = clusters.unionByName(rows(fine, "fine"))
-    ctx.store.write_run(clusters, ctx.tables.clusters, ctx.run_id)
+    ctx.write(clusters, "clusters")
     counts = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("granularity", "cluster_id").count().collect()
     sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "coarse"}
     fine_sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "fine"}
     cent_rows = [(i, "encoder", [float(v) for v in c], int(sizes.get(i, 0))) for i, c in enumerate(centers)]
     cent_rows += [(i, "fine", [float(v) for v in c], int(fine_sizes.get(i, 0))) for i, c in enumerate(fine or [])]
-    cent_schema = T.StructType(
-        [
-            T.StructField("cluster_id", T.IntegerType()),
-            T.StructField("method", T.StringType()),
-            T.StructField("centroid", T.ArrayType(T.DoubleType())),
-            T.StructField("size", T.LongType()),
-        ]
-    )
-    ctx.store.write_run(spark.createDataFrame(cent_rows, cent_schema), ctx.tables.centroids, ctx.run_id)
+    ctx.write(spark.createDataFrame(cent_rows, tables.CENTROIDS), "centroids")
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
     assigned = coarse(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id)).select("entity_id", "cluster_id")
     keep = user_sample(n, cfg.profile_sample, seed)
@@ -555,34 +548,25 @@ def _finish(
     if cfg.profile_sample is not None:  # at most about profile_sample users: a broadcast, no shuffle of sessions
         assigned = F.broadcast(assigned)
     profiles = cluster_profiles(spark, sessions, assigned, sizes=sizes)
-    ctx.store.write_run(profiles, ctx.tables.cluster_profiles, ctx.run_id)
+    ctx.write(profiles, "cluster_profiles")
     for p in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("cluster_id").collect():
         log.info("cluster %d: %s", p["cluster_id"], p["description"])
+    details = {"rule": rule, "uncertain": bool(choice and choice.uncertain), "runner_up": choice.runner_up if choice else None}
     sweep_rows = [
-        {
-            "method": "encoder",
-            "k": r["k"],
-            "metric": m,
-            "value": r[m],
-            "ci_low": r.get(f"{m}_low"),
-            "ci_high": r.get(f"{m}_high"),
-            "family": "sweep",
-            "details": json.dumps(
-                {
-                    "chosen": r["k"] == k,
-                    "rule": rule,
-                    "users": r.get("sweep_users"),
-                    "uncertain": bool(choice and choice.uncertain),
-                    "runner_up": choice.runner_up if choice else None,
-                }
-            ),
-        }
+        tables.MetricRow(
+            method="encoder",
+            family="sweep",
+            metric=m,
+            value=r[m],
+            k=r["k"],
+            ci_low=r.get(f"{m}_low"),
+            ci_high=r.get(f"{m}_high"),
+            details={**details, "chosen": r["k"] == k, "users": r.get("sweep_users")},
+        )
         for r in sweep
         for m in ("silhouette", "inertia", "stability")
         if m in r
     ]
-    from seqclust.evaluate import write_metrics
-
-    write_metrics(spark, ctx, sweep_rows, families=("sweep",))
+    tables.write_metrics(spark, ctx, sweep_rows, families=("sweep",))
     log.info("cluster: k=%d for %d users (%s)", k, n, rule)
     return ClusterResult(k, n, sweep, rule, bool(choice and choice.uncertain), choice.runner_up if choice else None)

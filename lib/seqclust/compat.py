@@ -24,7 +24,7 @@ def to_arrow(df: DataFrame) -> pa.Table:
 def _to_arrow_35(df: DataFrame) -> pa.Table:
     # Spark 3.5 classic: the Arrow batches toPandas itself is built on; an empty result still
     # gets its columns and types from the schema Spark derives for those batches
-    batches = df._collect_as_arrow()
+    batches = df._collect_as_arrow()  # type: ignore[operator]  # private API the stubs read as a column
     if batches:
         return pa.Table.from_batches(batches)
     from pyspark.sql.pandas.types import to_arrow_schema
@@ -51,4 +51,4 @@ def try_cast(col: Column, to: str) -> Column:
 
 def _try_cast_35(col: Column, to: str) -> Column:
     # Spark 3.5's SQL has TRY_CAST (since 3.2); the column's own SQL text goes inside it
-    return F.expr(f"try_cast({col._jc.expr().sql()} AS {to})")
+    return F.expr(f"try_cast({col._jc.expr().sql()} AS {to})")  # type: ignore[operator]  # the JVM column, untyped

@@ -90,6 +90,8 @@ class SourceConfig:
     format: Literal["auto", "parquet", "csv", "json", "delta"] = "auto"
     delimiter: str = ","
     header: bool = True
+    encoding: str = "UTF-8"  # of CSV / JSON files; bytes that do not decode are quarantined as bad_encoding
+    multiline: bool = False  # CSV: quoted fields may hold line breaks (each file is then read by one task)
     file_glob: str | None = None  # only files whose name matches, e.g. "*.csv" (Spark pathGlobFilter)
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     # auto: native timestamps as is, strings as ISO-8601, numbers as epoch seconds
@@ -110,6 +112,29 @@ class SourceConfig:
         _check(self.max_price > 0, "max_price", "must be > 0")
         _check(self.default_event_type in CANONICAL_EVENT_TYPES, "default_event_type", f"must be one of {', '.join(CANONICAL_EVENT_TYPES)}")
         _check(self.max_clock_skew_hours >= 0, "max_clock_skew_hours", "must be >= 0")
+        _check(
+            self.ts_format in TS_KEYWORDS or _is_datetime_pattern(self.ts_format),
+            "ts_format",
+            f"{self.ts_format!r} is neither one of {', '.join(TS_KEYWORDS)} nor a Spark datetime pattern "
+            "(e.g. yyyy-MM-dd HH:mm:ss; letters outside quotes must be pattern letters)",
+        )
+
+
+TS_KEYWORDS = ("auto", "epoch_s", "epoch_ms", "iso8601")
+# the pattern letters Spark's datetime parser accepts (Spark 3+: week-based letters are refused)
+_PATTERN_LETTERS = set("GyMLdDQqEFaHhKkmsSVzOXxZ")
+
+
+def _is_datetime_pattern(fmt: str) -> bool:
+    """Whether ``fmt`` reads as a Spark datetime pattern: outside 'quoted' text, every letter
+    is a pattern letter, and there is at least one."""
+    import re
+
+    bare = re.sub(r"'[^']*'", "", fmt)
+    if bare.count("'"):
+        return False  # an unclosed quote
+    letters = [c for c in bare if c.isalpha()]
+    return bool(letters) and all(c in _PATTERN_LETTERS for c in letters)
 
 
 @dataclass(frozen=True)
@@ -497,6 +522,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        assert isinstance(tp, type)
         return _build(tp, value, key)
     if origin is dict:
         if not isinstance(value, Mapping):

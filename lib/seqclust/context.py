@@ -5,9 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame
 
 from seqclust.config import TablesConfig, validate_run_id
 from seqclust.io import TableStore
+from seqclust.tables import TABLES, conform
 
 
 @dataclass(frozen=True)
@@ -41,3 +45,8 @@ class RunContext:
     @property
     def run_dir(self) -> Path:
         return self.artifacts_dir / "runs" / self.run_id
+
+    def write(self, df: DataFrame, key: str, **kw: Any) -> int:
+        """Replace this run's rows of table ``key`` (a ``tables.TABLES`` key) with ``df``, checked
+        against the table's schema and partitioned as it says (``TableStore.write_run``)."""
+        return self.store.write_run(conform(df, key), getattr(self.tables, key), self.run_id, partition_by=TABLES[key].partition_by, **kw)

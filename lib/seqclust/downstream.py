@@ -24,7 +24,6 @@ history, does the segment add anything?
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -35,7 +34,11 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from seqclust.metrics import hash_uniform
+from seqclust.baseline import random_assignment
+from seqclust.cluster import assign_nearest
+from seqclust.io import one_row
+from seqclust.metrics import external_scores, hash_uniform
+from seqclust.tables import MetricRow
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,6 @@ def split_history(sessions: DataFrame) -> tuple[DataFrame, DataFrame]:
 def nearest_centroid(users: DataFrame, centroids: Sequence[Sequence[float]], vec_col: str = "embedding") -> DataFrame:
     """Add ``cluster_id``: the nearest centroid (squared Euclidean) to ``vec_col`` (array); the
     cluster stage's ``assign_nearest``, without the distance."""
-    from seqclust.cluster import assign_nearest
-
     return assign_nearest(users, centroids, vec_col).drop("distance_to_centroid")
 
 
@@ -225,14 +226,14 @@ def _segment_rate_rows(
     replicates: int,
     prefix: str,
     details: dict,
-) -> list[dict]:
+) -> list[MetricRow]:
     """``<prefix>_auc`` and ``<prefix>_lift`` per method: each segment's score is the mean of
     ``hist.b`` (0/1 per history unit) over its users' units; each user of ``tgt`` has an
     outcome ``y`` (0/1). AUC ranks users by their segment's score (0.5 = no information); lift
     is the outcome rate of users in segments scoring above the users' mean, over everyone's.
     95% intervals from the 1024-bucket user bootstrap (only bucket x segment x outcome counts
     reach the driver)."""
-    rows: list[dict] = []
+    rows: list[MetricRow] = []
     for method, assign in methods:
         a = assign.select("user_id", "cluster_id")
         rate = {r["cluster_id"]: r["r"] for r in hist.join(a, "user_id").groupBy("cluster_id").agg(F.avg("b").alias("r")).collect()}
@@ -262,15 +263,15 @@ def _segment_rate_rows(
             vals = reps[:, j][np.isfinite(reps[:, j])]
             lo, hi = np.percentile(vals, [2.5, 97.5]) if len(vals) else (float("nan"), float("nan"))
             rows.append(
-                {
-                    "method": method,
-                    "family": "downstream",
-                    "metric": name,
-                    "value": value,
-                    "ci_low": float(lo),
-                    "ci_high": float(hi),
-                    "details": json.dumps({**details, "users": n_users, "bootstrap": replicates}),
-                }
+                MetricRow(
+                    method=method,
+                    family="downstream",
+                    metric=name,
+                    value=value,
+                    ci_low=float(lo),
+                    ci_high=float(hi),
+                    details={**details, "users": n_users, "bootstrap": replicates},
+                )
             )
         log.info("downstream (%s, %s, %d users): AUC %.3f, lift %.2f", prefix, method, n_users, auc, lift)
     return rows
@@ -278,7 +279,7 @@ def _segment_rate_rows(
 
 def conversion_rows(
     history: DataFrame, target: DataFrame, methods: Sequence[tuple[str, DataFrame]], seed: int, replicates: int = 200
-) -> list[dict]:
+) -> list[MetricRow]:
     """Does a segment predict who buys next time? Each segment's score is the share of its
     history sessions with a purchase; a user's next session converts or not. Per method:
     ``conversion_auc`` (ranking users by their segment's score; 0.5 = no information) and
@@ -336,15 +337,13 @@ def return_rows(
     days: float = 7.0,
     replicates: int = 200,
     fine_centroids: Sequence[Sequence[float]] | None = None,
-) -> list[dict]:
+) -> list[MetricRow]:
     """Does a segment predict who comes back? ``return_auc`` / ``return_lift`` (family
     ``downstream``) of the segment's historical return rate (share of its sessions followed by
     the same user's next session within ``days``) for whether a user active before the cutoff
     returns within ``days`` after it (see ``return_split``). Segments come from the sessions
     before the cutoff only; methods: the run's segments, random segments of the same sizes,
     and the fine segments when given."""
-    from seqclust.evaluate import random_assignment
-
     split = return_split(sessions, days)
     if split is None:
         log.info("downstream: the log spans less than 2 x %g days; return-within-%g-days skipped", days, days)
@@ -358,7 +357,7 @@ def return_rows(
             return []
         # an AUC from a handful of returners (or stayers) is noise that looks like a finding
         # (a log whose last days hold a few stragglers: the demo data's tail)
-        outcome = tgt.agg(F.sum("y").alias("p"), F.count("*").alias("n")).first()
+        outcome = one_row(tgt.agg(F.sum("y").alias("p"), F.count("*").alias("n")))
         pos, neg = int(outcome["p"] or 0), int(outcome["n"] or 0) - int(outcome["p"] or 0)
         need = max(MIN_OUTCOME_USERS, int(0.01 * (pos + neg)))
         if min(pos, neg) < need:
@@ -397,15 +396,13 @@ def temporal_stability_rows(
     random_shares: Sequence[float],
     seed: int,
     replicates: int = 200,
-) -> list[dict]:
+) -> list[MetricRow]:
     """Is a user's segment a trait or a mood? Each user with two or more sessions gets a segment
     from the first half of their sessions and one from the second half (vectors made from
     those sessions alone, nearest of the run's centroids). ``temporal_ari`` is the ARI between
     the two (family ``temporal``), ``temporal_same_segment`` the share of users whose segment
     did not change; the reference is ``random`` (two independent draws of the same sizes:
     ARI about 0). Intervals: the same 1024-bucket bootstrap (bucket x segment x segment counts)."""
-    from seqclust.evaluate import random_assignment
-    from seqclust.metrics import external_scores
 
     w = Window.partitionBy("user_id").orderBy("start_ts", "session_id")
     ranked = sessions.withColumn("_r", F.row_number().over(w)).withColumn("_n", F.count("*").over(Window.partitionBy("user_id")))
@@ -420,7 +417,7 @@ def temporal_stability_rows(
         r1 = random_assignment(users, random_shares, seed + 11, "c1", key="user_id")
         r2 = random_assignment(users, random_shares, seed + 12, "c2", key="user_id")
         methods = [("encoder", pairs), ("random", r1.join(r2, "user_id"))]
-        rows: list[dict] = []
+        rows: list[MetricRow] = []
         k = len(centroids)
         for method, df in methods:
             counts = (
@@ -442,19 +439,19 @@ def temporal_stability_rows(
             rep_ari = np.array([external_scores(m)["ari"] for m in reps if m.sum() > 0])
             rep_same = np.array([np.trace(m) / m.sum() for m in reps if m.sum() > 0])
             n_users = int(total.sum())
-            details = json.dumps({"halves": "first and second half of each user's sessions", "users": n_users, "bootstrap": replicates})
+            details = {"halves": "first and second half of each user's sessions", "users": n_users, "bootstrap": replicates}
             for name, value, reps_ in (("temporal_ari", ari, rep_ari), ("temporal_same_segment", same, rep_same)):
                 lo, hi = np.percentile(reps_, [2.5, 97.5]) if len(reps_) else (float("nan"), float("nan"))
                 rows.append(
-                    {
-                        "method": method,
-                        "family": "temporal",
-                        "metric": name,
-                        "value": float(value),
-                        "ci_low": float(lo),
-                        "ci_high": float(hi),
-                        "details": details,
-                    }
+                    MetricRow(
+                        method=method,
+                        family="temporal",
+                        metric=name,
+                        value=float(value),
+                        ci_low=float(lo),
+                        ci_high=float(hi),
+                        details=details,
+                    )
                 )
             log.info("temporal stability (%s, %d users): ARI %.3f, same segment %.1f%%", method, n_users, ari, 100 * same)
         return rows
@@ -473,7 +470,7 @@ def evaluate_downstream(
     replicates: int = 200,
     baseline_assign: Callable[[DataFrame], DataFrame] | None = None,
     fine_centroids: Sequence[Sequence[float]] | None = None,
-) -> list[dict]:
+) -> list[MetricRow]:
     """Metric rows (family ``downstream``) for the encoder's segments and the random baseline
     (and, with ``fine_centroids``, the fine segments as method ``fine``).
 
@@ -486,11 +483,9 @@ def evaluate_downstream(
         baseline_assign: history sessions -> ``(user_id, cluster_id)`` of the bag-of-events
             baseline fitted on history only (its rows get method ``bag_of_events``).
     """
-    from seqclust.evaluate import random_assignment
-
     history, target = split_history(sessions)
     history = history.persist(StorageLevel.MEMORY_AND_DISK)
-    rows: list[dict] = []
+    rows: list[MetricRow] = []
     try:
         users = history_vectors(history).withColumnRenamed("entity_id", "user_id")
         enc = nearest_centroid(users, centroids).select("user_id", "cluster_id").persist(StorageLevel.MEMORY_AND_DISK)
@@ -521,18 +516,21 @@ def evaluate_downstream(
                 for c, sc in res.items():
                     m, strat = c.split("_", 1)
                     rows.append(
-                        {
-                            "method": method,
-                            "family": "downstream",
-                            "metric": f"{'hitrate' if m == 'hit' else 'ndcg'}@{n}_{what}_{strat}",
-                            "value": sc.value,
-                            "ci_low": sc.low,
-                            "ci_high": sc.high,
-                            "details": (
-                                f'{{"target": "next session {what}", "users": {n_scored}, "strategy": "{strat}", '
-                                f'"history_only": true, "bootstrap": {replicates}}}'
-                            ),
-                        }
+                        MetricRow(
+                            method=method,
+                            family="downstream",
+                            metric=f"{'hitrate' if m == 'hit' else 'ndcg'}@{n}_{what}_{strat}",
+                            value=sc.value,
+                            ci_low=sc.low,
+                            ci_high=sc.high,
+                            details={
+                                "target": f"next session {what}",
+                                "users": n_scored,
+                                "strategy": strat,
+                                "history_only": True,
+                                "bootstrap": replicates,
+                            },
+                        )
                     )
                 log.info(
                     "downstream (%s, %s, %d users): hitrate@%d global %.3f, cluster %.3f, own %.3f, own+cluster %.3f, own+global %.3f",

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,16 +31,32 @@ from seqclust.config import EmbedConfig
 from seqclust.context import RunContext
 from seqclust.errors import ArtifactError
 from seqclust.features import DEFAULT_TOKEN_FIELDS, Vocab, compose_tokens, event_parts, featurize, input_columns
+from seqclust.io import one_row
 
 log = logging.getLogger(__name__)
 
-# Per Python worker: encoder_id -> (vocab, predict). Survives across tasks (worker reuse).
-_MODELS: dict[str, tuple[Vocab, Callable[[dict[str, np.ndarray]], np.ndarray]]] = {}
+# Per Python worker: encoder_id -> (vocab, predict). Survives across tasks (worker reuse);
+# bounded, least recently used out first: a long-lived worker that embeds with many encoders
+# (assign runs against several model runs) keeps at most this many models in memory.
+MAX_WORKER_MODELS = 2
+_MODELS: OrderedDict[str, tuple[Vocab, Callable[[dict[str, np.ndarray]], np.ndarray]]] = OrderedDict()
+
+
+def _remember(encoder_id: str, model: Any, cache: OrderedDict = _MODELS, limit: int = MAX_WORKER_MODELS) -> Any:
+    """Put ``model`` in the worker's cache as the most recently used, dropping the least
+    recently used beyond ``limit``."""
+    cache[encoder_id] = model
+    cache.move_to_end(encoder_id)
+    while len(cache) > limit:
+        cache.popitem(last=False)
+    return model
 
 
 def _worker_model(encoder_id: str, payload: Any) -> tuple[Vocab, Callable[[dict[str, np.ndarray]], np.ndarray]]:
     cached = _MODELS.get(encoder_id)
-    if cached is None:
+    if cached is not None:
+        _MODELS.move_to_end(encoder_id)
+    else:
         from pyspark import TaskContext
 
         from seqclust.encoder import embedding_fn, weights_from_npz
@@ -53,8 +70,9 @@ def _worker_model(encoder_id: str, payload: Any) -> tuple[Vocab, Callable[[dict[
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
         else:
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-        cached = (Vocab.from_json(vocab_json), embedding_fn(json.loads(cfg_json), weights_from_npz(npz), threads=threads))
-        _MODELS[encoder_id] = cached
+        cached = _remember(
+            encoder_id, (Vocab.from_json(vocab_json), embedding_fn(json.loads(cfg_json), weights_from_npz(npz), threads=threads))
+        )
     return cached
 
 
@@ -105,7 +123,7 @@ def pool_users(session_emb: DataFrame, pooling: str = "mean", half_life_days: fl
         dim = int(first["d"]) if first is not None else 0
     df = session_emb
     if pooling == "recency":
-        ref = df.agg(F.max("end_ts")).first()[0]
+        ref = one_row(df.agg(F.max("end_ts")))[0]
         age_days = (F.unix_micros(F.lit(ref)) - F.unix_micros("end_ts")) / (86400 * 1e6)
         weight = F.exp(-math.log(2) * age_days / half_life_days)
     else:
@@ -221,7 +239,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any, r
         F.lit(None).cast("long").alias("n_sessions"),
     )
     # first write replaces every row of this run (users included), so no stale rows remain
-    n_s = ctx.store.write_run(session_rows, ctx.tables.embeddings, ctx.run_id, partition_by=("run_id", "entity_type"))
+    n_s = ctx.write(session_rows, "embeddings")
     log.info("embed: %d session vectors (encoder %s)", n_s, artifact.encoder_id)
     stored = (
         ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
@@ -237,9 +255,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any, r
         F.lit(None).cast("timestamp").alias("end_ts"),
         "n_sessions",
     )
-    n_u = ctx.store.write_run(
-        users, ctx.tables.embeddings, ctx.run_id, partition_by=("run_id", "entity_type"), extra_predicate="entity_type = 'user'"
-    )
+    n_u = ctx.write(users, "embeddings", extra_predicate="entity_type = 'user'")
     log.info(
         "embed: %d user vectors (%s%s)",
         n_u,

@@ -166,7 +166,8 @@ def content_hash(model_cfg: dict[str, Any], vocab: Vocab, weights: list[np.ndarr
 
 def weights_to_npz(weights: list[np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{f"w{i:04d}": w for i, w in enumerate(weights)})
+    arrays: dict[str, Any] = {f"w{i:04d}": w for i, w in enumerate(weights)}
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

@@ -7,12 +7,10 @@ from a contingency table built in Spark. scikit-learn is the test oracle for bot
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from pyspark import StorageLevel
@@ -20,32 +18,17 @@ from pyspark.ml.functions import array_to_vector
 from pyspark.ml.stat import Summarizer
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
-from seqclust.baseline import bag_of_events
-from seqclust.cluster import coarse, fit_best, model_run_centers, silhouette, user_partitions
+from seqclust.baseline import boe_clusters, random_assignment
+from seqclust.cluster import coarse, model_run_centers, silhouette
 from seqclust.config import BaselineConfig, ClusterConfig, EvaluateConfig, LabelsConfig
 from seqclust.context import RunContext
 from seqclust.io import read_labels
-from seqclust.metrics import contingencies, external_scores, hash_uniform, user_sample
+from seqclust.metrics import contingencies, external_scores, user_sample
 from seqclust.privacy import pseudonym
+from seqclust.tables import MetricRow, write_metrics
 
 log = logging.getLogger(__name__)
-
-METRICS_SCHEMA = T.StructType(
-    [
-        T.StructField("method", T.StringType(), False),
-        T.StructField("entity_type", T.StringType(), False),
-        T.StructField("k", T.IntegerType(), True),
-        T.StructField("family", T.StringType(), False),
-        T.StructField("metric", T.StringType(), False),
-        T.StructField("value", T.DoubleType(), True),
-        T.StructField("ci_low", T.DoubleType(), True),
-        T.StructField("ci_high", T.DoubleType(), True),
-        T.StructField("details", T.StringType(), True),
-    ]
-)
-
 
 # ---------------------------------------------------------------------------------------
 # Internal indices from per-cluster aggregates
@@ -56,7 +39,7 @@ def internal_scores(df: DataFrame, emb_col: str = "emb", cluster_col: str = "clu
 
     Only per-cluster aggregates (k rows) and centroids reach the driver.
     """
-    vec = df.select(F.col(cluster_col).alias("c"), F.col(emb_col).alias("emb"), array_to_vector(emb_col).alias("features"))
+    vec = df.select(F.col(cluster_col).alias("c"), F.col(emb_col).alias("emb"), array_to_vector(F.col(emb_col)).alias("features"))
     cents = vec.groupBy("c").agg(Summarizer.mean(F.col("features")).alias("m"), F.count("*").alias("n")).collect()
     k = len(cents)
     n = sum(r["n"] for r in cents)
@@ -91,44 +74,6 @@ def internal_scores(df: DataFrame, emb_col: str = "emb", cluster_col: str = "clu
     }
 
 
-def random_assignment(df: DataFrame, shares: Sequence[float], seed: int, out_col: str = "random_id", key: str = "entity_id") -> DataFrame:
-    """Assign each row a random cluster with the given share distribution (the random baseline).
-    The draw is a seeded hash of the ``key`` column: the same users land in the same clusters on any
-    partitioning."""
-    u = F.col("_u")  # hashed once per row, not once per CASE WHEN branch
-    cum = np.cumsum(np.asarray(shares, dtype=np.float64) / np.sum(shares))
-    expr = F.lit(len(cum) - 1)
-    for i in range(len(cum) - 2, -1, -1):
-        expr = F.when(u < float(cum[i]), F.lit(i)).otherwise(expr)
-    return df.withColumn("_u", hash_uniform(key, seed=seed)).withColumn(out_col, expr.cast("int")).drop("_u")
-
-
-def boe_clusters(
-    sessions: DataFrame,
-    k: int,
-    n_users: int,
-    seed: int,
-    baseline: BaselineConfig,
-    cluster_cfg: ClusterConfig,
-    vectors: bool = True,
-    id_col: str = "entity_id",
-) -> DataFrame:
-    """The bag-of-events baseline clustered at ``k`` with the encoder's KMeans procedure:
-    ``id_col``, ``cluster_id`` and, with ``vectors``, ``features`` and ``emb``. The user vectors
-    are computed once (cached while the ``n_init`` starts read them); the result is persisted
-    and materialised, so the caller reads it as often as it likes and unpersists it."""
-    parts = user_partitions(n_users, cluster_cfg)
-    vecs = bag_of_events(sessions, baseline.vocab_size, baseline.min_df, baseline.pca_dim, parts).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        model = fit_best(vecs, k, seed, cluster_cfg)
-        cols = [F.col("entity_id").alias(id_col), "cluster_id"] + (["features", "emb"] if vectors else [])
-        out = model.transform(vecs).select(*cols).persist(StorageLevel.MEMORY_AND_DISK)
-        out.count()
-    finally:
-        vecs.unpersist()
-    return out
-
-
 def _drift_rows(
     spark: SparkSession,
     ctx: RunContext,
@@ -138,7 +83,7 @@ def _drift_rows(
     baseline: BaselineConfig | None = None,
     boe_now: DataFrame | None = None,
     keep: Callable[[DataFrame, str], DataFrame] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[MetricRow]:
     """Drift against the model run (``cluster.model_run``) or else the latest earlier
     succeeded run of the same input; [] when there is none.
 
@@ -215,9 +160,9 @@ def _drift_rows(
     finally:
         old.unpersist()
         new.unpersist()
-    rows: list[dict[str, Any]] = []
+    rows: list[MetricRow] = []
     for method, (d, how) in results.items():
-        details = json.dumps({"previous_run": prev_id, "alignment": how, "matched": {str(a): b for a, b in d.matched.items()}})
+        details = {"previous_run": prev_id, "alignment": how, "matched": {str(a): b for a, b in d.matched.items()}}
         log.info(
             "evaluate: %s drift vs run %s (%s): PSI %.4f, JS %.4f, %.1f%% of %d shared users changed segment",
             method,
@@ -229,7 +174,7 @@ def _drift_rows(
             d.users_compared,
         )
         rows += [
-            {"method": method, "k": k, "family": "drift", "metric": m, "value": float(v), "details": details}
+            MetricRow(method=method, k=k, family="drift", metric=m, value=float(v), details=details)
             for m, v in (
                 ("psi_cluster_shares", d.psi),
                 ("js_cluster_shares", d.js),
@@ -238,34 +183,6 @@ def _drift_rows(
             )
         ]
     return rows
-
-
-# ---------------------------------------------------------------------------------------
-# Writing
-
-
-def write_metrics(spark: SparkSession, ctx: RunContext, rows: Iterable[dict[str, Any]], families: Sequence[str]) -> int:
-    """Replace this run's metrics of the given families with ``rows``."""
-    data = [
-        (
-            r["method"],
-            r.get("entity_type", "user"),
-            int(r["k"]) if r.get("k") is not None else None,
-            r["family"],
-            r["metric"],
-            None if r.get("value") is None or not math.isfinite(float(r["value"])) else float(r["value"]),
-            r.get("ci_low"),
-            r.get("ci_high"),
-            r.get("details") if isinstance(r.get("details"), (str, type(None))) else json.dumps(r.get("details"), sort_keys=True),
-        )
-        for r in rows
-    ]
-    for d in data:
-        if d[3] not in families:
-            raise ValueError(f"metric row of family {d[3]} written with families {families}")
-    fam = ", ".join(f"'{f}'" for f in families)
-    df = spark.createDataFrame(data, METRICS_SCHEMA)
-    return ctx.store.write_run(df, ctx.tables.metrics, ctx.run_id, extra_predicate=f"family IN ({fam})")
 
 
 def proxy_labels(sessions: DataFrame) -> DataFrame:
@@ -287,8 +204,132 @@ def proxy_labels(sessions: DataFrame) -> DataFrame:
 @dataclass(frozen=True)
 class EvaluateResult:
     k: int
-    metrics: dict[str, dict[str, float]]  # method -> metric -> value
+    metrics: dict[str, dict[str, float | None]]  # method -> metric -> value
     labelled_users: int
+
+
+def _internal_rows(users: DataFrame, boe: DataFrame | None, k: int, baseline: BaselineConfig) -> list[MetricRow]:
+    """Family ``internal``: each method's indices in its own space (``details.space``)."""
+    rows: list[MetricRow] = []
+    for method, col in (("encoder", "cluster_id"), ("random", "random_id")):
+        rows += [
+            MetricRow(method=method, k=k, family="internal", metric=m, value=v, details={"space": "encoder"})
+            for m, v in internal_scores(users, "emb", col).items()
+        ]
+    log.info("evaluate: internal indices of the encoder's and the random segments done")
+    if boe is not None:
+        details = {"space": "bag_of_events", "vocab_size": baseline.vocab_size, "pca_dim": baseline.pca_dim}
+        rows += [
+            MetricRow(method="bag_of_events", k=k, family="internal", metric=m, value=v, details=details)
+            for m, v in internal_scores(boe, "emb", "cluster_id").items()
+        ]
+        log.info("evaluate: bag-of-events baseline clustered at k=%d, its internal indices done", k)
+    return rows
+
+
+def _agreement_rows(
+    spark: SparkSession,
+    ctx: RunContext,
+    assigned: DataFrame,
+    method_cols: list[tuple[str, str]],
+    sessions: DataFrame,
+    labels: LabelsConfig,
+    salt: str | None,
+    k: int,
+) -> tuple[list[MetricRow], int]:
+    """Families ``external`` (the run's labels, when given) and ``proxy`` (labels any log has),
+    for every method at once: ``assigned`` holds each method's segment column beside the user.
+    Returns the rows and the number of labelled users."""
+    rows: list[MetricRow] = []
+    n_labelled = 0
+    cols = [c for _, c in method_cols]
+    if ctx.labels_path:
+        lab_df = read_labels(spark, ctx.labels_path, labels.format, labels.user_col, labels.label_col)
+        if salt is not None:  # user ids were pseudonymised at ingest: join on the pseudonym
+            lab_df = lab_df.withColumn("user_id", pseudonym(F.col("user_id"), salt))
+        tables = contingencies(assigned.join(lab_df.withColumnRenamed("user_id", "entity_id"), "entity_id"), "label", cols)
+        n_labelled = int(tables["cluster_id"].sum()) if "cluster_id" in tables else 0
+        details = {"labels": ctx.labels_path, "label_col": labels.label_col, "labelled_users": n_labelled}
+        if n_labelled == 0:
+            log.warning("evaluate: labels at %s match none of the clustered users; external metrics skipped", ctx.labels_path)
+        else:
+            for method, col in method_cols:
+                rows += [
+                    MetricRow(method=method, k=k, family="external", metric=m, value=v, details=details)
+                    for m, v in external_scores(tables[col]).items()
+                ]
+        rows.append(MetricRow(method="encoder", k=k, family="external", metric="labelled_users", value=float(n_labelled), details=details))
+    proxies = proxy_labels(sessions).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        lab = assigned.join(proxies, "entity_id")
+        for proxy in ("buyer", "dominant_category"):
+            details = {"labels": f"proxy:{proxy}", "note": "proxy label derived from the events, not ground truth"}
+            tables = contingencies(lab.where(F.col(proxy).isNotNull()), proxy, cols)
+            for method, col in method_cols:
+                rows += [
+                    MetricRow(method=method, k=k, family="proxy", metric=f"{m}_{proxy}", value=v, details=details)
+                    for m, v in external_scores(tables[col]).items()
+                    if m in ("ari", "nmi", "v_measure")
+                ]
+    finally:
+        proxies.unpersist()
+    log.info("evaluate: agreement with labels and proxy labels done")
+    return rows, n_labelled
+
+
+def _usefulness_rows(
+    spark: SparkSession,
+    ctx: RunContext,
+    sessions: DataFrame,
+    shares: list[float],
+    k: int,
+    n_eval: int,
+    seed: int,
+    ev: EvaluateConfig,
+    cluster_cfg: ClusterConfig,
+    baseline: BaselineConfig,
+    history_vectors: Callable[[DataFrame], DataFrame] | None,
+) -> list[MetricRow]:
+    """Families ``downstream`` (next session: items, categories, conversion; return within N
+    days) and ``temporal`` (first half vs second half of each user's history)."""
+    from seqclust.downstream import evaluate_downstream, return_rows, temporal_stability_rows
+
+    cents = [
+        r["centroid"]
+        for r in ctx.store.read(spark, ctx.tables.centroids, ctx.run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
+    ]
+    if history_vectors is None:  # the encoder's vectors pooled, as embed.representation=encoder does
+        from seqclust.embed import pool_users
+
+        stored = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "session")
+        stored = stored.select(F.col("entity_id").alias("session_id"), "embedding")
+
+        def history_vectors(hist: DataFrame) -> DataFrame:
+            emb = hist.select("session_id", "user_id", "end_ts").join(stored, "session_id")
+            return pool_users(emb).select("entity_id", "embedding")
+
+    fine_cents = model_run_centers(spark, ctx, ctx.run_id, "fine")
+    boe_assign = None
+    if baseline.bag_of_events:
+
+        def boe_assign(hist: DataFrame) -> DataFrame:
+            return boe_clusters(hist, k, n_eval, seed, baseline, cluster_cfg, vectors=False, id_col="user_id")
+
+    rows = evaluate_downstream(
+        sessions,
+        history_vectors,
+        cents,
+        shares,
+        seed,
+        ev.top_n,
+        replicates=ev.bootstrap,
+        baseline_assign=boe_assign,
+        fine_centroids=fine_cents,
+    )
+    rows += temporal_stability_rows(sessions, history_vectors, cents, shares, seed, ev.bootstrap)
+    if ev.return_days > 0:
+        rows += return_rows(sessions, history_vectors, cents, shares, seed, ev.return_days, ev.bootstrap, fine_centroids=fine_cents)
+    return [r.with_k(k) for r in rows]
 
 
 def run(
@@ -312,7 +353,7 @@ def run(
     embedding) makes a user's vector from their history for the next-session evaluation, the
     way the run made its user vectors (default: the encoder's session vectors pooled).
     """
-    ev = evaluate_cfg or EvaluateConfig(downstream=False)
+    ev = evaluate_cfg if evaluate_cfg is not None else EvaluateConfig()  # the configuration's defaults
     emb = (
         ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
         .where(F.col("entity_type") == "user")
@@ -335,159 +376,30 @@ def run(
     sessions = keep(ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled"), "user_id")
     boe = None
     try:
-        results: dict[str, dict[str, float]] = {}
-        rows: list[dict[str, Any]] = []
-        rows.append(
-            {
-                "method": "encoder",
-                "k": k,
-                "family": "internal",
-                "metric": "evaluated_users",
-                "value": float(n_eval),
-                "details": json.dumps({"users": n_users, "sampled": n_eval < n_users, "sample_users": ev.sample_users}),
-            }
-        )
-        spaces = {"encoder": "encoder", "random": "encoder"}
-        for method, col in (("encoder", "cluster_id"), ("random", "random_id")):
-            scores = internal_scores(users, "emb", col)
-            results[method] = dict(scores)
-            details = json.dumps({"space": spaces[method]})
-            rows += [
-                {"method": method, "k": k, "family": "internal", "metric": m, "value": v, "details": details} for m, v in scores.items()
-            ]
-        log.info("evaluate: internal indices of the encoder's and the random segments done")
+        details = {"users": n_users, "sampled": n_eval < n_users, "sample_users": ev.sample_users}
+        rows = [MetricRow(method="encoder", k=k, family="internal", metric="evaluated_users", value=float(n_eval), details=details)]
         if baseline.bag_of_events:
             boe = boe_clusters(sessions, k, n_eval, seed, baseline, cluster_cfg)
-            scores = internal_scores(boe, "emb", "cluster_id")
-            results["bag_of_events"] = dict(scores)
-            details = json.dumps({"space": "bag_of_events", "vocab_size": baseline.vocab_size, "pca_dim": baseline.pca_dim})
-            rows += [
-                {"method": "bag_of_events", "k": k, "family": "internal", "metric": m, "value": v, "details": details}
-                for m, v in scores.items()
-            ]
-            log.info("evaluate: bag-of-events baseline clustered at k=%d, its internal indices done", k)
+        rows += _internal_rows(users, boe, k, baseline)
         # every method's segment id beside the user: one contingency job per label serves all
         assigned = users.select("entity_id", "cluster_id", "random_id")
         method_cols = [("encoder", "cluster_id"), ("random", "random_id")]
         if boe is not None:
             assigned = assigned.join(boe.select("entity_id", F.col("cluster_id").alias("boe_id")), "entity_id", "left")
             method_cols.append(("bag_of_events", "boe_id"))
-        n_labelled = 0
-        if ctx.labels_path:
-            lab_df = read_labels(spark, ctx.labels_path, labels.format, labels.user_col, labels.label_col)
-            if salt is not None:  # user ids were pseudonymised at ingest: join on the pseudonym
-                lab_df = lab_df.withColumn("user_id", pseudonym(F.col("user_id"), salt))
-            lab_df = lab_df.withColumnRenamed("user_id", "entity_id")
-            tables = contingencies(assigned.join(lab_df, "entity_id"), "label", [c for _, c in method_cols])
-            n_labelled = int(tables["cluster_id"].sum()) if "cluster_id" in tables else 0
-            details = json.dumps({"labels": ctx.labels_path, "label_col": labels.label_col, "labelled_users": n_labelled})
-            if n_labelled == 0:
-                log.warning("evaluate: labels at %s match none of the clustered users; external metrics skipped", ctx.labels_path)
-            else:
-                for method, col in method_cols:
-                    scores = external_scores(tables[col])
-                    results[method].update(scores)
-                    rows += [
-                        {"method": method, "k": k, "family": "external", "metric": m, "value": v, "details": details}
-                        for m, v in scores.items()
-                    ]
-            rows.append(
-                {
-                    "method": "encoder",
-                    "k": k,
-                    "family": "external",
-                    "metric": "labelled_users",
-                    "value": float(n_labelled),
-                    "details": details,
-                }
-            )
-        proxies = proxy_labels(sessions).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            lab = assigned.join(proxies, "entity_id")
-            for proxy in ("buyer", "dominant_category"):
-                details = json.dumps({"labels": f"proxy:{proxy}", "note": "proxy label derived from the events, not ground truth"})
-                tables = contingencies(lab.where(F.col(proxy).isNotNull()), proxy, [c for _, c in method_cols])
-                for method, col in method_cols:
-                    scores = external_scores(tables[col])
-                    results.setdefault(method, {}).update({f"{m}_{proxy}": scores[m] for m in ("ari", "nmi")})
-                    rows += [
-                        {"method": method, "k": k, "family": "proxy", "metric": f"{m}_{proxy}", "value": v, "details": details}
-                        for m, v in scores.items()
-                        if m in ("ari", "nmi", "v_measure")
-                    ]
-        finally:
-            proxies.unpersist()
-        log.info("evaluate: agreement with labels and proxy labels done")
-        families = ("internal", "external", "proxy")
-        drift_rows = _drift_rows(spark, ctx, cluster_cfg, k, seed, baseline, boe, keep)
-        rows += drift_rows
-        for r in drift_rows:
-            results.setdefault(r["method"], {})[r["metric"]] = r["value"]
-        families = (*families, "drift")
+        agreement, n_labelled = _agreement_rows(spark, ctx, assigned, method_cols, sessions, labels, salt, k)
+        rows += agreement
+        rows += _drift_rows(spark, ctx, cluster_cfg, k, seed, baseline, boe, keep)
+        families: tuple[str, ...] = ("internal", "external", "proxy", "drift")
         if ev.downstream:
-            from seqclust.downstream import evaluate_downstream
-
-            cents = (
-                ctx.store.read(spark, ctx.tables.centroids, ctx.run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
-            )
-            if history_vectors is None:  # the encoder's vectors pooled, as embed.representation=encoder does
-                from seqclust.embed import pool_users
-
-                stored = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "session")
-                stored = stored.select(F.col("entity_id").alias("session_id"), "embedding")
-
-                def history_vectors(hist: DataFrame) -> DataFrame:
-                    emb = hist.select("session_id", "user_id", "end_ts").join(stored, "session_id")
-                    return pool_users(emb).select("entity_id", "embedding")
-
-            fine_cents = model_run_centers(spark, ctx, ctx.run_id, "fine")
-            boe_assign = None
-            if baseline.bag_of_events:
-
-                def boe_assign(hist: DataFrame) -> DataFrame:
-                    return boe_clusters(hist, k, n_eval, seed, baseline, cluster_cfg, vectors=False, id_col="user_id")
-
-            down = evaluate_downstream(
-                sessions,
-                history_vectors,
-                [r["centroid"] for r in cents],
-                shares,
-                seed,
-                ev.top_n,
-                replicates=ev.bootstrap,
-                baseline_assign=boe_assign,
-                fine_centroids=fine_cents,
-            )
-            rows += [{**r, "k": k} for r in down]
-            for r in down:
-                results.setdefault(r["method"], {})[r["metric"]] = r["value"]
-            families = (*families, "downstream")
-            from seqclust.downstream import temporal_stability_rows
-
-            temporal = temporal_stability_rows(sessions, history_vectors, [r["centroid"] for r in cents], shares, seed, ev.bootstrap)
-            rows += [{**r, "k": k} for r in temporal]
-            for r in temporal:
-                results.setdefault(r["method"], {})[r["metric"]] = r["value"]
-            families = (*families, "temporal")
-            if ev.return_days > 0:
-                from seqclust.downstream import return_rows
-
-                ret = return_rows(
-                    sessions,
-                    history_vectors,
-                    [r["centroid"] for r in cents],
-                    shares,
-                    seed,
-                    ev.return_days,
-                    ev.bootstrap,
-                    fine_centroids=fine_cents,
-                )
-                rows += [{**r, "k": k} for r in ret]
-                for r in ret:
-                    results.setdefault(r["method"], {})[r["metric"]] = r["value"]
+            rows += _usefulness_rows(spark, ctx, sessions, shares, k, n_eval, seed, ev, cluster_cfg, baseline, history_vectors)
+            families = (*families, "downstream", "temporal")
         write_metrics(spark, ctx, rows, families=families)
+        results: dict[str, dict[str, float | None]] = {}
+        for r in rows:
+            results.setdefault(r.method, {})[r.metric] = r.value
         for method, vals in results.items():
-            log.info("evaluate: %s %s", method, ", ".join(f"{m}={v:.4f}" for m, v in sorted(vals.items())))
+            log.info("evaluate: %s %s", method, ", ".join(f"{m}={v:.4f}" for m, v in sorted(vals.items()) if v is not None))
         return EvaluateResult(k, results, n_labelled)
     finally:
         users.unpersist()

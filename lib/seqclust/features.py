@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -72,7 +73,8 @@ class Vocab:
     @staticmethod
     def from_json(text: str) -> Vocab:
         d = json.loads(text)
-        return Vocab(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return Vocab(**kwargs)
 
 
 def _list_parts(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
+from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
+from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -21,14 +23,16 @@ from seqclust.compat import try_cast
 from seqclust.config import SourceConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError, ReconciliationError
-from seqclust.io import CORRUPT_COL, FILE_COL, read_source, source_fingerprint
+from seqclust.io import CORRUPT_COL, FILE_COL, read_failure, read_source, source_fingerprint
 from seqclust.privacy import pseudonym, redacted
+from seqclust.tables import conform
 
 log = logging.getLogger(__name__)
 
 EVENT_COLUMNS = ("event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price")
 REASONS = (
     "malformed",
+    "bad_encoding",
     "null_user_id",
     "null_ts",
     "bad_ts",
@@ -136,8 +140,13 @@ def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "
         min_ts = min_ts.replace(tzinfo=dt.timezone.utc)
     max_ts = now + dt.timedelta(hours=cfg.max_clock_skew_hours)
 
+    # text that did not decode (latin-1 bytes read as UTF-8, say) arrives as U+FFFD: a value
+    # that is no longer the source's, quarantined instead of kept mangled
+    mapped = [getattr(c, x) for x in ("event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price")]
+    undecoded = F.concat_ws("", *[opt(x).cast("string") for x in dict.fromkeys(m for m in mapped if m)]).contains("\ufffd")
     reason = (
         F.when(corrupt, "malformed")
+        .when(undecoded, "bad_encoding")
         .when(user.isNull() | (user == ""), "null_user_id")
         .when(ts_src.isNull() | (F.trim(ts_src.cast("string")) == ""), "null_ts")
         .when(ts.isNull(), "bad_ts")
@@ -193,6 +202,9 @@ class IngestResult:
     input_version: int | None = None
     input_files: int = 0
     out_of_window_rows: int = 0
+    # valid rows whose mapped optional column is empty (a source file that lacks the column,
+    # e.g. one written before the producer added it, or leaves it blank)
+    empty_optional: dict[str, int] = field(default_factory=dict)
 
 
 def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | None = None) -> IngestResult:
@@ -207,7 +219,13 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
         raise InputError("no input: pass --input PATH (or run without it for the generated demo data)")
     raw_df = read_source(spark, ctx.input_path, cfg)
     fingerprint, version, n_files = source_fingerprint(spark, raw_df, ctx.input_path, cfg.format)
-    n_input = raw_df.count()
+    try:
+        n_input = raw_df.count()
+    except (Py4JJavaError, PySparkException) as e:
+        err = read_failure(ctx.input_path, e)
+        if err is None:
+            raise
+        raise err from None
     if n_input == 0:
         raise InputError(f"--input {ctx.input_path}: no rows to ingest")
     log.info("ingest: %d input rows from %s%s", n_input, ctx.input_path, _window_text(ctx))
@@ -223,7 +241,13 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
     window_start = F.lit(ctx.window_start if ctx.incremental else None).cast("timestamp")
     validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        by_reason = {r["reason"]: r["count"] for r in validated.groupBy("reason").count().collect()}
+        optional = [x for x in ("item_id", "category_id", "price") if getattr(cfg.columns, x) is not None]
+        counted = validated.groupBy("reason").agg(
+            F.count("*").alias("count"), *[F.sum(F.col(x).isNull().cast("long")).alias(f"_empty_{x}") for x in optional]
+        )
+        counts = counted.collect()
+        by_reason = {r["reason"]: r["count"] for r in counts}
+        empty = {x: int(r[f"_empty_{x}"] or 0) for r in counts if r["reason"] is None for x in optional}
         n_valid = by_reason.pop(None, 0)
         n_out = by_reason.pop(OUT_OF_WINDOW, 0)
         n_quar = sum(by_reason.values())
@@ -236,12 +260,12 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
             window_start.alias("window_start"),
         )
         window_pred = f"window_start = TIMESTAMP '{ctx.window_start.isoformat()}'" if ctx.incremental else None
-        n_q_written = ctx.store.write_run(quarantine, ctx.tables.quarantine, ctx.run_id, extra_predicate=window_pred)
+        n_q_written = ctx.write(quarantine, "quarantine", extra_predicate=window_pred)
         clean = dedup(validated.where(F.col("reason").isNull())).withColumn("window_start", window_start)
         if ctx.incremental and ctx.store.exists(ctx.tables.events):
-            n_clean = ctx.store.merge_insert(clean, ctx.tables.events, ctx.run_id, event_key("t."), event_key("s."))
+            n_clean = ctx.store.merge_insert(conform(clean, "events"), ctx.tables.events, ctx.run_id, event_key("t."), event_key("s."))
         else:
-            n_clean = ctx.store.write_run(clean, ctx.tables.events, ctx.run_id)
+            n_clean = ctx.write(clean, "events")
     finally:
         validated.unpersist()
     n_dup = n_valid - n_clean
@@ -259,8 +283,15 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
         )
     if n_valid == 0 and ctx.incremental:
         log.warning("ingest: no valid events in the window%s", _window_text(ctx))
+    empty = {x: n for x, n in empty.items() if n}
+    if empty and n_valid:
+        log.info(
+            "ingest: of %d valid rows, %s empty (a source file without the column, or blank values)",
+            n_valid,
+            ", ".join(f"{x} {n} ({100 * n / n_valid:.1f}%)" for x, n in empty.items()),
+        )
     return IngestResult(
-        n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()}, fingerprint, version, n_files, n_out
+        n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()}, fingerprint, version, n_files, n_out, empty
     )
 
 

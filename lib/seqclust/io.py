@@ -10,10 +10,11 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException, PySparkException
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -80,6 +81,14 @@ def retry_conflicts(fn, what: str, attempts: int = 6, base_s: float = 0.5):
     return None  # pragma: no cover - the loop returns or raises
 
 
+def one_row(df: DataFrame) -> Row:
+    """The first row of ``df``: an aggregate's one row; a SeqclustError when there is none."""
+    row = df.first()
+    if row is None:
+        raise SeqclustError("expected a row, the query returned none")
+    return row
+
+
 def detect_format(path: str) -> str:
     """Guess a source format from a local path: Delta log, then file extensions."""
     p = Path(path)
@@ -117,29 +126,22 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
     PERMISSIVE mode so that malformed lines are kept, not dropped.
     """
     _check_path(path)
-    fmt = cfg.format
+    fmt: str = cfg.format
     if fmt == "auto":
         fmt = detect_format(path)
     glob = {"pathGlobFilter": cfg.file_glob} if cfg.file_glob else {}
     try:
-        if fmt in ("parquet", "delta"):
-            df = spark.read.format(fmt).options(**(glob if fmt == "parquet" else {})).load(path)
-            df = df.withColumn(FILE_COL, F.col("_metadata.file_path")) if fmt == "parquet" else df.withColumn(FILE_COL, F.lit(path))
+        if fmt == "delta":
+            df = spark.read.format("delta").load(path).withColumn(FILE_COL, F.lit(path))
+        elif fmt == "parquet":
+            df = _read_parquet(spark, path, glob)
         elif fmt == "csv":
-            probe = spark.read.options(header=cfg.header, sep=cfg.delimiter, inferSchema=False, **glob).csv(path)
-            names = probe.columns
-            schema = T.StructType([T.StructField(n, T.StringType()) for n in names] + [T.StructField(CORRUPT_COL, T.StringType())])
-            df = (
-                spark.read.options(header=cfg.header, sep=cfg.delimiter, mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL, **glob)
-                .schema(schema)
-                .csv(path)
-                .withColumn(FILE_COL, F.col("_metadata.file_path"))
-            )
+            df = _read_csv(spark, path, cfg, glob)
         elif fmt == "json":
             wanted = [c for c in _mapped_columns(cfg)]
             schema = T.StructType([T.StructField(n, T.StringType()) for n in wanted] + [T.StructField(CORRUPT_COL, T.StringType())])
             df = (
-                spark.read.options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL, **glob)
+                spark.read.options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL, encoding=cfg.encoding, **glob)
                 .schema(schema)
                 .json(path)
                 .withColumn(FILE_COL, F.col("_metadata.file_path"))
@@ -162,6 +164,127 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
     return df
 
 
+# Files written on different days by different versions of a producer disagree: a column
+# appears, disappears or changes type. Read so that no value lands in the wrong column and none
+# is silently dropped: Parquet by column name with the union of the files' columns (null where
+# a file lacks one; validation then counts them), and where two files give one column different
+# types, that column as text in every file, so validation casts each value and quarantines the
+# ones that do not convert (bad_type, bad_ts) instead of the read failing or guessing. CSV by
+# header name: files whose header differs from the first file's are read group by group.
+MAX_SCHEMA_FILES = 5000  # files whose footers or headers are read one by one when they disagree
+
+
+def _union(parts: list[DataFrame]) -> DataFrame:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p, allowMissingColumns=True)
+    return out
+
+
+def _as_text(col: str, dtype: T.DataType):  # -> Column
+    c = F.col(f"`{col}`")
+    if isinstance(dtype, T.TimestampType):  # with its zone, so no reader takes it for local time
+        return F.date_format(c, "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX").alias(col)
+    return c.cast("string").alias(col)
+
+
+def _read_parquet(spark: SparkSession, path: str, glob: dict[str, str]) -> DataFrame:
+    def reader():  # a DataFrameReader keeps the options set on it: a fresh one each time
+        return spark.read.format("parquet").options(**glob)
+
+    try:
+        return reader().option("mergeSchema", "true").load(path).withColumn(FILE_COL, F.col("_metadata.file_path"))
+    except (AnalysisException, Py4JJavaError, PySparkException) as e:
+        text = f"{spark_error_line(e)} {e}"
+        if not any(t in text for t in ("CANNOT_MERGE", "Failed to merge", "incompatible")):
+            raise
+    files = sorted(reader().load(path).inputFiles())
+    if len(files) > MAX_SCHEMA_FILES:
+        raise InputError(
+            f"--input {path}: its Parquet files disagree on column types, and {len(files)} files are too many to reconcile one by one"
+        )
+    groups: dict[str, tuple[T.StructType, list[str]]] = {}
+    for f in files:
+        sch = spark.read.parquet(f).schema
+        groups.setdefault(sch.json(), (sch, []))[1].append(f)
+    types: dict[str, set[str]] = {}
+    for sch, _ in groups.values():
+        for fld in sch.fields:
+            types.setdefault(fld.name, set()).add(fld.dataType.simpleString())
+    mixed = sorted(c for c, t in types.items() if len(t) > 1)
+    log.warning(
+        "source: its %d Parquet files come in %d schemas and disagree on the type of %s (%s); those columns are read as text "
+        "and each value is checked by validation (values that do not convert are quarantined)",
+        len(files),
+        len(groups),
+        ", ".join(mixed),
+        "; ".join(f"{c}: {' / '.join(sorted(types[c]))}" for c in mixed),
+    )
+    parts = []
+    for sch, fs in groups.values():
+        df = spark.read.schema(sch).parquet(*fs)
+        cols = [_as_text(f.name, f.dataType) if f.name in mixed else F.col(f"`{f.name}`") for f in sch.fields]
+        parts.append(df.select(*cols, F.col("_metadata.file_path").alias(FILE_COL)))
+    return _union(parts)
+
+
+def _read_csv(spark: SparkSession, path: str, cfg: SourceConfig, glob: dict[str, str]) -> DataFrame:
+    opts: dict[str, Any] = dict(header=cfg.header, sep=cfg.delimiter, encoding=cfg.encoding, multiLine=cfg.multiline, **glob)
+    probe = spark.read.options(inferSchema=False, **opts).csv(path)
+
+    def read(names: list[str], where: str | list[str]) -> DataFrame:
+        schema = T.StructType([T.StructField(n, T.StringType()) for n in names] + [T.StructField(CORRUPT_COL, T.StringType())])
+        r = spark.read.options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL, **opts).schema(schema)
+        return r.csv(where).withColumn(FILE_COL, F.col("_metadata.file_path"))
+
+    files = sorted(probe.inputFiles())
+    if not cfg.header or len(files) < 2:
+        return read(probe.columns, path)
+    if len(files) > MAX_SCHEMA_FILES:
+        log.warning(
+            "source: %d CSV files: their headers are not compared (more than %d); the first file's is used", len(files), MAX_SCHEMA_FILES
+        )
+        return read(probe.columns, path)
+    # Spark reads every file with the first file's header, by position: a file whose columns
+    # are in another order, or one more or one fewer, would put values under the wrong names
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for f in files:
+        groups.setdefault(tuple(spark.read.options(inferSchema=False, **opts).csv(f).columns), []).append(f)
+    if len(groups) == 1:
+        return read(list(next(iter(groups))), path)
+    log.warning(
+        "source: its %d CSV files have %d different headers (%s); each group is read by its own header and matched by column name",
+        len(files),
+        len(groups),
+        " | ".join(",".join(h) for h in groups),
+    )
+    return _union([read(list(h), fs) for h, fs in groups.items()])
+
+
+_CORRUPT_FILE = (
+    "Unexpected end of input stream",
+    "Not in GZIP format",
+    "incorrect header check",
+    "invalid block type",
+    "ZipException",
+    "EOFException",
+    "Premature EOF",
+)
+
+
+def read_failure(path: str, e: BaseException) -> InputError | None:
+    """The one line for a source file Spark could not read to the end (a truncated or corrupt
+    compressed file), naming the file when Spark says which; None for other errors."""
+    import re
+
+    text = f"{spark_error_line(e)} {e}"
+    if not any(t in text for t in _CORRUPT_FILE):
+        return None
+    m = re.search(r"(?:file|path)[:= ]+['\"]?((?:file:)?/[^\s'\",)]+)", text)
+    where = f" ({m.group(1)})" if m else ""
+    return InputError(f"--input {path}: a source file is truncated or corrupt{where}; re-export it or move it aside")
+
+
 def source_fingerprint(spark: SparkSession, df: DataFrame, path: str, fmt: str) -> tuple[str, int | None, int]:
     """What exactly was read, for lineage: (sha256 of the sorted file listing with sizes and
     modification times where the files are local, Delta version or None, number of files)."""
@@ -171,7 +294,7 @@ def source_fingerprint(spark: SparkSession, df: DataFrame, path: str, fmt: str) 
     if fmt == "delta" or (fmt == "auto" and detect_format(path) == "delta"):
         from delta.tables import DeltaTable
 
-        version = int(DeltaTable.forPath(spark, path).history(1).select("version").first()[0])
+        version = int(one_row(DeltaTable.forPath(spark, path).history(1).select("version"))[0])
     files = sorted(df.inputFiles())
     h = hashlib.sha256()
     for f in files:
@@ -322,6 +445,11 @@ class TableStore:
                 )
             ):
                 raise SeqclustError(f"table {name} at {path}: output path is not writable ({line[:200]})") from None
+            if "No space left on device" in full or "Disk quota exceeded" in full:
+                raise SeqclustError(
+                    f"table {name} at {path}: the output volume is full (No space left on device); nothing was committed, "
+                    "free space and run the same command again"
+                ) from None
             raise SeqclustError(f"table {name} at {path}: write failed ({line[:300]})") from None
         if not count:
             log.info("table %s: committed run %s", name, run_id)

@@ -8,8 +8,9 @@ from collections.abc import Callable, Sequence
 
 from seqclust.config import validate_run_id
 from seqclust.errors import ConfigError
+from seqclust.stages import STAGES
 
-STAGES = ("run", "ingest", "sessionize", "train", "embed", "cluster", "evaluate", "assign")
+COMMANDS = ("run", *STAGES, "assign")
 
 # widget name -> (default, label); the notebooks create exactly these
 WIDGETS: dict[str, tuple[str, str]] = {
@@ -46,8 +47,8 @@ def cli_args(get: Callable[[str], str | None], today: dt.date | None = None) -> 
         return (get(name) or "").strip()
 
     command = val("command") or "run"
-    if command not in STAGES:
-        raise ConfigError(f"command: {command!r} is not one of {', '.join(STAGES)}")
+    if command not in COMMANDS:
+        raise ConfigError(f"command: {command!r} is not one of {', '.join(COMMANDS)}")
     run_date = run_id_for(val("run_date"), today)
     run_id = validate_run_id(val("run_id") or run_date)
     args = [command, "--run-id", run_id]

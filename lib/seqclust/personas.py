@@ -217,8 +217,8 @@ def simulate(rng: np.random.Generator, pop: Population, prefix: str = "u") -> tu
     t0, duration_o = t0[order], duration[order]
     first = np.cumsum(pop.n_sessions) - pop.n_sessions
     rank = np.arange(n_s) - np.repeat(first, pop.n_sessions)
-    for r in range(1, int(pop.n_sessions.max())):
-        idx = np.nonzero(rank == r)[0]
+    for nth in range(1, int(pop.n_sessions.max())):
+        idx = np.nonzero(rank == nth)[0]
         t0[idx] = np.maximum(t0[idx], t0[idx - 1] + duration_o[idx - 1] + MIN_SESSION_GAP_S)
     s_start = np.empty(n_s)
     s_start[order] = t0
@@ -415,10 +415,12 @@ REAL_PERSONAS = {
 }
 
 
-def real_sessions(users: int, seed: int, data: str | Path) -> tuple[pa.Table, pa.Table]:
+def real_sessions(users: int, seed: int, data: str | Path | None) -> tuple[pa.Table, pa.Table]:
     """Users made of whole real sessions: each persona draws sessions through its own filter
     on what a session does (``REAL_PERSONAS``); events, items and within-session timing are
     the real ones, only each session's start is moved onto the user's timeline."""
+    if data is None:
+        raise ValueError("real_sessions needs the real log (a retailrocket_subset folder)")
     real = read_retailrocket(data)
     rng = np.random.default_rng(seed)
     names = list(REAL_PERSONAS)

@@ -12,15 +12,14 @@ import json
 import logging
 import subprocess
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
-from seqclust import __version__
 from seqclust import cluster as cluster_stage
 from seqclust import embed as embed_stage
 from seqclust import evaluate as evaluate_stage
@@ -31,46 +30,10 @@ from seqclust.config import PipelineConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError, SeqclustError
 from seqclust.io import TableStore
+from seqclust.stages import STAGES
+from seqclust.tables import RUNS, RunRecord
 
 log = logging.getLogger(__name__)
-
-STAGES = ("ingest", "sessionize", "train", "embed", "cluster", "evaluate")
-
-RUNS_SCHEMA = T.StructType(
-    [
-        T.StructField("status", T.StringType()),
-        T.StructField("started_at", T.TimestampType()),
-        T.StructField("finished_at", T.TimestampType()),
-        T.StructField("error", T.StringType()),
-        T.StructField("config_json", T.StringType()),
-        T.StructField("config_hash", T.StringType()),
-        T.StructField("code_version", T.StringType()),
-        T.StructField("git_commit", T.StringType()),
-        T.StructField("input_path", T.StringType()),
-        T.StructField("input_fingerprint", T.StringType()),
-        T.StructField("input_delta_version", T.LongType()),
-        T.StructField("input_files", T.LongType()),
-        T.StructField("labels_path", T.StringType()),
-        T.StructField("encoder_id", T.StringType()),
-        T.StructField("encoder_path", T.StringType()),
-        T.StructField("rows_input", T.LongType()),
-        T.StructField("rows_clean", T.LongType()),
-        T.StructField("rows_quarantined", T.LongType()),
-        T.StructField("rows_duplicates", T.LongType()),
-        T.StructField("rows_out_of_window", T.LongType()),
-        T.StructField("window_since", T.TimestampType()),
-        T.StructField("window_until", T.TimestampType()),
-        T.StructField("quarantine_reasons", T.MapType(T.StringType(), T.LongType())),
-        T.StructField("sessions", T.LongType()),
-        T.StructField("sessions_quarantined", T.LongType()),
-        T.StructField("users", T.LongType()),
-        T.StructField("k", T.IntegerType()),
-        T.StructField("stage_seconds", T.MapType(T.StringType(), T.DoubleType())),
-        T.StructField("stages_completed", T.ArrayType(T.StringType())),
-        T.StructField("report_path", T.StringType()),
-        T.StructField("mlflow_run_id", T.StringType()),
-    ]
-)
 
 
 def git_commit() -> str | None:
@@ -81,49 +44,8 @@ def git_commit() -> str | None:
         return None
 
 
-@dataclass
-class RunRecord:
-    """The ``runs`` row of one run (mutable while the run goes on)."""
-
-    status: str = "running"
-    started_at: dt.datetime | None = None
-    finished_at: dt.datetime | None = None
-    error: str | None = None
-    config_json: str | None = None
-    config_hash: str | None = None
-    code_version: str | None = __version__
-    git_commit: str | None = None
-    input_path: str | None = None
-    input_fingerprint: str | None = None
-    input_delta_version: int | None = None
-    input_files: int | None = None
-    labels_path: str | None = None
-    encoder_id: str | None = None
-    encoder_path: str | None = None
-    rows_input: int | None = None
-    rows_clean: int | None = None
-    rows_quarantined: int | None = None
-    rows_duplicates: int | None = None
-    rows_out_of_window: int | None = None
-    window_since: dt.datetime | None = None
-    window_until: dt.datetime | None = None
-    quarantine_reasons: dict[str, int] = field(default_factory=dict)
-    sessions: int | None = None
-    sessions_quarantined: int | None = None
-    users: int | None = None
-    k: int | None = None
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    stages_completed: list[str] = field(default_factory=list)
-    report_path: str | None = None
-    mlflow_run_id: str | None = None
-
-    def row(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in RUNS_SCHEMA.fields)
-
-
 def save_record(spark: SparkSession, ctx: RunContext, rec: RunRecord) -> None:
-    df = spark.createDataFrame([rec.row()], RUNS_SCHEMA)
-    ctx.store.write_run(df, ctx.tables.runs, ctx.run_id, count=False)
+    ctx.write(spark.createDataFrame([rec.row()], RUNS), "runs", count=False)
 
 
 def load_record(spark: SparkSession, ctx: RunContext) -> RunRecord | None:
@@ -132,8 +54,7 @@ def load_record(spark: SparkSession, ctx: RunContext) -> RunRecord | None:
     row = ctx.store.read(spark, ctx.tables.runs, ctx.run_id).first()
     if row is None:
         return None
-    d = row.asDict()
-    return RunRecord(**{f.name: d.get(f.name) for f in RUNS_SCHEMA.fields if d.get(f.name) is not None})
+    return RunRecord.from_row(row.asDict())
 
 
 def table_store(cfg: PipelineConfig) -> TableStore:
@@ -191,57 +112,90 @@ class RunSummary:
     report: Path | None = None
 
 
-def _stage(name: str, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
-    seed = cfg.run.seed
-    if name == "ingest":
-        r = ingest_stage.run(spark, ctx, cfg.source, salt=cfg.privacy.salt())
-        rec.rows_input, rec.rows_clean, rec.rows_quarantined, rec.rows_duplicates = (
-            r.input_rows,
-            r.clean_rows,
-            r.quarantined_rows,
-            r.duplicate_rows,
-        )
-        rec.quarantine_reasons = r.reasons
-        rec.rows_out_of_window = r.out_of_window_rows
-        rec.input_fingerprint, rec.input_delta_version, rec.input_files = r.input_fingerprint, r.input_version, r.input_files
-    elif name == "sessionize":
-        s = sessionize_stage.run(spark, ctx, cfg.sessionize)
-        rec.sessions, rec.users, rec.sessions_quarantined = s.sessions, s.users, s.quarantined_sessions
-    elif name == "train":
-        t, art = train_stage.run(spark, ctx, cfg.tokenize, cfg.encoder, seed, cfg.embed)
-        rec.encoder_id, rec.encoder_path = t.encoder_id, t.path
-        state["artifact"] = art
-    elif name == "embed":
-        art = state.get("artifact")
-        if art is None:
-            from seqclust.encoder import load_artifact
+# Each stage: (spark, cfg, ctx, rec, state) -> None. It reads what earlier stages committed for
+# the run id, commits its own tables, and notes what the ``runs`` row should say in ``rec``;
+# ``state`` carries what a later stage of the same process may reuse (the encoder artifact).
+StageFn = Callable[[SparkSession, PipelineConfig, RunContext, RunRecord, dict[str, Any]], None]
 
-            path = cfg.encoder.path or rec.encoder_path
-            if not path:
-                raise InputError(f"run {ctx.run_id}: no encoder yet; run the train stage first or pass --encoder PATH")
-            art = load_artifact(path)
-            rec.encoder_id, rec.encoder_path = art.encoder_id, str(art.path)
-        embed_stage.run(spark, ctx, cfg.embed, art, reused=bool(cfg.encoder.path))
-    elif name == "cluster":
-        c = cluster_stage.run(spark, ctx, cfg.cluster, seed)
-        rec.k = c.k
-        rec.users = c.users
-        state["k_choice"] = next(
-            ({"rule": c.rule, "uncertain": c.uncertain, "runner_up": c.runner_up, **r} for r in c.sweep if r["k"] == c.k), None
-        )
-    elif name == "evaluate":
-        art = state.get("artifact")
-        if art is None and rec.encoder_path:
-            from seqclust.encoder import load_artifact
 
-            art = load_artifact(rec.encoder_path)
-        hv = embed_stage.history_vectors(spark, ctx, art, cfg.embed) if art is not None else None
-        e = evaluate_stage.run(
-            spark, ctx, seed, cfg.labels, cfg.cluster, cfg.baseline, salt=cfg.privacy.salt(), evaluate_cfg=cfg.evaluate, history_vectors=hv
-        )
-        state["metrics"] = e.metrics
-    else:  # pragma: no cover
-        raise ValueError(name)
+def _ingest(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
+    r = ingest_stage.run(spark, ctx, cfg.source, salt=cfg.privacy.salt())
+    rec.rows_input, rec.rows_clean, rec.rows_quarantined, rec.rows_duplicates = (
+        r.input_rows,
+        r.clean_rows,
+        r.quarantined_rows,
+        r.duplicate_rows,
+    )
+    rec.quarantine_reasons = r.reasons
+    rec.rows_empty_optional = r.empty_optional
+    rec.rows_out_of_window = r.out_of_window_rows
+    rec.input_fingerprint, rec.input_delta_version, rec.input_files = r.input_fingerprint, r.input_version, r.input_files
+
+
+def _sessionize(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
+    s = sessionize_stage.run(spark, ctx, cfg.sessionize)
+    rec.sessions, rec.users, rec.sessions_quarantined = s.sessions, s.users, s.quarantined_sessions
+
+
+def _train(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
+    t, art = train_stage.run(spark, ctx, cfg.tokenize, cfg.encoder, cfg.run.seed, cfg.embed)
+    rec.encoder_id, rec.encoder_path = t.encoder_id, t.path
+    state["artifact"] = art
+
+
+def _embed(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
+    art = state.get("artifact")
+    if art is None:
+        from seqclust.encoder import load_artifact
+
+        path = cfg.encoder.path or rec.encoder_path
+        if not path:
+            raise InputError(f"run {ctx.run_id}: no encoder yet; run the train stage first or pass --encoder PATH")
+        art = load_artifact(path)
+        rec.encoder_id, rec.encoder_path = art.encoder_id, str(art.path)
+    embed_stage.run(spark, ctx, cfg.embed, art, reused=bool(cfg.encoder.path))
+
+
+def _cluster(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
+    c = cluster_stage.run(spark, ctx, cfg.cluster, cfg.run.seed)
+    rec.k = c.k
+    rec.users = c.users
+    state["k_choice"] = next(
+        ({"rule": c.rule, "uncertain": c.uncertain, "runner_up": c.runner_up, **r} for r in c.sweep if r["k"] == c.k), None
+    )
+
+
+def _evaluate(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
+    art = state.get("artifact")
+    if art is None and rec.encoder_path:
+        from seqclust.encoder import load_artifact
+
+        art = load_artifact(rec.encoder_path)
+    hv = embed_stage.history_vectors(spark, ctx, art, cfg.embed) if art is not None else None
+    e = evaluate_stage.run(
+        spark,
+        ctx,
+        cfg.run.seed,
+        cfg.labels,
+        cfg.cluster,
+        cfg.baseline,
+        salt=cfg.privacy.salt(),
+        evaluate_cfg=cfg.evaluate,
+        history_vectors=hv,
+    )
+    state["metrics"] = e.metrics
+
+
+RUNNERS: dict[str, StageFn] = {
+    "ingest": _ingest,
+    "sessionize": _sessionize,
+    "train": _train,
+    "embed": _embed,
+    "cluster": _cluster,
+    "evaluate": _evaluate,
+}
+if tuple(RUNNERS) != STAGES:  # pragma: no cover - a stage added to one list and not the other
+    raise RuntimeError(f"pipeline.RUNNERS {tuple(RUNNERS)} is not seqclust.stages.STAGES {STAGES}")
 
 
 def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple[str, ...] = STAGES, resume: bool = False) -> RunSummary:
@@ -283,7 +237,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             current = name
             log.info("stage %s: start (run %s)", name, ctx.run_id)
             t0 = time.perf_counter()
-            _stage(name, spark, cfg, ctx, rec, state)
+            RUNNERS[name](spark, cfg, ctx, rec, state)
             rec.stage_seconds = {**rec.stage_seconds, name: round(time.perf_counter() - t0, 3)}
             rec.stages_completed = [s for s in rec.stages_completed if s != name] + [name]
             save_record(spark, ctx, rec)
@@ -295,8 +249,9 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
         rec.finished_at = dt.datetime.now(dt.timezone.utc)
         try:
             save_record(spark, ctx, rec)
-        except Exception:  # the original error matters more than the bookkeeping
-            log.exception("could not record the failure of run %s", ctx.run_id)
+        except Exception as bookkeeping:  # the original error matters more than the bookkeeping
+            log.error("could not record the failure of run %s in the runs table: %s", ctx.run_id, str(bookkeeping).splitlines()[0][:300])
+            log.debug("the bookkeeping error", exc_info=True)
         if isinstance(e, SeqclustError) or not isinstance(e, Exception):
             raise
         raise SeqclustError(f"stage {current} failed: {msg[:500]}") from e
@@ -432,7 +387,7 @@ def format_summary(s: RunSummary) -> str:
     return "\n".join(lines)
 
 
-def _method_table(metrics: dict[str, dict[str, float]], methods: list[str], names, width: int) -> list[str]:
+def _method_table(metrics: dict[str, dict[str, float]], methods: Sequence[str], names, width: int) -> list[str]:
     """A metric per line, one column per method (nan where a method lacks it)."""
     out = [" " * (width + 4) + "".join(f"{m:>14}" for m in methods)]
     for n in names:

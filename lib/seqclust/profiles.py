@@ -10,39 +10,10 @@ from typing import Any
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
+
+from seqclust.tables import CLUSTER_PROFILES
 
 EVENT_TYPES = ("view", "search", "cart", "fav", "purchase", "other")
-
-PROFILE_SCHEMA = T.StructType(
-    [
-        T.StructField("cluster_id", T.IntegerType()),
-        T.StructField("size", T.LongType()),
-        T.StructField("share", T.DoubleType()),
-        T.StructField("sessions_per_user", T.DoubleType()),
-        T.StructField("event_mix", T.MapType(T.StringType(), T.DoubleType())),
-        T.StructField("event_mix_lift", T.MapType(T.StringType(), T.DoubleType())),
-        T.StructField("conversion_rate", T.DoubleType()),
-        T.StructField("median_session_events", T.DoubleType()),
-        T.StructField("median_session_duration_s", T.DoubleType()),
-        T.StructField("median_gap_s", T.DoubleType()),
-        T.StructField("median_price", T.DoubleType()),
-        T.StructField("price_index", T.DoubleType()),
-        T.StructField(
-            "top_categories",
-            T.ArrayType(
-                T.StructType(
-                    [
-                        T.StructField("category", T.StringType()),
-                        T.StructField("share", T.DoubleType()),
-                        T.StructField("lift", T.DoubleType()),
-                    ]
-                )
-            ),
-        ),
-        T.StructField("description", T.StringType()),
-    ]
-)
 
 
 def _describe(p: dict[str, Any], overall_conv: float) -> str:
@@ -68,7 +39,7 @@ def _describe(p: dict[str, Any], overall_conv: float) -> str:
 def cluster_profiles(
     spark: SparkSession, sessions: DataFrame, clusters: DataFrame, top_n: int = 5, sizes: dict[int, int] | None = None
 ) -> DataFrame:
-    """One row per cluster (PROFILE_SCHEMA) from ``sessions`` and ``clusters`` (entity_id, cluster_id).
+    """One row per cluster (CLUSTER_PROFILES) from ``sessions`` and ``clusters`` (entity_id, cluster_id).
 
     ``sizes`` (cluster -> users), when given, are the exact segment sizes and shares, for
     profiles measured on a sample of each segment's users; every other figure is a ratio or
@@ -137,8 +108,8 @@ def _profiles(spark: SparkSession, s: DataFrame, top_n: int, sizes: dict[int, in
         mix.setdefault(r["cluster_id"], {})[r["t"]] = float(r["n"])
     all_mix: dict[str, float] = {}
     for m in mix.values():
-        for t, v in m.items():
-            all_mix[t] = all_mix.get(t, 0.0) + v
+        for t, share in m.items():
+            all_mix[t] = all_mix.get(t, 0.0) + share
     all_total = sum(all_mix.values()) or 1.0
     rows = []
     for r in sorted(per_cluster, key=lambda x: x["cluster_id"]):
@@ -169,4 +140,4 @@ def _profiles(spark: SparkSession, s: DataFrame, top_n: int, sizes: dict[int, in
         }
         p["description"] = _describe(p, overall_conv)
         rows.append(p)
-    return spark.createDataFrame([tuple(p[f.name] for f in PROFILE_SCHEMA.fields) for p in rows], PROFILE_SCHEMA)
+    return spark.createDataFrame([tuple(p[f.name] for f in CLUSTER_PROFILES.fields) for p in rows], CLUSTER_PROFILES)

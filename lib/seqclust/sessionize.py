@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -17,6 +18,8 @@ from pyspark.sql import functions as F
 from seqclust.config import SessionizeConfig
 from seqclust.context import RunContext
 from seqclust.errors import InputError
+from seqclust.io import one_row
+from seqclust.tables import conform
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +176,7 @@ def sessions_and_runaways(events: DataFrame, cfg: SessionizeConfig) -> tuple[Dat
     return _split(_engine_base(events, cfg), cfg)
 
 
-def sessionize(events: DataFrame, cfg: SessionizeConfig | None = None, **overrides: object) -> DataFrame:
+def sessionize(events: DataFrame, cfg: SessionizeConfig | None = None, **overrides: Any) -> DataFrame:
     """Clean events -> sessions (SESSION_COLUMNS), runaway sessions left out.
 
     Args:
@@ -247,17 +250,19 @@ def _run_incremental(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig
         stale = state.join(points, "user_id").where(F.col("root_start_ts") >= F.col("recompute_from")).select("session_id")
         out = sessions.persist(StorageLevel.MEMORY_AND_DISK)
         bots = runaway.persist(StorageLevel.MEMORY_AND_DISK)
-        n_bot, _ = ctx.store.merge_replace(bots, stale, ctx.tables.session_quarantine, ctx.run_id, "session_id")
-        n, n_del = ctx.store.merge_replace(out, stale, ctx.tables.sessions, ctx.run_id, "session_id")
+        n_bot, _ = ctx.store.merge_replace(
+            conform(bots, "session_quarantine"), stale, ctx.tables.session_quarantine, ctx.run_id, "session_id"
+        )
+        n, n_del = ctx.store.merge_replace(conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id")
         log.info("sessionize (incremental): %d sessions written, %d stale sessions removed", n, n_del)
         for df in (out, bots, points):
             df.unpersist()
     finally:
         state.unpersist()
-    stats = (
-        ctx.store.read(spark, ctx.tables.sessions, ctx.run_id)
-        .agg(F.count("*").alias("n"), F.sum(F.col("is_modelled").cast("int")).alias("m"), F.countDistinct("user_id").alias("u"))
-        .first()
+    stats = one_row(
+        ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).agg(
+            F.count("*").alias("n"), F.sum(F.col("is_modelled").cast("int")).alias("m"), F.countDistinct("user_id").alias("u")
+        )
     )
     return SessionizeResult(int(stats["n"]), int(stats["m"] or 0), int(stats["u"]), n_bot)
 
@@ -278,14 +283,14 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig) -> Sessioni
     sessions, runaway = _split(out, cfg)
     try:
         log.info("sessionize: %s engine, gap %.0f min", cfg.engine, cfg.gap_minutes)
-        n_bot = ctx.store.write_run(runaway, ctx.tables.session_quarantine, ctx.run_id)
-        n = ctx.store.write_run(sessions, ctx.tables.sessions, ctx.run_id)
+        n_bot = ctx.write(runaway, "session_quarantine")
+        n = ctx.write(sessions, "sessions")
     finally:
         out.unpersist()
-    stats = (
-        ctx.store.read(spark, ctx.tables.sessions, ctx.run_id)
-        .agg(F.sum(F.col("is_modelled").cast("int")).alias("m"), F.countDistinct("user_id").alias("u"))
-        .first()
+    stats = one_row(
+        ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).agg(
+            F.sum(F.col("is_modelled").cast("int")).alias("m"), F.countDistinct("user_id").alias("u")
+        )
     )
     log.info("sessionize: %d sessions (%d modelled) for %d users; %d runaway sessions quarantined", n, stats["m"] or 0, stats["u"], n_bot)
     return SessionizeResult(n, int(stats["m"] or 0), int(stats["u"]), n_bot)

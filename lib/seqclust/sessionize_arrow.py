@@ -23,36 +23,14 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from seqclust.config import SessionizeConfig
+from seqclust.tables import SESSION_PIECES, arrow_schema
 
 US_PER_MIN = 60_000_000
 US_PER_DAY = 86_400_000_000
 
-OUT_SCHEMA = pa.schema(
-    [
-        ("session_id", pa.string()),
-        ("user_id", pa.string()),
-        ("start_ts", pa.timestamp("us", tz="UTC")),
-        ("end_ts", pa.timestamp("us", tz="UTC")),
-        ("duration_s", pa.float64()),
-        ("n_events", pa.int32()),
-        ("event_counts", pa.map_(pa.string(), pa.int32())),
-        ("event_types", pa.list_(pa.string())),
-        ("categories", pa.list_(pa.string())),
-        ("items", pa.list_(pa.string())),
-        ("prices", pa.list_(pa.float64())),
-        ("gaps_s", pa.list_(pa.float64())),
-        ("tokens", pa.list_(pa.string())),
-        ("is_modelled", pa.bool_()),
-        ("root_start_ts", pa.timestamp("us", tz="UTC")),
-        ("reason", pa.string()),  # null: a session; else the runaway reason (lists left empty)
-    ]
-)
-SPARK_SCHEMA = (
-    "session_id string, user_id string, start_ts timestamp, end_ts timestamp, duration_s double, n_events int, "
-    "event_counts map<string,int>, event_types array<string>, categories array<string>, items array<string>, "
-    "prices array<double>, gaps_s array<double>, tokens array<string>, is_modelled boolean, root_start_ts timestamp, "
-    "reason string"
-)
+# sessions and runaway pieces (``reason`` not null: the runaway reason, lists left empty)
+SPARK_SCHEMA = SESSION_PIECES
+OUT_SCHEMA = arrow_schema(SESSION_PIECES)
 SORT_COLUMNS = ("user_id", "ts", "event_type", "category_id", "item_id", "event_id", "price")
 
 
@@ -232,7 +210,7 @@ def sessionize_arrow(events: DataFrame, cfg: SessionizeConfig, partitions: int |
     """Clean events -> one row per session piece (``OUT_SCHEMA``: sessions and, with a
     ``reason``, runaway sessions). One shuffle (by user), one sort, no per-row Python."""
     spark = events.sparkSession
-    n = partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
+    n = partitions or int(spark.conf.get("spark.sql.shuffle.partitions") or 200)
     ordered = (
         events.select(
             F.col("user_id").cast("string"),

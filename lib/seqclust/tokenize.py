@@ -18,6 +18,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from seqclust.features import DEFAULT_TOKEN_FIELDS, Vocab, compose_tokens, event_parts, input_columns, price_edges_from_ratios
+from seqclust.io import one_row
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def build_vocab(
         .limit(MAX_PRICE_CATEGORIES)
         .collect()
     )
-    global_median = events.agg(F.percentile_approx("p", 0.5, 1000)).first()[0]
+    global_median = one_row(events.agg(F.percentile_approx("p", 0.5, 1000)))[0]
     vocab = Vocab(
         tokens=(),
         categories=tuple(r["c"] for r in cats),

@@ -1,0 +1,124 @@
+"""The package's shape: no import cycles (function-level imports included), every table's
+schema declared once in seqclust.tables and used by its writer."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from seqclust import tables
+from seqclust.config import TablesConfig
+
+PKG = Path(__file__).resolve().parents[1] / "lib" / "seqclust"
+
+
+def _imports(path: Path) -> set[str]:
+    """seqclust modules imported anywhere in ``path`` at run time (``if TYPE_CHECKING:`` blocks
+    are not run)."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            skip |= {id(n) for b in node.body for n in ast.walk(b)}
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "seqclust":
+            if node.module == "seqclust":
+                out |= {a.name for a in node.names if (PKG / f"{a.name}.py").exists()}
+            else:
+                out.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("seqclust.")}
+    return out - {path.stem}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state, stack = [], {}, []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                found.append(stack[stack.index(n) :] + [n])
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    return found
+
+
+def test_the_package_has_no_import_cycles():
+    graph = {p.stem: _imports(p) for p in PKG.glob("*.py")}
+    assert len(graph) > 20 and graph["evaluate"] >= {"downstream", "baseline", "tables"}  # the parser sees function-level imports
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_every_configured_table_has_one_schema():
+    keys = {f.name for f in dataclasses.fields(TablesConfig) if f.name not in ("catalog", "schema")}
+    assert set(tables.TABLES) == keys
+    # the schemas are defined in seqclust.tables and nowhere else in the package
+    for p in PKG.glob("*.py"):
+        if p.name != "tables.py":
+            text = p.read_text()
+            for name in ("RUNS_SCHEMA", "METRICS_SCHEMA", "PROFILE_SCHEMA", "class RunRecord", "class MetricRow"):
+                assert name not in text, (p.name, name)
+
+
+def test_runs_schema_derives_from_the_run_record():
+    fields = [f.name for f in dataclasses.fields(tables.RunRecord)]
+    assert tables.RUNS.fieldNames() == fields
+    types = {f.name: f.dataType.simpleString() for f in tables.RUNS.fields}
+    assert types["k"] == "int" and types["rows_input"] == "bigint" and types["started_at"] == "timestamp"
+    assert types["quarantine_reasons"] == "map<string,bigint>" and types["stages_completed"] == "array<string>"
+    rec = tables.RunRecord(status="succeeded", k=3, stage_seconds={"ingest": 1.5})
+    assert tables.RunRecord.from_row(dict(zip(fields, rec.row()))) == rec
+
+
+def test_the_sessionizer_arrow_schema_derives_from_the_sessions_table():
+    from seqclust.sessionize_arrow import OUT_SCHEMA
+
+    assert OUT_SCHEMA.names == [*tables.SESSIONS.fieldNames(), "reason"]
+    assert str(OUT_SCHEMA.field("start_ts").type) == "timestamp[us, tz=UTC]"
+    assert str(OUT_SCHEMA.field("event_counts").type) == "map<string, int32>"
+
+
+def test_a_metric_row_is_typed():
+    r = tables.MetricRow(method="encoder", family="internal", metric="silhouette", value=float("nan"), details={"b": 1, "a": 2})
+    assert r.row() == ("encoder", "user", None, "internal", "silhouette", None, None, None, '{"a": 2, "b": 1}')
+    assert r.with_k(4).k == 4
+    with pytest.raises(TypeError, match="details must be a mapping"):
+        tables.MetricRow(method="encoder", family="internal", metric="m", value=1.0, details='{"a": 1}')
+    with pytest.raises(TypeError, match="family must be a non-empty string"):
+        tables.MetricRow(method="encoder", family="", metric="m", value=1.0)
+    with pytest.raises(TypeError, match="rows are MetricRow, not dict"):
+        tables.metric_rows_frame(None, [{"method": "encoder"}], ["internal"])
+    with pytest.raises(ValueError, match="family internal written with families"):
+        tables.metric_rows_frame(None, [r], ["sweep"])
+
+
+def test_conform_names_what_breaks_the_contract(spark):
+    from seqclust.errors import SeqclustError
+
+    good = spark.createDataFrame([(1, "fine", [0.5], 3)], "cluster_id int, method string, centroid array<double>, size bigint")
+    out = tables.conform(good.select("size", "centroid", "method", "cluster_id"), "centroids")
+    assert out.columns == ["cluster_id", "method", "centroid", "size"]
+    bad = good.withColumn("size", good["size"].cast("double")).withColumn("extra", good["method"]).drop("method")
+    with pytest.raises(SeqclustError) as e:
+        tables.conform(bad, "centroids")
+    msg = str(e.value)
+    assert "table centroids" in msg and "method missing" in msg and "extra not in the contract" in msg
+    assert "size is double, the contract says bigint" in msg
