@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from seqclust import tables
 from seqclust.cli import main
 from seqclust.datagen import write_dataset
 
@@ -111,6 +112,8 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, e2e_out, capsys):
     for table, cols in CONTRACT.items():
         df = spark.read.format("delta").load(str(out / table))
         assert cols <= set(df.columns), (table, cols - set(df.columns))
+        # and the types as seqclust.tables declares them (conform raises naming any difference)
+        assert tables.conform(df, table).columns[:-1] == tables.TABLES[table].schema.fieldNames(), table
         # a real Delta table: another Delta reader agrees on the row count
         assert DeltaTable(str(out / table)).to_pyarrow_table().num_rows == df.count(), table
     for t in ("sessions", "embeddings", "clusters", "metrics", "runs", "events", "quarantine"):

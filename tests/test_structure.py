@@ -122,3 +122,13 @@ def test_conform_names_what_breaks_the_contract(spark):
     msg = str(e.value)
     assert "table centroids" in msg and "method missing" in msg and "extra not in the contract" in msg
     assert "size is double, the contract says bigint" in msg
+
+
+def test_long_functions_say_why():
+    long = []
+    for p in sorted(PKG.glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                if "Long on purpose" not in (ast.get_docstring(node) or ""):
+                    long.append(f"{p.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == [], "functions over 80 lines whose docstring does not say why: " + ", ".join(long)

@@ -401,9 +401,12 @@ class RunConfig:
     output: str = "out"
     run_id: str | None = None
     seed: int = 42
+    # a run id is run by one process at a time; a lease not renewed for this long is free
+    lease_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check(bool(self.output), "output", "must not be empty")
+        _check(self.lease_timeout_s >= 10, "lease_timeout_s", "must be >= 10 seconds")
         if self.run_id is not None:
             validate_run_id(self.run_id)
 

@@ -97,6 +97,10 @@ def generate_events(users: int, seed: int = 7, bad_rate: float = 0.0) -> tuple[p
 
     Returns:
         (events table, personas table, counts of injected problems).
+
+    Long on purpose: one vectorised simulation whose steps share arrays and draw from one
+    random stream in a fixed order (split into functions, the order of draws, and so every
+    generated dataset and every figure measured on one, would be easy to change by accident).
     """
     if users < 1:
         raise ValueError("users must be >= 1")

@@ -482,6 +482,10 @@ def evaluate_downstream(
         random_shares: cluster size shares of the random baseline (the encoder's).
         baseline_assign: history sessions -> ``(user_id, cluster_id)`` of the bag-of-events
             baseline fitted on history only (its rows get method ``bag_of_events``).
+
+    Long on purpose: the history split, the per-method assignments and the per-field lists
+    are persisted once and shared by every method and strategy; the body is the loop over
+    them and the unpersisting, which reads best in one place.
     """
     history, target = split_history(sessions)
     history = history.persist(StorageLevel.MEMORY_AND_DISK)

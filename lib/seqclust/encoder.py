@@ -331,6 +331,10 @@ def train(
 ) -> tuple[dict[str, Any], list[np.ndarray], dict[str, Any]]:
     """Train the encoder self-supervised on featurised sessions.
 
+    Long on purpose: seeding, the validation split, the model, the objective's targets, the
+    training loop with early stopping and the history it returns must happen in this order
+    for a seeded run to be reproducible; each piece is a few lines.
+
     Objectives:
         ``bag_reconstruction``: from a view of the session with random positions masked,
         predict the session's full distribution of tokens, event types, pace buckets and price

@@ -85,7 +85,9 @@ def _drift_rows(
     keep: Callable[[DataFrame, str], DataFrame] | None = None,
 ) -> list[MetricRow]:
     """Drift against the model run (``cluster.model_run``) or else the latest earlier
-    succeeded run of the same input; [] when there is none.
+    succeeded run of the same input; [] when there is none. (Long on purpose: finding the
+    previous run and measuring three methods against it share persisted tables that must be
+    released on every path.)
 
     Beside the encoder's drift, two references: ``random`` (each run's users drawn at random
     into clusters of that run's sizes, matched by user overlap: what "users changed segment"

@@ -214,6 +214,10 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
     In incremental mode (``ctx.since``/``ctx.until``) only rows whose timestamp falls in the
     window count (the rest are counted as outside it); clean events are MERGEd into the run
     id's ``events`` (an event already there is a duplicate), tagged with ``window_start``.
+
+    Long on purpose: read, validate, write and reconcile are one accounting; keeping them in
+    one function keeps every count that ``input = clean + quarantined + duplicates`` checks
+    in sight of the code that produces it.
     """
     if not ctx.input_path:
         raise InputError("no input: pass --input PATH (or run without it for the generated demo data)")

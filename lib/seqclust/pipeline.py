@@ -24,6 +24,7 @@ from seqclust import cluster as cluster_stage
 from seqclust import embed as embed_stage
 from seqclust import evaluate as evaluate_stage
 from seqclust import ingest as ingest_stage
+from seqclust import lease
 from seqclust import sessionize as sessionize_stage
 from seqclust import train as train_stage
 from seqclust.config import PipelineConfig
@@ -229,9 +230,11 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
     rec.window_since, rec.window_until = ctx.since, ctx.until
     rec.input_path = ctx.input_path or rec.input_path
     rec.labels_path = ctx.labels_path or rec.labels_path
-    save_record(spark, ctx, rec)
+    me = lease.new_owner()
+    lease.acquire(spark, ctx, rec, previous, me, cfg.run.lease_timeout_s)  # writes rec; refuses a second live process
     state: dict[str, Any] = {}
     current = None
+    heartbeat = lease.Heartbeat(spark, ctx, me, cfg.run.lease_timeout_s / 5).__enter__()
     try:
         for name in stages:
             current = name
@@ -243,7 +246,8 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             save_record(spark, ctx, rec)
             log.info("stage %s: done in %.1fs", name, rec.stage_seconds[name])
     except BaseException as e:
-        rec.status = "failed"
+        heartbeat.__exit__()
+        rec.status, rec.lease_owner = "failed", None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         rec.error = f"{current}: {msg}"[:2000]
         rec.finished_at = dt.datetime.now(dt.timezone.utc)
@@ -255,7 +259,9 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
         if isinstance(e, SeqclustError) or not isinstance(e, Exception):
             raise
         raise SeqclustError(f"stage {current} failed: {msg[:500]}") from e
+    heartbeat.__exit__()
     rec.status = "succeeded" if set(STAGES) <= set(rec.stages_completed) else "running"
+    rec.lease_owner = None  # released: the next stage's process (or a rerun) may take it
     rec.finished_at = dt.datetime.now(dt.timezone.utc)
     save_record(spark, ctx, rec)
     report = None

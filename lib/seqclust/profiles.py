@@ -59,6 +59,8 @@ def cluster_profiles(
 
 
 def _profiles(spark: SparkSession, s: DataFrame, top_n: int, sizes: dict[int, int] | None) -> DataFrame:
+    """One row per cluster from per-cluster aggregates (a handful of small Spark jobs, k rows
+    each). Long on purpose: the aggregates and the lifts computed from them are one table."""
     per_cluster = (
         s.groupBy("cluster_id")
         .agg(

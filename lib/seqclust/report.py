@@ -110,7 +110,8 @@ def _charts(out: Path, sweep: dict[int, dict[str, Any]], profiles: list[dict[str
 
 
 def write_report(spark: SparkSession, ctx: RunContext) -> Path:
-    """Write the run's report; return its path."""
+    """Write the run's report; return its path. (Long on purpose: one HTML page assembled in
+    reading order from the tables' rows; each section is a few lines.)"""
     out = ctx.run_dir
     out.mkdir(parents=True, exist_ok=True)
     rec = ctx.store.read(spark, ctx.tables.runs, ctx.run_id).first() if ctx.store.exists(ctx.tables.runs) else None

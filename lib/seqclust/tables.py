@@ -178,6 +178,9 @@ class RunRecord:
     stages_completed: list[str] = field(default_factory=list)
     report_path: str | None = None
     mlflow_run_id: str | None = None
+    # the process running the run (host:pid:token) and its last heartbeat (seqclust.lease)
+    lease_owner: str | None = None
+    lease_heartbeat: dt.datetime | None = None
 
     def row(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))

@@ -1,0 +1,114 @@
+"""One process per run id (#21): the second start of a live run id is refused with one line;
+a lease whose owner is gone (dead process here, or no heartbeat for run.lease_timeout_s) is
+taken over; two processes taking the same lease at once: exactly one wins."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from seqclust import lease
+from seqclust.tables import RunRecord
+
+REPO = Path(__file__).resolve().parents[1]
+NOW = dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_who_holds_a_lease():
+    me = lease.new_owner()
+    host = me.split(":")[0]
+    live_remote = RunRecord(status="running", lease_owner="elsewhere.example:77:abcd1234", lease_heartbeat=NOW - dt.timedelta(seconds=30))
+    assert "elsewhere.example:77:abcd1234 (last heartbeat 30 s ago)" == lease.holder(live_remote, me, 300, NOW)
+    assert lease.holder(None, me, 300, NOW) is None
+    assert lease.holder(RunRecord(status="failed", lease_owner="elsewhere.example:77:x", lease_heartbeat=NOW), me, 300, NOW) is None
+    stale = RunRecord(status="running", lease_owner="elsewhere.example:77:x", lease_heartbeat=NOW - dt.timedelta(seconds=301))
+    assert lease.holder(stale, me, 300, NOW) is None
+    dead_here = RunRecord(status="running", lease_owner=f"{host}:{_dead_pid()}:x", lease_heartbeat=NOW)
+    assert lease.holder(dead_here, me, 300, NOW) is None  # SIGKILLed on this machine: resume at once
+    import os
+
+    live_here = RunRecord(status="running", lease_owner=f"{host}:{os.getppid()}:x", lease_heartbeat=NOW)
+    assert lease.holder(live_here, me, 300, NOW) is not None
+    assert lease.holder(RunRecord(status="running", lease_owner=me, lease_heartbeat=NOW), me, 300, NOW) is None
+
+
+def test_a_second_start_of_a_live_run_id_is_refused_and_a_stale_lease_taken_over(spark, tmp_path, capsys):
+    from seqclust.cli import main
+    from seqclust.config import TablesConfig
+    from seqclust.context import RunContext
+    from seqclust.io import TableStore
+    from seqclust.pipeline import load_record, save_record
+
+    src = tmp_path / "ev.csv"
+    src.write_text("user_id,ts,event_type\nu1,2026-10-01T10:00:00Z,view\nu2,2026-10-01T10:01:00Z,view\n")
+    out = tmp_path / "out"
+    args = ["ingest", "--run-id", "busy", "--conf", str(REPO / "conf" / "local.yaml"), "--input", str(src), "--output", str(out)]
+    ctx = RunContext(run_id="busy", store=TableStore(str(out)), tables=TablesConfig(), started_at=NOW)
+    now = dt.datetime.now(dt.timezone.utc)
+    save_record(spark, ctx, RunRecord(status="running", lease_owner="elsewhere.example:77:abcd1234", lease_heartbeat=now))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("seqclust: error: run busy is already running in elsewhere.example:77:abcd1234 (last heartbeat")
+    assert load_record(spark, ctx).lease_owner == "elsewhere.example:77:abcd1234"  # untouched
+    # the other process stopped renewing it long ago: taken over, the stage runs, the lease is released
+    save_record(
+        spark, ctx, RunRecord(status="running", lease_owner="elsewhere.example:77:abcd1234", lease_heartbeat=now - dt.timedelta(hours=1))
+    )
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    rec = load_record(spark, ctx)
+    assert rec.lease_owner is None and rec.rows_clean == 2 and "ingest" in rec.stages_completed
+
+
+def test_two_processes_taking_one_lease_at_once_one_wins(spark, tmp_path):
+    from seqclust.config import TablesConfig
+    from seqclust.context import RunContext
+    from seqclust.errors import SeqclustError
+    from seqclust.io import TableStore
+
+    for attempt in range(3):  # the race is not certain every time: three fresh folders
+        ctx = RunContext(run_id="twice", store=TableStore(str(tmp_path / f"out{attempt}")), tables=TablesConfig(), started_at=NOW)
+        barrier = threading.Barrier(2)
+        won: list[str] = []
+        refused: list[str] = []
+        other: list[BaseException] = []
+
+        def start(me: str, ctx=ctx, barrier=barrier, won=won, refused=refused, other=other) -> None:
+            try:
+                barrier.wait()
+                lease.acquire(spark, ctx, RunRecord(status="running"), None, me, 300)
+                won.append(me)
+            except SeqclustError as e:
+                refused.append(str(e))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                other.append(e)
+
+        threads = [threading.Thread(target=start, args=(f"host.example:{i}:t{attempt}",)) for i in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not other, other
+        assert len(won) == 1 and len(refused) == 1, (won, refused)
+        assert "run twice is already running in" in refused[0]
+        row = ctx.store.read(spark, "runs", "twice").collect()
+        assert len(row) == 1 and row[0]["lease_owner"] == won[0]
+
+
+@pytest.mark.parametrize("timeout", [5, -1])
+def test_lease_timeout_is_checked(timeout):
+    from seqclust.config import load_config
+    from seqclust.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="run.lease_timeout_s: must be >= 10 seconds"):
+        load_config(REPO / "conf" / "local.yaml", overrides=[f"run.lease_timeout_s={timeout}"])
