@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# the leases runs of this process hold now: an owner with this host and pid that is not here
+# belongs to an earlier run of this process that ended without recording it (a notebook that
+# reruns after a failure whose bookkeeping could not be written)
+_HELD: set[str] = set()
+
 
 def new_owner() -> str:
     """``host:pid:token`` of this process (SQL-safe characters only)."""
@@ -49,6 +54,8 @@ def _alive_here(owner: str) -> bool | None:
     parts = owner.split(":")
     if len(parts) != 3 or parts[0] != new_owner().split(":")[0] or not parts[1].isdigit():
         return None
+    if int(parts[1]) == os.getpid():
+        return owner in _HELD
     try:
         os.kill(int(parts[1]), 0)
     except ProcessLookupError:
@@ -120,7 +127,13 @@ def acquire(spark: SparkSession, ctx: RunContext, rec: RunRecord, prev: RunRecor
     if row is None or row["lease_owner"] != me:
         other = row["lease_owner"] if row is not None else "another process"
         raise SeqclustError(_refusal(ctx.run_id, f"{other} (it took the lease at the same moment)", timeout_s))
+    _HELD.add(me)
     log.info("run lease: run %s held by %s", ctx.run_id, me)
+
+
+def forget(me: str) -> None:
+    """This process no longer runs under ``me`` (the run ended, recorded or not)."""
+    _HELD.discard(me)
 
 
 def _refusal(run_id: str, held: str, timeout_s: float) -> str:

@@ -247,6 +247,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             log.info("stage %s: done in %.1fs", name, rec.stage_seconds[name])
     except BaseException as e:
         heartbeat.__exit__()
+        lease.forget(me)
         rec.status, rec.lease_owner = "failed", None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         rec.error = f"{current}: {msg}"[:2000]
@@ -260,6 +261,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             raise
         raise SeqclustError(f"stage {current} failed: {msg[:500]}") from e
     heartbeat.__exit__()
+    lease.forget(me)
     rec.status = "succeeded" if set(STAGES) <= set(rec.stages_completed) else "running"
     rec.lease_owner = None  # released: the next stage's process (or a rerun) may take it
     rec.finished_at = dt.datetime.now(dt.timezone.utc)
