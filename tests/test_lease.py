@@ -115,3 +115,21 @@ def test_lease_timeout_is_checked(timeout):
 
     with pytest.raises(ConfigError, match="run.lease_timeout_s: must be >= 10 seconds"):
         load_config(REPO / "conf" / "local.yaml", overrides=[f"run.lease_timeout_s={timeout}"])
+
+
+def test_a_runs_table_of_an_older_version_gets_the_lease_columns(spark, tmp_path):
+    """A runs table written before the lease existed: the lease's MERGE adds its columns first."""
+    from seqclust.config import TablesConfig
+    from seqclust.context import RunContext
+    from seqclust.io import TableStore
+    from seqclust.tables import RUNS
+
+    old = [f for f in RUNS.fields if f.name not in ("lease_owner", "lease_heartbeat", "rows_empty_optional")]
+    from pyspark.sql import types as T
+
+    store = TableStore(str(tmp_path / "out"))
+    store.write_run(spark.createDataFrame([("succeeded",) + (None,) * (len(old) - 1)], T.StructType(old)), "runs", "older", count=False)
+    ctx = RunContext(run_id="newer", store=store, tables=TablesConfig(), started_at=NOW)
+    lease.acquire(spark, ctx, RunRecord(status="running"), None, "host.example:1:new", 300)
+    rows = {r["run_id"]: r for r in store.read(spark, "runs").collect()}
+    assert rows["newer"]["lease_owner"] == "host.example:1:new" and rows["older"]["status"] == "succeeded"

@@ -106,6 +106,7 @@ def acquire(spark: SparkSession, ctx: RunContext, rec: RunRecord, prev: RunRecor
     if not ctx.store.exists(ctx.tables.runs):  # MERGE needs a table: create it empty (concurrent creators retry)
         ctx.write(spark.createDataFrame([], RUNS), "runs", count=False)
     path = ctx.store.path(ctx.tables.runs)
+    _add_missing_columns(spark, ctx, path)
     src = spark.createDataFrame([rec.row()], RUNS).withColumn("run_id", F.lit(ctx.run_id))
     same = "t.lease_owner IS NULL" if seen is None else f"t.lease_owner = '{seen}'"
 
@@ -134,6 +135,27 @@ def acquire(spark: SparkSession, ctx: RunContext, rec: RunRecord, prev: RunRecor
 def forget(me: str) -> None:
     """This process no longer runs under ``me`` (the run ended, recorded or not)."""
     _HELD.discard(me)
+
+
+def _add_missing_columns(spark: SparkSession, ctx: RunContext, path: str) -> None:
+    """A ``runs`` table written by an older seqclust lacks the newer columns (the lease's among
+    them); MERGE does not add them, so add them first (ALTER TABLE ... ADD COLUMNS; a
+    concurrent upgrader's commit is retried and then finds nothing to add)."""
+    from seqclust.tables import RUNS
+
+    def add() -> None:
+        have = set(ctx.store.read(spark, ctx.tables.runs).columns)
+        missing = [f for f in RUNS.fields if f.name not in have]
+        if not missing:
+            return
+        if "`" in path:
+            raise SeqclustError(f"table {ctx.tables.runs} at {path}: a backquote in the path cannot be quoted in SQL; move run.output")
+        target = path if ctx.store.in_metastore else f"delta.`{path}`"
+        cols = ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in missing)
+        log.info("table %s: adding the columns %s (written by an older seqclust)", ctx.tables.runs, ", ".join(f.name for f in missing))
+        spark.sql(f"ALTER TABLE {target} ADD COLUMNS ({cols})")
+
+    retry_conflicts(add, f"table {ctx.tables.runs}, new columns")
 
 
 def _refusal(run_id: str, held: str, timeout_s: float) -> str:
