@@ -247,3 +247,29 @@ def test_return_within_n_days_against_a_python_oracle(spark):
     # a log shorter than two windows is skipped, not mis-measured
     short = sessions.where(F.col("start_ts") < F.lit(t0 + dt.timedelta(days=10)))
     assert return_rows(short, _mean_vectors, centroids, [1 / 3] * 3, seed=3, days=7) == []
+
+
+def test_fine_segments_are_assigned_in_the_same_pass_and_scored_like_the_personas(spark):
+    """With the same centres as fine segments, method ``fine`` must read exactly what method
+    ``encoder`` reads (both are now assigned in one pass over the history vectors)."""
+    from seqclust.downstream import evaluate_downstream
+
+    rng = np.random.default_rng(8)
+    centroids = [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]
+    rows = []
+    for i in range(90):
+        home = i % 3
+        for j in range(3):
+            v = [centroids[home][0] + rng.normal(), centroids[home][1] + rng.normal()]
+            rows.append((f"u{i}", f"u{i}-{j}", T0 + dt.timedelta(days=j), v, [f"c{home}{int(rng.integers(0, 4))}"], {"view": 1}))
+    sessions = spark.createDataFrame(
+        rows,
+        "user_id string, session_id string, start_ts timestamp, v array<double>, categories array<string>, event_counts map<string,int>",
+    )
+    out = evaluate_downstream(
+        sessions, vectors, centroids, [1 / 3] * 3, seed=1, fields=("categories",), replicates=20, fine_centroids=centroids
+    )
+    by = {(r.method, r.metric): r.value for r in out}
+    fine = {m: v for (meth, m), v in by.items() if meth == "fine"}
+    assert fine and all(by[("encoder", m)] == v for m, v in fine.items())
+    assert by[("encoder", "hitrate@10_categories_cluster")] > by[("random", "hitrate@10_categories_cluster")]

@@ -490,19 +490,25 @@ def evaluate_downstream(
     history, target = split_history(sessions)
     history = history.persist(StorageLevel.MEMORY_AND_DISK)
     rows: list[MetricRow] = []
+    both: DataFrame | None = None
     try:
+        # the history vectors (session vectors pooled, behaviour tokens counted) are computed
+        # once: both centroid sets are assigned in the same pass
         users = history_vectors(history).withColumnRenamed("entity_id", "user_id")
-        enc = nearest_centroid(users, centroids).select("user_id", "cluster_id").persist(StorageLevel.MEMORY_AND_DISK)
-        n_users = enc.count()
+        both = nearest_centroid(users, centroids).withColumnRenamed("cluster_id", "_enc")
+        if fine_centroids:
+            both = nearest_centroid(both, fine_centroids).withColumnRenamed("cluster_id", "_fine")
+        both = both.drop("embedding").persist(StorageLevel.MEMORY_AND_DISK)
+        n_users = both.count()
         if n_users == 0:
             log.warning("downstream: no user has two sessions; skipped")
             return []
+        enc = both.select("user_id", F.col("_enc").alias("cluster_id"))
         rnd = random_assignment(enc.select("user_id"), random_shares, seed, out_col="cluster_id", key="user_id")
         methods = [("encoder", enc), ("random", rnd)]
         log.info("downstream: %d users with history assigned to the encoder's segments", n_users)
         if fine_centroids:
-            fine = nearest_centroid(users, fine_centroids).select("user_id", "cluster_id").persist(StorageLevel.MEMORY_AND_DISK)
-            methods.append(("fine", fine))
+            methods.append(("fine", both.select("user_id", F.col("_fine").alias("cluster_id"))))
         if baseline_assign is not None:
             boe = baseline_assign(history).persist(StorageLevel.MEMORY_AND_DISK)
             methods.append(("bag_of_events", boe))
@@ -553,5 +559,7 @@ def evaluate_downstream(
         for _, a in methods:
             a.unpersist()
     finally:
-        history.unpersist()
+        for df in (both, history):
+            if df is not None:
+                df.unpersist()
     return rows

@@ -23,7 +23,7 @@ from seqclust.compat import try_cast
 from seqclust.config import SourceConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError, ReconciliationError
-from seqclust.io import CORRUPT_COL, FILE_COL, read_failure, read_source, source_fingerprint
+from seqclust.io import CORRUPT_COL, FILE_COL, mapped_columns, read_failure, read_source, source_fingerprint
 from seqclust.privacy import pseudonym, redacted
 from seqclust.tables import conform
 
@@ -142,8 +142,7 @@ def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "
 
     # text that did not decode (latin-1 bytes read as UTF-8, say) arrives as U+FFFD: a value
     # that is no longer the source's, quarantined instead of kept mangled
-    mapped = [getattr(c, x) for x in ("event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price")]
-    undecoded = F.concat_ws("", *[opt(x).cast("string") for x in dict.fromkeys(m for m in mapped if m)]).contains("\ufffd")
+    undecoded = F.concat_ws("", *[opt(x).cast("string") for x in mapped_columns(cfg)]).contains("\ufffd")
     reason = (
         F.when(corrupt, "malformed")
         .when(undecoded, "bad_encoding")

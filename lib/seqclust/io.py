@@ -138,7 +138,7 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
         elif fmt == "csv":
             df = _read_csv(spark, path, cfg, glob)
         elif fmt == "json":
-            wanted = [c for c in _mapped_columns(cfg)]
+            wanted = [c for c in mapped_columns(cfg)]
             schema = T.StructType([T.StructField(n, T.StringType()) for n in wanted] + [T.StructField(CORRUPT_COL, T.StringType())])
             df = (
                 spark.read.options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL, encoding=cfg.encoding, **glob)
@@ -307,7 +307,8 @@ def source_fingerprint(spark: SparkSession, df: DataFrame, path: str, fmt: str) 
     return h.hexdigest()[:32], version, len(files)
 
 
-def _mapped_columns(cfg: SourceConfig) -> list[str]:
+def mapped_columns(cfg: SourceConfig) -> list[str]:
+    """The source columns the mapping reads, each once, in canonical field order."""
     cols = cfg.columns
     out = []
     for name in ("event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price"):
@@ -363,7 +364,7 @@ class TableStore:
             spark = SparkSession.builder.getOrCreate()
         return spark
 
-    def _delta(self, spark: SparkSession, name: str):  # -> delta.tables.DeltaTable
+    def delta_table(self, spark: SparkSession, name: str):  # -> delta.tables.DeltaTable
         from delta.tables import DeltaTable
 
         if self.in_metastore:
@@ -468,7 +469,7 @@ class TableStore:
         src = df.withColumn("run_id", F.lit(run_id))
         try:
             (
-                self._delta(spark, name)
+                self.delta_table(spark, name)
                 .alias("t")
                 .merge(src.alias("s"), f"t.run_id = '{run_id}' AND {target_key} = {source_key}")
                 .whenNotMatchedInsertAll()
@@ -498,7 +499,7 @@ class TableStore:
         log.info("table %s: merging recomputed rows into run %s", name, run_id)
         try:
             (
-                self._delta(spark, name)
+                self.delta_table(spark, name)
                 .alias("t")
                 .merge(src.alias("s"), f"t.run_id = '{run_id}' AND t.`{key}` = s.`{key}`")
                 .whenMatchedDelete(condition="s._op = 'delete'")
@@ -517,7 +518,7 @@ class TableStore:
     def _merge_metrics(self, name: str, before: int) -> dict[str, str]:
         """The operation metrics of the newest MERGE commit after version ``before``."""
         row = (
-            self._delta(self._spark(), name)
+            self.delta_table(self._spark(), name)
             .history()
             .where((F.col("version") > before) & (F.col("operation") == "MERGE"))
             .orderBy(F.desc("version"))
@@ -529,7 +530,7 @@ class TableStore:
     def _version(self, name: str) -> int:
         if not self.exists(name):
             return -1
-        row = self._delta(self._spark(), name).history(1).select("version").first()
+        row = self.delta_table(self._spark(), name).history(1).select("version").first()
         return int(row["version"]) if row else -1
 
     def _rows_written(self, name: str, before: int, predicate: str) -> int:
@@ -537,7 +538,7 @@ class TableStore:
         concurrent writer's commit is not mistaken for ours. 0 when Delta made no commit (an
         empty write into a partition that did not exist changes nothing)."""
         ours = (
-            self._delta(self._spark(), name)
+            self.delta_table(self._spark(), name)
             .history()
             .where(F.col("version") > before)
             .where(F.col("operationParameters")["predicate"] == predicate)

@@ -93,8 +93,6 @@ def acquire(spark: SparkSession, ctx: RunContext, rec: RunRecord, prev: RunRecor
     """Take the lease of ``ctx.run_id`` for ``me`` and write ``rec`` (with the lease) as the
     run's row, atomically against another process doing the same; SeqclustError when another
     live process holds it."""
-    from delta.tables import DeltaTable
-
     from seqclust.tables import RUNS
 
     now = dt.datetime.now(dt.timezone.utc)
@@ -111,9 +109,9 @@ def acquire(spark: SparkSession, ctx: RunContext, rec: RunRecord, prev: RunRecor
     same = "t.lease_owner IS NULL" if seen is None else f"t.lease_owner = '{seen}'"
 
     def merge() -> None:
-        table = DeltaTable.forName(spark, path) if ctx.store.in_metastore else DeltaTable.forPath(spark, path)
         (
-            table.alias("t")
+            ctx.store.delta_table(spark, ctx.tables.runs)
+            .alias("t")
             .merge(src.alias("s"), f"t.run_id = '{ctx.run_id}'")
             .whenMatchedUpdateAll(condition=f"({same}) OR t.lease_owner = '{me}'")
             .whenNotMatchedInsertAll()
@@ -166,28 +164,28 @@ def _refusal(run_id: str, held: str, timeout_s: float) -> str:
 
 
 class Heartbeat:
-    """Renews ``me``'s lease every ``every_s`` seconds until stopped (a daemon thread)."""
+    """Renews ``me``'s lease every ``every_s`` seconds from a daemon thread, from ``start``
+    until ``stop`` (which also tells this process it no longer holds the lease)."""
 
     def __init__(self, spark: SparkSession, ctx: RunContext, me: str, every_s: float) -> None:
         self.spark, self.ctx, self.me, self.every_s = spark, ctx, me, every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"seqclust-lease-{ctx.run_id}", daemon=True)
 
-    def __enter__(self) -> Heartbeat:
+    def start(self) -> Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """Idempotent: the run ended, recorded or not."""
         self._stop.set()
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+        forget(self.me)
 
     def beat(self) -> None:
-        from delta.tables import DeltaTable
-
-        path = self.ctx.store.path(self.ctx.tables.runs)
-        table = DeltaTable.forName(self.spark, path) if self.ctx.store.in_metastore else DeltaTable.forPath(self.spark, path)
         now = dt.datetime.now(dt.timezone.utc)
-        table.update(
+        self.ctx.store.delta_table(self.spark, self.ctx.tables.runs).update(
             condition=f"run_id = '{self.ctx.run_id}' AND lease_owner = '{self.me}'",
             set={"lease_heartbeat": F.lit(now).cast("timestamp")},
         )

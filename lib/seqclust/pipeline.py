@@ -234,7 +234,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
     lease.acquire(spark, ctx, rec, previous, me, cfg.run.lease_timeout_s)  # writes rec; refuses a second live process
     state: dict[str, Any] = {}
     current = None
-    heartbeat = lease.Heartbeat(spark, ctx, me, cfg.run.lease_timeout_s / 5).__enter__()
+    heartbeat = lease.Heartbeat(spark, ctx, me, cfg.run.lease_timeout_s / 5).start()
     try:
         for name in stages:
             current = name
@@ -246,8 +246,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             save_record(spark, ctx, rec)
             log.info("stage %s: done in %.1fs", name, rec.stage_seconds[name])
     except BaseException as e:
-        heartbeat.__exit__()
-        lease.forget(me)
+        heartbeat.stop()
         rec.status, rec.lease_owner = "failed", None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         rec.error = f"{current}: {msg}"[:2000]
@@ -260,8 +259,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
         if isinstance(e, SeqclustError) or not isinstance(e, Exception):
             raise
         raise SeqclustError(f"stage {current} failed: {msg[:500]}") from e
-    heartbeat.__exit__()
-    lease.forget(me)
+    heartbeat.stop()
     rec.status = "succeeded" if set(STAGES) <= set(rec.stages_completed) else "running"
     rec.lease_owner = None  # released: the next stage's process (or a rerun) may take it
     rec.finished_at = dt.datetime.now(dt.timezone.utc)
