@@ -267,7 +267,7 @@ def test_fine_segments_are_assigned_in_the_same_pass_and_scored_like_the_persona
         "user_id string, session_id string, start_ts timestamp, v array<double>, categories array<string>, event_counts map<string,int>",
     )
     out = evaluate_downstream(
-        sessions, vectors, centroids, [1 / 3] * 3, seed=1, fields=("categories",), replicates=20, fine_centroids=centroids
+        sessions, _mean_vectors, centroids, [1 / 3] * 3, seed=1, fields=("categories",), replicates=20, fine_centroids=centroids
     )
     by = {(r.method, r.metric): r.value for r in out}
     fine = {m: v for (meth, m), v in by.items() if meth == "fine"}
