@@ -133,3 +133,24 @@ def test_a_runs_table_of_an_older_version_gets_the_lease_columns(spark, tmp_path
     lease.acquire(spark, ctx, RunRecord(status="running"), None, "host.example:1:new", 300)
     rows = {r["run_id"]: r for r in store.read(spark, "runs").collect()}
     assert rows["newer"]["lease_owner"] == "host.example:1:new" and rows["older"]["status"] == "succeeded"
+
+
+def test_creating_the_runs_table_never_replaces_a_row_committed_meanwhile(spark, tmp_path):
+    """The race the two-process test once lost: the second creator's retried create had
+    replaced the run's rows, wiping the lease the first had just committed. Creating is now an
+    append of nothing."""
+    from pyspark.sql import functions as F
+
+    from seqclust.io import TableStore
+    from seqclust.tables import RUNS
+
+    store = TableStore(str(tmp_path / "out"))
+    empty = spark.createDataFrame([], RUNS).withColumn("run_id", F.lit(None).cast("string"))
+    store.create_if_absent(empty, "runs")
+    store.create_if_absent(empty, "runs")  # idempotent
+    assert store.read(spark, "runs").count() == 0
+    row = spark.createDataFrame([RunRecord(status="running", lease_owner="h:1:t").row()], RUNS)
+    store.write_run(row, "runs", "twice", count=False)
+    store.create_if_absent(empty, "runs")  # a late creator
+    got = store.read(spark, "runs", "twice").collect()
+    assert [r["lease_owner"] for r in got] == ["h:1:t"]

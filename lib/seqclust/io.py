@@ -327,6 +327,23 @@ def _required_columns(cfg: SourceConfig) -> list[str]:
 # Tables
 
 
+def _write_error(name: str, path: str, e: BaseException) -> SeqclustError:
+    """One line for a failed write: not writable, volume full, or Spark's own first line."""
+    line = spark_error_line(e)
+    full = f"{line} {e}"
+    if any(
+        t in full
+        for t in ("Permission denied", "AccessDenied", "Mkdirs failed", "Not a directory", "ParentNotDirectory", "Read-only file system")
+    ):
+        return SeqclustError(f"table {name} at {path}: output path is not writable ({line[:200]})")
+    if "No space left on device" in full or "Disk quota exceeded" in full:
+        return SeqclustError(
+            f"table {name} at {path}: the output volume is full (No space left on device); nothing was committed, "
+            "free space and run the same command again"
+        )
+    return SeqclustError(f"table {name} at {path}: write failed ({line[:300]})")
+
+
 @dataclass(frozen=True)
 class TableStore:
     """Delta tables, partitioned by ``run_id``: folders under a path root, or (``schema`` set)
@@ -432,32 +449,31 @@ class TableStore:
         try:
             retry_conflicts(write, f"table {name}, run {run_id}")
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
-            line = spark_error_line(e)
-            full = f"{line} {e}"
-            if any(
-                t in full
-                for t in (
-                    "Permission denied",
-                    "AccessDenied",
-                    "Mkdirs failed",
-                    "Not a directory",
-                    "ParentNotDirectory",
-                    "Read-only file system",
-                )
-            ):
-                raise SeqclustError(f"table {name} at {path}: output path is not writable ({line[:200]})") from None
-            if "No space left on device" in full or "Disk quota exceeded" in full:
-                raise SeqclustError(
-                    f"table {name} at {path}: the output volume is full (No space left on device); nothing was committed, "
-                    "free space and run the same command again"
-                ) from None
-            raise SeqclustError(f"table {name} at {path}: write failed ({line[:300]})") from None
+            raise _write_error(name, path, e) from None
         if not count:
             log.info("table %s: committed run %s", name, run_id)
             return -1
         n = self._rows_written(name, before, predicate)
         log.info("table %s: committed %d rows of run %s", name, n, run_id)
         return n
+
+    def create_if_absent(self, empty: DataFrame, name: str, partition_by: Iterable[str] = ("run_id",)) -> None:
+        """Create table ``name`` with ``empty``'s schema unless it exists, touching no row: an
+        append of nothing (two processes creating it at once: the loser's retry appends nothing;
+        an overwrite here could wipe a row another process has just committed)."""
+        path = self.path(name)
+
+        def create() -> None:
+            writer = empty.write.format("delta").mode("append").option("mergeSchema", "true").partitionBy(*partition_by)
+            if self.in_metastore:
+                writer.saveAsTable(path)
+            else:
+                writer.save(path)
+
+        try:
+            retry_conflicts(create, f"table {name}, created")
+        except (AnalysisException, Py4JJavaError, PySparkException) as e:
+            raise _write_error(name, path, e) from None
 
     def merge_insert(self, df: DataFrame, name: str, run_id: str, target_key: str, source_key: str) -> int:
         """MERGE ``df`` into ``run_id``'s rows of table ``name``, inserting only rows whose key

@@ -101,8 +101,9 @@ def acquire(spark: SparkSession, ctx: RunContext, rec: RunRecord, prev: RunRecor
         raise SeqclustError(_refusal(ctx.run_id, held, timeout_s))
     seen = prev.lease_owner if prev is not None else None
     rec.lease_owner, rec.lease_heartbeat = me, now
-    if not ctx.store.exists(ctx.tables.runs):  # MERGE needs a table: create it empty (concurrent creators retry)
-        ctx.write(spark.createDataFrame([], RUNS), "runs", count=False)
+    if not ctx.store.exists(ctx.tables.runs):  # MERGE needs a table: create it empty, replacing nothing
+        empty = spark.createDataFrame([], RUNS).withColumn("run_id", F.lit(None).cast("string"))
+        ctx.store.create_if_absent(empty, ctx.tables.runs)
     path = ctx.store.path(ctx.tables.runs)
     _add_missing_columns(spark, ctx, path)
     src = spark.createDataFrame([rec.row()], RUNS).withColumn("run_id", F.lit(ctx.run_id))
