@@ -1,4 +1,4 @@
-"""Command line: ``seqclust run|generate|<stage>``. Parses arguments, loads config, builds the
+"""Command line: ``seqclust run|assign|export|generate|<stage>``. Parses arguments, loads config, builds the
 session, calls the library. User errors end with one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
@@ -74,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--data-root", help="folder holding the real logs (e.g. ../shared/data) for --persona-family real_sessions")
     g.add_argument("-v", "--verbose", action="store_true")
+    x = sub.add_parser("export", help="write a run's segments as audiences (one per segment) for an ad or CRM tool")
+    x.add_argument("--run-id", required=True, help="the run whose segments to export")
+    x.add_argument("--format", choices=["csv", "parquet", "delta"], default="csv", help="audience format (default %(default)s)")
+    x.add_argument("--out", required=True, help="target folder: absent, empty or an earlier export (it is replaced)")
+    x.add_argument("--min-size", type=int, default=50, help="withhold segments with fewer users (default %(default)s)")
+    x.add_argument(
+        "--raw-ids", action="store_true", help="export user ids as the run kept them (default: pseudonyms, salt from privacy.salt_env)"
+    )
+    x.add_argument("--output", help="root folder of the Delta tables (default: run.output)")
+    x.add_argument("--conf", help="environment YAML (e.g. conf/local.yaml)")
+    x.add_argument("--env", help="environment name when --conf is not given")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    x.add_argument("-v", "--verbose", action="store_true")
     w = sub.add_parser("warmup", help="start Spark with Delta once (fetches Delta's jars) and check a Delta round trip")
     w.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -189,6 +202,20 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from seqclust.config import load_config, validate_run_id
+    from seqclust.export import export
+    from seqclust.spark import get_spark
+
+    validate_run_id(args.run_id)
+    overrides = list(args.set) + ([f"run.output={args.output}"] if args.output else [])
+    cfg = load_config(args.conf, overrides=overrides, env=args.env)
+    spark = get_spark(cfg.spark)
+    res = export(spark, cfg, args.run_id, args.format, args.out, min_size=args.min_size, raw_ids=args.raw_ids)
+    print(res.summary())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -196,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "warmup":
             import tempfile
 

@@ -454,6 +454,28 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The HTML report's pictures: the map of users, typical journeys."""
+
+    # the map: a seeded hash sample of at most this many users (PCA of their vectors, the bag of
+    # events of the same users beside it); t-SNE on the first tsne_users of them (0 = no t-SNE)
+    map_users: int = 20000
+    tsne_users: int = 3000
+    # typical journeys: the most over-represented event-type 2-/3-grams per segment, and example
+    # sessions drawn from the segment's `neighbourhood` users nearest its centre
+    top_ngrams: int = 5
+    examples: int = 3
+    neighbourhood: int = 50
+
+    def __post_init__(self) -> None:
+        _check(100 <= self.map_users <= 200000, "report.map_users", "must be in [100, 200000]")
+        _check(0 <= self.tsne_users <= 20000, "report.tsne_users", "must be in [0, 20000] (0 = no t-SNE)")
+        _check(self.top_ngrams >= 1, "report.top_ngrams", "must be >= 1")
+        _check(0 <= self.examples <= 20, "report.examples", "must be in [0, 20]")
+        _check(self.neighbourhood >= 1, "report.neighbourhood", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking of each run that evaluates: params, metrics with baselines, the encoder
     artifact and the HTML report."""
@@ -483,6 +505,7 @@ class PipelineConfig:
     tables: TablesConfig = field(default_factory=TablesConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict[str, Any]:

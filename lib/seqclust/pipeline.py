@@ -268,7 +268,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
     if "evaluate" in stages:
         from seqclust.report import write_report
 
-        report = write_report(spark, ctx)
+        report = write_report(spark, ctx, cfg)
         rec.report_path = str(report)
         if cfg.tracking.mlflow:
             rec.mlflow_run_id = _track(cfg, ctx, rec, spark)

@@ -1,33 +1,52 @@
-"""A self-contained HTML report of one run (charts as PNG files beside it).
+"""A self-contained HTML report of one run: one file, its charts embedded as PNG data URIs.
 
-Everything in it is read back from the run's Delta tables (``runs``, ``metrics``,
-``cluster_profiles``): a few hundred rows at most, never data-sized. Every quality number is
-shown beside its baselines. Written to ``<output>/_artifacts/runs/<run_id>/report.html``.
+Everything in it is read back from the run's Delta tables: the run record, metrics and
+profiles (a few hundred rows), and through ``seqclust.explain`` a seeded sample of users for
+the map, per-segment n-gram counts and example sessions, and the flow of users from the run
+it is compared with. Every quality number is shown beside its baselines; every chart has a
+caption that says how to read it. Readable from 800 px wide up (wide tables scroll inside
+their box, never the page). Written to ``<output>/_artifacts/runs/<run_id>/report.html``.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import SparkSession
 
+from seqclust import charts
 from seqclust.context import RunContext
+
+if TYPE_CHECKING:
+    from seqclust.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 METHODS = ("encoder", "fine", "bag_of_events", "random")
 CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+*{box-sizing:border-box}
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 16px;color:#222}
+.tbl{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee}
+th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;height:auto;border:1px solid #eee}
+figure{margin:1em 0}figcaption{color:#444;font-size:90%;max-width:900px}
 .note{color:#666;font-size:90%}
 .warn{background:#fff3cd;border:1px solid #e0c36c;padding:6px 10px}
+.journey{display:flex;flex-wrap:wrap;align-items:center;gap:2px;margin:4px 0}
+.ev{display:inline-block;padding:1px 6px;border-radius:9px;font-size:80%;color:#fff;background:#777}
+.gap{font-size:70%;color:#888;margin:0 2px}
+.ev-view{background:#4c78a8}.ev-search{background:#72b7b2}.ev-cart{background:#f58518}
+.ev-fav{background:#b279a2}.ev-purchase{background:#54a24b}
+code{word-break:break-all}
 """
+EVENT_LABEL = {"view": "view", "search": "search", "cart": "cart", "fav": "fav", "purchase": "buy"}
 
 
 def _fmt(v: Any, ci: tuple[Any, Any] | None = None) -> str:
@@ -42,76 +61,148 @@ def _fmt(v: Any, ci: tuple[Any, Any] | None = None) -> str:
 def _table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
     th = "".join(f"<th class={'l' if i < left else 'r'}>{html.escape(h)}</th>" for i, h in enumerate(head))
     body = "".join("<tr>" + "".join(f"<td class={'l' if i < left else 'r'}>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
+    return f"<div class=tbl><table><tr>{th}</tr>{body}</table></div>"
 
 
-def _charts(out: Path, sweep: dict[int, dict[str, Any]], profiles: list[dict[str, Any]], down: dict[tuple[str, str], Any]) -> list[str]:
-    import matplotlib
+def _figure(png: bytes | None, alt: str, caption: str) -> str:
+    """An embedded PNG with its caption ('' when there is nothing to draw)."""
+    if not png:
+        return ""
+    data = base64.b64encode(png).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    )
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    names = []
-    if sweep:
-        ks = sorted(sweep)
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot(ks, [sweep[k].get("silhouette", math.nan) for k in ks], "o-", label="silhouette")
-        if any("stability" in sweep[k] for k in ks):
-            st = [sweep[k].get("stability", (math.nan, None, None)) for k in ks]
-            ax.errorbar(
-                ks,
-                [s[0] for s in st],
-                yerr=[[s[0] - (s[1] if s[1] is not None else s[0]) for s in st], [(s[2] if s[2] is not None else s[0]) - s[0] for s in st]],
-                fmt="s-",
-                label="stability (mean ARI of refits, 95% CI)",
-            )
-        chosen = [k for k in ks if sweep[k].get("chosen")]
-        for k in chosen:
-            ax.axvline(k, color="grey", ls="--")
-        ax.set_xlabel("k")
-        ax.legend()
-        ax.set_title("k sweep (dashed: chosen k)")
-        fig.tight_layout()
-        fig.savefig(out / "sweep.png", dpi=90)
-        plt.close(fig)
-        names.append("sweep.png")
-    if profiles:
-        fig, ax = plt.subplots(figsize=(7, 3))
-        ax.bar([str(p["cluster_id"]) for p in profiles], [p["share"] for p in profiles])
-        ax.set_xlabel("cluster")
-        ax.set_ylabel("share of users")
-        ax.set_title("segment sizes")
-        fig.tight_layout()
-        fig.savefig(out / "sizes.png", dpi=90)
-        plt.close(fig)
-        names.append("sizes.png")
-    strategies = sorted({s for (_, s) in down})
-    if strategies:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        width = 0.38
-        for j, method in enumerate(("encoder", "random")):
-            vals = [down.get((method, s)) for s in strategies]
-            xs = [i + (j - 0.5) * width for i in range(len(strategies))]
-            ys = [v[0] if v else math.nan for v in vals]
-            err = [
-                [(v[0] - v[1]) if v and v[1] is not None else 0 for v in vals],
-                [(v[2] - v[0]) if v and v[2] is not None else 0 for v in vals],
+def _gap(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _journey(events: list[str], gaps: list[float]) -> str:
+    """A session as a row of event chips with the time between them (``gaps`` as the sessions
+    table keeps them: one per event, the first 0)."""
+    out = []
+    for i, e in enumerate(events):
+        if i and i < len(gaps) and gaps[i] is not None:
+            out.append(f"<span class=gap>{_gap(float(gaps[i]))}</span>")
+        cls = f"ev ev-{e}" if e in EVENT_LABEL else "ev"
+        out.append(f"<span class='{cls}'>{html.escape(EVENT_LABEL.get(e, str(e)))}</span>")
+    return "<div class=journey>" + "".join(out) + "</div>"
+
+
+def _section(name: str, build: Callable[[], list[str]]) -> list[str]:
+    """One picture section; if drawing it fails the report still appears, saying so."""
+    try:
+        return build()
+    except Exception as e:  # a chart is not worth the run's report
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        log.warning("report: %s not drawn: %s", name, first)
+        return [f"<p class=note>{html.escape(name)} not drawn: {html.escape(first)}</p>"]
+
+
+def _map_section(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> list[str]:
+    from seqclust.explain import map_data
+
+    m = map_data(spark, ctx, cfg.report, cfg.run.seed, cfg.baseline, cfg.cluster)
+    if m is None:
+        return []
+    n = len(m.xy)
+    cap = (
+        f"Each dot is a user ({n:,} of {m.users_total:,}, a seeded sample), placed by the first two principal components of "
+        "their vector and coloured by segment; black crosses are the segment centres, hollow rings users with one session. "
+        "Segments that form separate clouds are distinct; overlapping colours are segments that differ in directions this "
+        "flat view does not show."
+    )
+    if m.boe_xy is not None:
+        cap += " The middle panel clusters the same users by their bag of events at the same k, for comparison."
+    if m.tsne_xy is not None:
+        cap += f" The right panel is a {m.tsne_note}: it keeps neighbours together, distances between clouds mean little."
+    elif m.tsne_note:
+        cap += f" ({m.tsne_note}.)"
+    out = ["<h2>The map of users</h2>", _figure(charts.user_map(m), "map of users by segment", cap)]
+    out += [f"<p class=note>{html.escape(x)}</p>" for x in m.notes]
+    return out
+
+
+def _heatmap_section(profiles: list[dict[str, Any]]) -> list[str]:
+    from seqclust.explain import heatmap
+
+    h = heatmap(profiles)
+    if h is None or not h.features:
+        return []
+    cap = (
+        "Each cell is the segment's value over everyone's (1.00 = like everyone; red above, blue below, on a log scale): "
+        "event-type shares, conversion, sessions per user, session length and duration, time between events, price level "
+        "and the segment's most lifted category, where the source has them. Read a row to see what sets a segment apart."
+    )
+    return ["<h2>What sets each segment apart</h2>", _figure(charts.heatmap(h), "segment by feature heatmap", cap)]
+
+
+def _journeys_section(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> list[str]:
+    from seqclust.explain import journeys
+
+    r = cfg.report
+    j = journeys(spark, ctx, top=r.top_ngrams, examples=r.examples, neighbourhood=r.neighbourhood, seed=cfg.run.seed)
+    if j is None or not (j.ngrams or j.examples):
+        return []
+    out = [
+        "<h2>Typical journeys</h2>",
+        f"<p class=note>Per segment: the event sequences (2 and 3 events in a row) most over-represented against everyone "
+        f"(lift = their share of the segment's sequences over their share of everyone's; seen at least 5 times), and "
+        f"{r.examples} sessions drawn at random from the segment's {r.neighbourhood} users nearest its centre, "
+        "with the time between events. Session handles are hashes, not ids.</p>",
+    ]
+    for c in sorted(set(j.ngrams) | set(j.examples)):
+        grams = ", ".join(f"<b>{html.escape(g)}</b> {lift:.1f}x" for g, lift, _ in j.ngrams.get(c, []))
+        out.append(f"<h3>segment {c}</h3><p>{grams or '<span class=note>no sequence seen 5 times</span>'}</p>")
+        for e in j.examples.get(c, []):
+            out.append(f"<div class=note>session {html.escape(e['session'])} ({_gap(float(e['duration_s'] or 0))})</div>")
+            out.append(_journey(e["events"], e["gaps_s"]))
+    return out
+
+
+def _flows_section(spark: SparkSession, ctx: RunContext, drift_details: str | None) -> list[str]:
+    from seqclust.explain import flows
+
+    det = json.loads(drift_details or "{}")
+    if not det.get("previous_run"):
+        return []
+    matched = {int(a): int(b) for a, b in (det.get("matched") or {}).items()}
+    f = flows(spark, ctx, det["previous_run"], matched)
+    if f is None:
+        return []
+    cap = (
+        f"Users present in both runs: left, their segment in run {f.previous_run}; right, in this run. A band's height is "
+        "the number of users who moved that way; thick straight bands are stable segments, fans are segments that split "
+        "or merged. Segments are matched by " + str(det.get("alignment", "")).replace("_", " ") + "."
+    )
+    out = ["<h2>Across runs</h2>", _figure(charts.flows(f), "flow of users between runs", cap)]
+    if f.changes:
+        rows = [
+            [
+                f"{c['previous']} → {c['now']}",
+                f"{c['share'][0]:.3f} → {c['share'][1]:.3f}",
+                f"{c['conversion_rate'][0]:.3f} → {c['conversion_rate'][1]:.3f}",
+                f"{c['median_session_events'][0]:.0f} → {c['median_session_events'][1]:.0f}",
+                html.escape(f"{c['largest_mix_change'][0]} {c['largest_mix_change'][1]:.3f} → {c['largest_mix_change'][2]:.3f}"),
             ]
-            ax.bar(xs, ys, width, yerr=err, capsize=3, label=f"segments: {method}")
-        ax.set_xticks(range(len(strategies)), strategies, rotation=15)
-        ax.set_ylabel("HitRate")
-        ax.set_title("next-session categories: HitRate (95% CI)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "downstream.png", dpi=90)
-        plt.close(fig)
-        names.append("downstream.png")
-    return names
+            for c in f.changes
+        ]
+        out.append(_table(["matched segments", "share", "conversion", "median session events", "largest event-mix change"], rows))
+    return out
 
 
-def write_report(spark: SparkSession, ctx: RunContext) -> Path:
+def write_report(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig | None = None) -> Path:
     """Write the run's report; return its path. (Long on purpose: one HTML page assembled in
     reading order from the tables' rows; each section is a few lines.)"""
+    if cfg is None:
+        from seqclust.config import PipelineConfig
+
+        cfg = PipelineConfig()
     out = ctx.run_dir
     out.mkdir(parents=True, exist_ok=True)
     rec = ctx.store.read(spark, ctx.tables.runs, ctx.run_id).first() if ctx.store.exists(ctx.tables.runs) else None
@@ -137,18 +228,17 @@ def write_report(spark: SparkSession, ctx: RunContext) -> Path:
                 k_rule = det
         else:
             by[(r["family"], r["method"], r["metric"])] = (r["value"], r["ci_low"], r["ci_high"])
-            if r["family"] == "drift":
+            if r["family"] == "drift" and r["method"] == "encoder":
                 drift_details = r["details"]
     down = {
         (m, metric.split("_categories_", 1)[1]): v
         for (fam, m, metric), v in by.items()
         if fam == "downstream" and metric.startswith("hitrate@") and "_categories_" in metric
     }
-    charts = _charts(out, sweep, profiles, down)
     n_eval = by.get(("internal", "encoder", "evaluated_users"))
 
     parts = [
-        f"<!doctype html><html><head><meta charset=utf-8><title>seqclust run {html.escape(ctx.run_id)}</title><style>{CSS}</style></head><body>"
+        f"<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width, initial-scale=1'><title>seqclust run {html.escape(ctx.run_id)}</title><style>{CSS}</style></head><body>"
     ]
     parts.append(f"<h1>seqclust run <code>{html.escape(ctx.run_id)}</code></h1>")
     if rec is not None:
@@ -215,13 +305,44 @@ def write_report(spark: SparkSession, ctx: RunContext) -> Path:
                 left=4,
             )
         )
-    for c in charts:
-        parts.append(f'<p><img src="{c}" alt="{c}"></p>')
-    # filled in by the browser once images have loaded: the headless check reads it
     parts.append(
-        '<p class=note>images loaded: <span id="img-check">?</span></p><script>window.addEventListener("load",function(){'
+        _figure(
+            charts.sizes(profiles),
+            "segment sizes",
+            "The share of users in each segment (colours as in the map below).",
+        )
+    )
+    parts += _section("the heatmap", lambda: _heatmap_section(profiles))
+    parts += _section("the map", lambda: _map_section(spark, ctx, cfg))
+    parts += _section("typical journeys", lambda: _journeys_section(spark, ctx, cfg))
+    if sweep:
+        parts.append("<h2>How k was chosen</h2>")
+        parts.append(
+            _figure(
+                charts.sweep(sweep),
+                "k sweep",
+                "Silhouette (higher: tighter, better separated segments) and stability (how often refits on other "
+                "samples agree) at each k tried; the dashed line is the chosen k.",
+            )
+        )
+    if down:
+        parts.append(
+            _figure(
+                charts.downstream(down),
+                "next-session HitRate",
+                "How often a list built from the user's segment contains a category of the user's next session, for "
+                "this run's segments and for random segments of the same sizes; bars that do not clear random add nothing.",
+            )
+        )
+    parts += _section("the flow across runs", lambda: _flows_section(spark, ctx, drift_details))
+    # filled in by the browser once images have loaded: the headless check reads them
+    parts.append(
+        '<p class=note>images loaded: <span id="img-check">?</span>; page width: <span id="scroll-check">?</span></p>'
+        '<script>window.addEventListener("load",function(){'
         "var i=document.images,n=0;for(var j=0;j<i.length;j++){if(i[j].complete&&i[j].naturalWidth>0)n++;}"
-        'document.getElementById("img-check").textContent=n+"/"+i.length;});</script>'
+        'document.getElementById("img-check").textContent=n+"/"+i.length;'
+        "var d=document.documentElement,w=window.innerWidth;"
+        'document.getElementById("scroll-check").textContent=d.scrollWidth<=w?"fits "+w:"overflows "+d.scrollWidth+" > "+w;});</script>'
     )
     parts.append("</body></html>")
     path = out / "report.html"

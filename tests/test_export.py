@@ -1,0 +1,95 @@
+"""`seqclust export`: audiences per segment in each format, the minimum-size rule, pseudonyms,
+and clear errors for a run that does not exist or a folder that is not ours."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seqclust import tables
+from seqclust.privacy import pseudonym_py
+
+SALT = "a-test-salt-of-some-length"
+SIZES = {0: 60, 1: 55, 2: 12}  # segment 2 is under the default minimum of 50
+
+
+@pytest.fixture()
+def exported_run(spark, ctx, store, monkeypatch):
+    from seqclust.config import PipelineConfig, RunConfig
+    from seqclust.pipeline import save_record
+    from seqclust.tables import RunRecord
+
+    monkeypatch.setenv("SEQCLUST_PSEUDONYM_SALT", SALT)
+    rows = []
+    for c, n in SIZES.items():
+        rows += [("user", f"u{c}-{i}", c, 0.5, "coarse") for i in range(n)]
+    rows += [("user", "u0-0", 7, 0.1, "fine")]  # fine segments are not audiences
+    ctx.write(spark.createDataFrame(rows, tables.CLUSTERS), "clusters")
+    prof = [(c, n, n / 127, 1.0, {}, {}, 0.1, 3.0, 60.0, 10.0, None, None, [], f"segment {c} described") for c, n in SIZES.items()]
+    ctx.write(spark.createDataFrame(prof, tables.CLUSTER_PROFILES), "cluster_profiles")
+    save_record(spark, ctx, RunRecord(status="succeeded", encoder_id="enc-1", config_json=json.dumps({"privacy": {"pseudonymize": False}})))
+    return PipelineConfig(run=RunConfig(output=store.root))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "delta"])
+def test_export_writes_one_audience_per_segment(spark, exported_run, tmp_path, fmt):
+    from seqclust.export import MARKER, export
+
+    out = tmp_path / "aud"
+    res = export(spark, exported_run, "t1", fmt, str(out))
+    assert res.audiences == {0: 60, 1: 55} and res.withheld == {2: 12} and res.users == 115
+    reader = spark.read.format("delta") if fmt == "delta" else spark.read.option("header", True) if fmt == "csv" else spark.read
+    df = reader.format(fmt).load(str(out)) if fmt != "delta" else reader.load(str(out))
+    got = {(r["user_id"], int(r["segment"])) for r in df.collect()}
+    want = {(pseudonym_py(f"u{c}-{i}", SALT), c) for c in (0, 1) for i in range(SIZES[c])}
+    assert got == want  # pseudonymised with the privacy salt; the small segment withheld
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("segment=")) == ["segment=0", "segment=1"]
+    row = df.where("segment = 1").first()
+    assert (
+        row["description"] == "segment 1 described"
+        and row["run_id"] == "t1"
+        and row["model_run_id"] == "t1"
+        and row["encoder_id"] == "enc-1"
+    )
+    manifest = json.loads((out / MARKER).read_text())
+    assert manifest["withheld"] == {"2": 12} and manifest["audiences"] == {"0": 60, "1": 55}
+    # again into the same folder: replaced, not appended
+    export(spark, exported_run, "t1", fmt, str(out))
+    df = reader.format(fmt).load(str(out)) if fmt != "delta" else reader.load(str(out))
+    assert df.count() == 115
+
+
+def test_min_size_and_raw_ids(spark, exported_run, tmp_path):
+    from seqclust.export import export
+
+    res = export(spark, exported_run, "t1", "parquet", str(tmp_path / "a"), min_size=56, raw_ids=True)
+    assert res.audiences == {0: 60} and res.withheld == {1: 55, 2: 12} and res.ids == "raw"
+    ids = {r["user_id"] for r in spark.read.parquet(str(tmp_path / "a")).collect()}
+    assert ids == {f"u0-{i}" for i in range(60)}
+    assert "withheld 2 segment(s) under the minimum size: segment 1 (55 users), segment 2 (12 users)" in res.summary()
+
+
+def test_export_refuses_what_it_should(spark, exported_run, tmp_path, monkeypatch, capsys):
+    from seqclust.cli import main
+    from seqclust.errors import ConfigError, InputError
+    from seqclust.export import export
+
+    with pytest.raises(InputError, match=r"--run-id nope: no such run under .*latest runs there: t1"):
+        export(spark, exported_run, "nope", "csv", str(tmp_path / "x"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not an earlier seqclust export"):
+        export(spark, exported_run, "t1", "csv", str(mine))
+    assert (mine / "notes.txt").read_text() == "keep me"
+    monkeypatch.delenv("SEQCLUST_PSEUDONYM_SALT")
+    with pytest.raises(ConfigError, match=r"kept raw user ids and \$SEQCLUST_PSEUDONYM_SALT is unset"):
+        export(spark, exported_run, "t1", "csv", str(tmp_path / "y"))
+    # through the command line: one line, non-zero exit
+    code = main(["export", "--run-id", "nope", "--out", str(tmp_path / "z"), "--output", exported_run.run.output])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1].startswith("seqclust: error: --run-id nope: no such run")
+    with pytest.raises(SystemExit) as bad_format:  # argparse: usage and one line
+        main(["export", "--run-id", "t1", "--out", str(tmp_path / "z"), "--output", exported_run.run.output, "--format", "xml"])
+    assert bad_format.value.code == 2 and "invalid choice: 'xml'" in capsys.readouterr().err
