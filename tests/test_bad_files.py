@@ -93,3 +93,30 @@ def test_latin1_bytes_in_a_utf8_file_are_quarantined_not_mangled(spark, store, t
     # read with the file's real encoding, the value is right
     r, events = _ingest(spark, store, p, SourceConfig(format="csv", encoding="ISO-8859-1"))
     assert r.clean_rows == 2 and events["u1"]["category_id"] == "café"
+
+
+def test_a_delta_input_at_a_vacuumed_version_is_refused_with_one_line(spark, store, tmp_path):
+    """Time travel (source.delta_version): a kept version is read as it was; a version whose
+    files VACUUM removed, or one the table never had, stops before any job with one line."""
+    import pandas as pd
+
+    src = str(tmp_path / "src")
+    for day, users in ((1, ["u1", "u2"]), (2, ["u3"])):
+        rows = pd.DataFrame({"user_id": users, "ts": [f"2026-10-0{day}T10:00:00Z"] * len(users), "event_type": ["view"] * len(users)})
+        spark.createDataFrame(rows).write.format("delta").mode("overwrite").save(src)
+    r, events = _ingest(spark, store, src, SourceConfig(format="delta", delta_version=0))
+    assert set(events) == {"u1", "u2"} and r.input_version == 0
+    with pytest.raises(InputError, match="Delta version 7 cannot be read"):
+        _ingest(spark, store, src, SourceConfig(format="delta", delta_version=7))
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    try:
+        spark.sql(f"VACUUM delta.`{src}` RETAIN 0 HOURS")
+    finally:
+        spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+    with pytest.raises(InputError, match=r"Delta version 0 refers to (\d+) of its \1 data files that no longer exist \(removed by VACUUM"):
+        _ingest(spark, store, src, SourceConfig(format="delta", delta_version=0))
+    from delta.tables import DeltaTable
+
+    r, events = _ingest(spark, store, src, SourceConfig(format="delta"))  # the latest is whole
+    latest = DeltaTable.forPath(spark, src).history(1).first()["version"]  # VACUUM commits too
+    assert set(events) == {"u3"} and r.input_version == latest >= 1

@@ -93,6 +93,8 @@ class SourceConfig:
     encoding: str = "UTF-8"  # of CSV / JSON files; bytes that do not decode are quarantined as bad_encoding
     multiline: bool = False  # CSV: quoted fields may hold line breaks (each file is then read by one task)
     file_glob: str | None = None  # only files whose name matches, e.g. "*.csv" (Spark pathGlobFilter)
+    # a Delta source: read this table version (time travel) instead of the latest; null = latest
+    delta_version: int | None = None
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     # auto: native timestamps as is, strings as ISO-8601, numbers as epoch seconds
     ts_format: str = "auto"
@@ -112,6 +114,7 @@ class SourceConfig:
         _check(self.max_price > 0, "max_price", "must be > 0")
         _check(self.default_event_type in CANONICAL_EVENT_TYPES, "default_event_type", f"must be one of {', '.join(CANONICAL_EVENT_TYPES)}")
         _check(self.max_clock_skew_hours >= 0, "max_clock_skew_hours", "must be >= 0")
+        _check(self.delta_version is None or self.delta_version >= 0, "delta_version", "must be >= 0 or null")
         _check(
             self.ts_format in TS_KEYWORDS or _is_datetime_pattern(self.ts_format),
             "ts_format",

@@ -9,6 +9,7 @@ collected.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -147,7 +148,8 @@ def _boe_map(
     keep = spark.createDataFrame([(i,) for i in ids], "user_id string")
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled").join(F.broadcast(keep), "user_id")
     n_sess = {r["user_id"]: r["count"] for r in sessions.groupBy("user_id").count().collect()}  # <= map_users rows
-    boe = boe_clusters(sessions, k, len(ids), seed, baseline, cluster_cfg, vectors=True)
+    # one k-means start: a picture for comparison, not the evaluated baseline
+    boe = boe_clusters(sessions, k, len(ids), seed, baseline, dataclasses.replace(cluster_cfg, n_init=1), vectors=True)
     try:
         pca = PCA(k=2, inputCol="features", outputCol="p2").fit(boe)
         from pyspark.ml.functions import vector_to_array

@@ -221,7 +221,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
     if not ctx.input_path:
         raise InputError("no input: pass --input PATH (or run without it for the generated demo data)")
     raw_df = read_source(spark, ctx.input_path, cfg)
-    fingerprint, version, n_files = source_fingerprint(spark, raw_df, ctx.input_path, cfg.format)
+    fingerprint, version, n_files = source_fingerprint(spark, raw_df, ctx.input_path, cfg.format, cfg.delta_version)
     try:
         n_input = raw_df.count()
     except (Py4JJavaError, PySparkException) as e:

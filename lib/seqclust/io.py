@@ -132,7 +132,7 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
     glob = {"pathGlobFilter": cfg.file_glob} if cfg.file_glob else {}
     try:
         if fmt == "delta":
-            df = spark.read.format("delta").load(path).withColumn(FILE_COL, F.lit(path))
+            df = _read_delta(spark, path, cfg.delta_version)
         elif fmt == "parquet":
             df = _read_parquet(spark, path, glob)
         elif fmt == "csv":
@@ -149,7 +149,15 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
         else:
             raise InputError(f"source.format: unknown format {fmt!r}")
     except (AnalysisException, Py4JJavaError, PySparkException) as e:
-        raise InputError(f"--input {path}: cannot read as {fmt} ({spark_error_line(e)[:300]})") from None
+        line = spark_error_line(e)
+        if fmt == "delta" and cfg.delta_version is not None and ("VERSION" in line.upper() or "time travel" in line):
+            raise InputError(
+                f"--input {path}: Delta version {cfg.delta_version} cannot be read ({line[:250]}); set source.delta_version "
+                "to a version the table still has (DESCRIBE HISTORY lists them), or null for the latest"
+            ) from None
+        raise InputError(f"--input {path}: cannot read as {fmt} ({line[:300]})") from None
+    if fmt != "delta" and cfg.delta_version is not None:
+        raise InputError(f"source.delta_version is set but --input {path} is {fmt}, not a Delta table")
     missing = [c for c in _required_columns(cfg) if c not in df.columns]
     if missing:
         from seqclust.errors import MissingColumnError
@@ -162,6 +170,25 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
             f"--input {path}: required column(s) {', '.join(missing)} not found (columns: {', '.join(shown[:20])}); {hint}"
         )
     return df
+
+
+def _read_delta(spark: SparkSession, path: str, version: int | None) -> DataFrame:
+    """A Delta table, at ``version`` when given. An old version whose data files VACUUM has
+    removed is refused here with one line (local files are checked before any job runs), not
+    half-way through ingest with a missing-file error."""
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    df = reader.load(path)
+    if version is not None:
+        files = df.inputFiles()
+        gone = [f for f in files if f.startswith("file:") and not os.path.exists(f[5:])]
+        if gone:
+            raise InputError(
+                f"--input {path}: Delta version {version} refers to {len(gone)} of its {len(files)} data files that no longer exist "
+                f"(removed by VACUUM, e.g. {gone[0].rsplit('/', 1)[-1]}); read a newer version (source.delta_version) or the latest (null)"
+            )
+    return df.withColumn(FILE_COL, F.lit(path))
 
 
 # Files written on different days by different versions of a producer disagree: a column
@@ -285,7 +312,9 @@ def read_failure(path: str, e: BaseException) -> InputError | None:
     return InputError(f"--input {path}: a source file is truncated or corrupt{where}; re-export it or move it aside")
 
 
-def source_fingerprint(spark: SparkSession, df: DataFrame, path: str, fmt: str) -> tuple[str, int | None, int]:
+def source_fingerprint(
+    spark: SparkSession, df: DataFrame, path: str, fmt: str, delta_version: int | None = None
+) -> tuple[str, int | None, int]:
     """What exactly was read, for lineage: (sha256 of the sorted file listing with sizes and
     modification times where the files are local, Delta version or None, number of files)."""
     import hashlib
@@ -294,7 +323,9 @@ def source_fingerprint(spark: SparkSession, df: DataFrame, path: str, fmt: str) 
     if fmt == "delta" or (fmt == "auto" and detect_format(path) == "delta"):
         from delta.tables import DeltaTable
 
-        version = int(one_row(DeltaTable.forPath(spark, path).history(1).select("version"))[0])
+        version = (
+            delta_version if delta_version is not None else int(one_row(DeltaTable.forPath(spark, path).history(1).select("version"))[0])
+        )
     files = sorted(df.inputFiles())
     h = hashlib.sha256()
     for f in files:
