@@ -19,8 +19,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/seqclust run --conf conf/local.yaml
 
+# two workers (pytest-xdist), a test file each at a time (--dist loadfile: a module's fixture,
+# such as test_e2e's full run, is built once): the suite is mostly small Spark jobs and
+# subprocesses that leave a core idle (serial: 38 min; two workers: about 25)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # the tests that need no Spark (generators, config, tokens, k rule, metrics oracles): seconds
 test-fast: $(STAMP)

@@ -34,7 +34,7 @@ MLFLOW = ["mlflow-skinny>=2.16", "sqlalchemy>=2", "alembic>=1.13"]
 # A scheduler host that imports seqclust next to Airflow (the DAG file itself does not)
 AIRFLOW = ["apache-airflow>=2.10,<4", "apache-airflow-providers-apache-spark", "apache-airflow-providers-databricks"]
 # duckdb: the independent sessionizer in tests and bench/sessionize.py; hypothesis: property tests
-DEV = ["pytest>=8", "deltalake>=0.25", "ruff>=0.6", "mypy>=1.10", "duckdb>=1.1", "hypothesis>=6.100", "psutil>=5.9", *MLFLOW]
+DEV = ["pytest>=8", "pytest-xdist>=3.5", "deltalake>=0.25", "ruff>=0.6", "mypy>=1.10", "duckdb>=1.1", "hypothesis>=6.100", "psutil>=5.9", *MLFLOW]
 
 setup(
     name="seqclust",

@@ -60,15 +60,18 @@ SUBMIT="${SPARK_SUBMIT:-$HERE/.venv/bin/spark-submit}"
 [[ -n "$SUBMIT" ]] || { echo "spark-submit.sh: spark-submit not found; run 'make setup' or set SPARK_SUBMIT" >&2; exit 2; }
 
 mkdir -p "$HERE/build"
-rm -f "$HERE/build/seqclust.zip"
-(cd "$HERE/lib" && "$PY" - <<'PYZIP'
+# built under a name of its own, then renamed: a submit running at the same moment never
+# ships a half-written zip
+(cd "$HERE/lib" && SEQCLUST_ZIP_TMP="../build/seqclust.zip.$$" "$PY" - <<'PYZIP'
 import os, zipfile
-with zipfile.ZipFile("../build/seqclust.zip", "w", zipfile.ZIP_DEFLATED) as z:
+tmp = os.environ["SEQCLUST_ZIP_TMP"]
+with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
     for root, dirs, files in os.walk("seqclust"):
         dirs[:] = [d for d in dirs if d != "__pycache__"]
         for f in files:
             if not f.endswith(".pyc"):
                 z.write(os.path.join(root, f))
+os.replace(tmp, "../build/seqclust.zip")
 PYZIP
 )
 

@@ -243,13 +243,26 @@ def test_report_embeds_every_picture_with_a_caption(spark, ctx, small_run):
     _write(spark, ctx, "cluster_profiles", [{**prof, "cluster_id": c, "event_mix_lift": {"view": 0.5 + c}} for c in range(3)])
     import dataclasses
 
+    from seqclust.tables import MetricRow, write_metrics
+
+    # an earlier run the drift was measured against: the report shows users moving between them
+    prev = dataclasses.replace(ctx, run_id="t0")
+    _, clusters, _ = small_run
+    _write(spark, prev, "clusters", [{**c, "cluster_id": (c["cluster_id"] + (c["entity_id"] == "u0")) % 3} for c in clusters])
+    _write(spark, prev, "cluster_profiles", [{**prof, "cluster_id": c, "event_mix_lift": {"view": 1.0}} for c in range(3)])
+    details = {"previous_run": "t0", "alignment": "centroids", "matched": {"0": 0, "1": 1, "2": 2}}
+    write_metrics(
+        spark, ctx, [MetricRow(method="encoder", family="drift", metric="psi_cluster_shares", value=0.01, k=3, details=details)], ("drift",)
+    )
     cfg = dataclasses.replace(PipelineConfig(), report=ReportConfig(map_users=100, tsne_users=40))
     text = write_report(spark, ctx, cfg).read_text()
     assert not list(ctx.run_dir.glob("*.png"))  # one self-contained file
-    for section in ("The map of users", "What sets each segment apart", "Typical journeys", "segment sizes"):
+    for section in ("The map of users", "What sets each segment apart", "Typical journeys", "segment sizes", "Across runs"):
         assert section in text, section
+    assert "not drawn" not in text
+    assert "<td class=l>0 → 0</td>" in text  # the matched segments' changes
     ims = _images(text)
-    assert len(ims) == text.count("<img ") == text.count("<figcaption>") >= 3
+    assert len(ims) == text.count("<img ") == text.count("<figcaption>") >= 4
     for im in ims:  # decodes, and is a picture, not a blank
         colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
         assert im.size[0] > 100 and colours is not None and len(colours) > 20

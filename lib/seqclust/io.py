@@ -459,28 +459,12 @@ class TableStore:
         predicate = f"run_id = '{run_id}'" + (f" AND ({extra_predicate})" if extra_predicate else "")
         if "run_id" not in df.columns:
             df = df.withColumn("run_id", F.lit(run_id))
-        path = self.path(name)
         before = self._version(name) if count else -1
         log.info("table %s: writing run %s", name, run_id)
 
-        def write() -> None:
-            # mergeSchema: a newer version may add columns to a table written by an older one
-            writer = (
-                df.write.format("delta")
-                .mode("overwrite")
-                .option("replaceWhere", predicate)
-                .option("mergeSchema", "true")
-                .partitionBy(*partition_by)
-            )
-            if self.in_metastore:
-                writer.saveAsTable(path)
-            else:
-                writer.save(path)
-
-        try:
-            retry_conflicts(write, f"table {name}, run {run_id}")
-        except (AnalysisException, Py4JJavaError, PySparkException) as e:
-            raise _write_error(name, path, e) from None
+        # mergeSchema: a newer version may add columns to a table written by an older one
+        writer = df.write.format("delta").mode("overwrite").option("replaceWhere", predicate).option("mergeSchema", "true")
+        self._save(writer.partitionBy(*partition_by), name, f"table {name}, run {run_id}")
         if not count:
             log.info("table %s: committed run %s", name, run_id)
             return -1
@@ -492,17 +476,22 @@ class TableStore:
         """Create table ``name`` with ``empty``'s schema unless it exists, touching no row: an
         append of nothing (two processes creating it at once: the loser's retry appends nothing;
         an overwrite here could wipe a row another process has just committed)."""
+        writer = empty.write.format("delta").mode("append").option("mergeSchema", "true").partitionBy(*partition_by)
+        self._save(writer, name, f"table {name}, created")
+
+    def _save(self, writer: Any, name: str, what: str) -> None:
+        """Save a Delta ``writer`` to table ``name`` (by name in the metastore, else by path),
+        retrying concurrent-writer conflicts; a failure is one line (``_write_error``)."""
         path = self.path(name)
 
-        def create() -> None:
-            writer = empty.write.format("delta").mode("append").option("mergeSchema", "true").partitionBy(*partition_by)
+        def save() -> None:
             if self.in_metastore:
                 writer.saveAsTable(path)
             else:
                 writer.save(path)
 
         try:
-            retry_conflicts(create, f"table {name}, created")
+            retry_conflicts(save, what)
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
             raise _write_error(name, path, e) from None
 
