@@ -11,7 +11,9 @@ until a target process is busy (CPU time rising) and SIGKILLs it:
   - ``executor_sessionize``:   one executor JVM, stage sessionize (its shuffle output is lost
                                with it: the map stage is recomputed);
   - ``python_sessionize``:     one busy Python worker, stage sessionize (if the stage runs any
-                               Python on the executors; otherwise reported as not applicable).
+                               Python on the executors; otherwise reported as not applicable);
+  - ``executor_sessionize_late``: one executor JVM 60% into sessionize (its finished shuffle
+                               output is lost with it: a fetch failure, the map stage rerun).
 
 Every faulted run must succeed, and every Delta table of the run must equal the undisturbed
 run's (the same checks as tests/test_cluster.py: row counts, exact rows for the deterministic
@@ -48,11 +50,14 @@ sys.path.insert(0, str(REPO / "lib"))
 
 log = logging.getLogger("bench.faults")
 
+# case -> (what to kill, in which stage, how far into the stage: a share of its undisturbed time)
 CASES = {
-    "executor_embed": ("executor", "embed"),
-    "python_embed": ("python", "embed"),
-    "executor_sessionize": ("executor", "sessionize"),
-    "python_sessionize": ("python", "sessionize"),
+    "executor_embed": ("executor", "embed", 0.0),
+    "python_embed": ("python", "embed", 0.0),
+    "executor_sessionize": ("executor", "sessionize", 0.0),
+    "python_sessionize": ("python", "sessionize", 0.0),
+    # late in the stage: the killed executor's finished shuffle output is lost with it
+    "executor_sessionize_late": ("executor", "sessionize", 0.6),
 }
 SETTINGS = [
     "encoder.epochs=2",
@@ -98,9 +103,9 @@ class Killer(threading.Thread):
     """Waits for ``stage <stage>: start`` in the job's log, then SIGKILLs the first target
     process seen busy (CPU time up by 0.2 s within 0.5 s) while the stage runs."""
 
-    def __init__(self, kind: str, stage: str, cluster_root: Path):
+    def __init__(self, kind: str, stage: str, cluster_root: Path, delay_s: float = 0.0):
         super().__init__(daemon=True)
-        self.kind, self.stage, self.root = kind, stage, cluster_root
+        self.kind, self.stage, self.root, self.delay_s = kind, stage, cluster_root, delay_s
         self.started = threading.Event()
         self.done = threading.Event()
         self.killed: dict | None = None
@@ -116,6 +121,7 @@ class Killer(threading.Thread):
     def run(self) -> None:
         self.started.wait()
         t_start = time.monotonic()
+        self.done.wait(self.delay_s)
         while not self.done.is_set():
             before = {}
             for p in _targets(self.kind, self.root):
@@ -282,11 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("faults: undisturbed run %.0fs", base_s)
         spark = None
         for case in cases:
-            kind, stage = CASES[case]
+            kind, stage, share = CASES[case]
             log.info(
                 "faults: case %s (kill one %s during stage %s)", case, "executor JVM" if kind == "executor" else "Python worker", stage
             )
-            killer = Killer(kind, stage, out / "cluster")
+            killer = Killer(kind, stage, out / "cluster", share * base_stages.get(stage, 0.0))
             rc, wall, tail, stages = _submit(cluster, out / case, common, out / "eventlog" / case, killer)
             r: dict = {"kind": kind, "stage": stage, "exit_code": rc, "wall_s": round(wall, 1), "stage_s": stages.get(stage)}
             r["killed"] = killer.killed
