@@ -24,7 +24,7 @@ executors removed.
 Time to recover: the faulted run's wall time over the faster of two undisturbed runs (one
 before the cases, one after), and the hit stage's time over the same stage undisturbed.
 
-This is a bench, not a suite test: six cluster runs take ~15 minutes, beyond the suite's
+This is a bench, not a suite test: seven cluster runs take ~18 minutes, beyond the suite's
 budget. Usage: python bench/faults.py [--users 600] [--out DIR] [--cases a,b,...]
 Last line: JSON {"cases", "passed", "rows_lost", "per_case": {case: {...}}}.
 """
