@@ -24,9 +24,10 @@ def _plt() -> Any:
     return plt
 
 
-def _png(fig: Any) -> bytes:
+def _png(fig: Any, rect: tuple[float, float, float, float] | None = None) -> bytes:
+    """The figure as PNG bytes (laid out within ``rect`` when given: room for a figure legend)."""
     buf = io.BytesIO()
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(buf, format="png", dpi=DPI)
     _plt().close(fig)
     return buf.getvalue()
@@ -133,13 +134,10 @@ def user_map(m: MapData) -> bytes:
         n = len(m.tsne_xy)
         _scatter(axes[0][i], m.tsne_xy, m.cluster[:n], m.one_session[:n], k, f"segments, t-SNE ({n:,} users)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    if len(labels) <= 20:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 10), fontsize=8, markerscale=2, frameon=False)
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    plt.close(fig)
-    return buf.getvalue()
+    if len(labels) > 20:  # too many segments for a legend: the colours still tell them apart
+        return _png(fig)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 10), fontsize=8, markerscale=2, frameon=False)
+    return _png(fig, rect=(0, 0.07, 1, 1))
 
 
 def heatmap(h: Heatmap) -> bytes:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pyspark.sql import SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from seqclust.cluster import coarse
@@ -120,7 +120,9 @@ def map_data(
     # the bag of events of the same users, clustered at the same k (the report's own fit)
     if baseline is not None and baseline.bag_of_events and cluster_cfg is not None and k >= 2 and store.exists(t.sessions):
         try:
-            out.boe_xy, out.boe_cluster, out.boe_one_session = _boe_map(spark, ctx, ids, k, seed, baseline, cluster_cfg)
+            out.boe_xy, out.boe_cluster, ent = _boe_map(spark, ctx, ids, k, seed, baseline, cluster_cfg)
+            one = dict(zip(ids, out.one_session.tolist()))
+            out.boe_one_session = np.asarray([one[e] for e in ent])
         except Exception as e:  # a baseline that cannot be built is skipped, saying why
             out.notes.append(f"bag of events not drawn: {str(e).splitlines()[0][:200]}")
             log.warning("report: bag-of-events map skipped: %s", str(e).splitlines()[0][:200])
@@ -140,14 +142,15 @@ def map_data(
 
 def _boe_map(
     spark: SparkSession, ctx: RunContext, ids: list[str], k: int, seed: int, baseline: BaselineConfig, cluster_cfg: ClusterConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The sampled users' bag-of-events vectors clustered at ``k`` and projected on their first
+    two principal components (MLlib PCA): points, segments and the users in that order."""
     from pyspark.ml.feature import PCA
 
     from seqclust.baseline import boe_clusters
 
     keep = spark.createDataFrame([(i,) for i in ids], "user_id string")
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled").join(F.broadcast(keep), "user_id")
-    n_sess = {r["user_id"]: r["count"] for r in sessions.groupBy("user_id").count().collect()}  # <= map_users rows
     # one k-means start: a picture for comparison, not the evaluated baseline
     boe = boe_clusters(sessions, k, len(ids), seed, baseline, dataclasses.replace(cluster_cfg, n_init=1), vectors=True)
     try:
@@ -158,7 +161,7 @@ def _boe_map(
     finally:
         boe.unpersist()
     xy = np.asarray([r["p"] for r in rows], dtype=np.float64).reshape(-1, 2)
-    return xy, np.asarray([r["cluster_id"] for r in rows]), np.asarray([n_sess.get(r["entity_id"], 0) <= 1 for r in rows])
+    return xy, np.asarray([r["cluster_id"] for r in rows]), [r["entity_id"] for r in rows]
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,7 +175,6 @@ class Heatmap:
     segments: list[int]
     features: list[str]
     lift: np.ndarray  # len(segments) x len(features); nan where the source lacks the field
-    notes: list[str] = field(default_factory=list)
 
 
 def heatmap(profiles: list[dict[str, Any]]) -> Heatmap | None:
@@ -228,6 +230,9 @@ def ngrams(col: str, n: int) -> F.Column:
     )
 
 
+MIN_NGRAM_COUNT = 5  # an n-gram seen fewer times in a segment is not shown as typical of it
+
+
 @dataclass
 class Journeys:
     ngrams: dict[int, list[tuple[str, float, int]]]  # segment -> (n-gram, lift, occurrences)
@@ -235,7 +240,13 @@ class Journeys:
 
 
 def journeys(
-    spark: SparkSession, ctx: RunContext, top: int = 5, examples: int = 3, neighbourhood: int = 50, seed: int = 42, min_count: int = 5
+    spark: SparkSession,
+    ctx: RunContext,
+    top: int = 5,
+    examples: int = 3,
+    neighbourhood: int = 50,
+    seed: int = 42,
+    min_count: int = MIN_NGRAM_COUNT,
 ) -> Journeys | None:
     """Per segment: the ``top`` event-type 2- and 3-grams most over-represented against everyone
     (lift = the n-gram's share of the segment's n-grams of that length over its share of
@@ -246,9 +257,7 @@ def journeys(
         return None
     seg = coarse(store.read(spark, t.clusters, ctx.run_id)).where(F.col("entity_type") == "user")
     sessions = store.read(spark, t.sessions, ctx.run_id).where("is_modelled")
-    s = sessions.select("session_id", "user_id", "event_types", "gaps_s").join(
-        seg.select(F.col("entity_id").alias("user_id"), "cluster_id", "distance_to_centroid"), "user_id"
-    )
+    s = sessions.select("user_id", "event_types").join(seg.select(F.col("entity_id").alias("user_id"), "cluster_id"), "user_id")
     grams = None
     for n in (2, 3):
         g = s.select("cluster_id", F.lit(n).alias("n"), F.explode(ngrams("event_types", n)).alias("g"))
@@ -311,17 +320,12 @@ def flows(spark: SparkSession, ctx: RunContext, previous_run: str, matched: dict
     """Users of both runs, counted by (previous segment, this segment); for the matched segments
     the change of size share, conversion, session length and most lifted event type."""
     store, t = ctx.store, ctx.tables
-    cl = store.read(spark, t.clusters)
-    old = (
-        coarse(cl.where(F.col("run_id") == previous_run))
-        .where(F.col("entity_type") == "user")
-        .select("entity_id", F.col("cluster_id").alias("o"))
-    )
-    new = (
-        coarse(cl.where(F.col("run_id") == ctx.run_id))
-        .where(F.col("entity_type") == "user")
-        .select("entity_id", F.col("cluster_id").alias("n"))
-    )
+
+    def segments(run_id: str, name: str) -> DataFrame:
+        users = coarse(store.read(spark, t.clusters, run_id)).where(F.col("entity_type") == "user")
+        return users.select("entity_id", F.col("cluster_id").alias(name))
+
+    old, new = segments(previous_run, "o"), segments(ctx.run_id, "n")
     pairs = {(int(r["o"]), int(r["n"])): int(r["count"]) for r in old.join(new, "entity_id").groupBy("o", "n").count().collect()}
     if not pairs:
         return None

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "parquet", "delta")
 MARKER = "_SEQCLUST_EXPORT.json"
-COLUMNS = ("user_id", "segment", "description", "run_id", "model_run_id", "encoder_id")
 
 
 @dataclass
@@ -58,8 +57,9 @@ class ExportResult:
 def audiences(
     spark: SparkSession, cfg: PipelineConfig, run_id: str, min_size: int = 50, raw_ids: bool = False
 ) -> tuple[DataFrame, dict[int, int], dict[int, int], str]:
-    """The rows to export (``COLUMNS``), the exported and the withheld segment sizes, and how
-    the ids were treated. InputError for a run that does not exist or has no segments."""
+    """The rows to export (user_id, segment, description, run_id, model_run_id, encoder_id), the
+    exported and the withheld segment sizes, and how the ids were treated. InputError for a run
+    that does not exist or has no segments."""
     if min_size < 1:
         raise ConfigError("--min-size: must be >= 1")
     store = table_store(cfg)
@@ -72,7 +72,10 @@ def audiences(
         hint = f"; latest runs there: {', '.join(known)}" if known else "; there are no runs there"
         raise InputError(f"--run-id {run_id}: no such run under {store.root}{hint}")
     seg = coarse(store.read(spark, t.clusters, run_id)).where(F.col("entity_type") == "user") if store.exists(t.clusters) else None
-    if seg is None or seg.limit(1).count() == 0:
+    sizes = (
+        {int(r["cluster_id"]): int(r["count"]) for r in seg.groupBy("cluster_id").count().collect()} if seg is not None else {}
+    )  # k rows
+    if seg is None or not sizes:
         raise InputError(f"--run-id {run_id}: the run has no segments (status {rec['status']}; did its cluster stage complete?)")
     conf = json.loads(rec["config_json"] or "{}")
     model_run = (conf.get("cluster") or {}).get("model_run") or run_id
@@ -93,7 +96,6 @@ def audiences(
             )
         user = pseudonym(user, salt)
         ids = "pseudonymised"
-    sizes = {int(r["cluster_id"]): int(r["count"]) for r in seg.groupBy("cluster_id").count().collect()}  # k rows
     withheld = {c: n for c, n in sizes.items() if n < min_size}
     kept = {c: n for c, n in sizes.items() if n >= min_size}
     desc = (

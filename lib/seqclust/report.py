@@ -143,7 +143,7 @@ def _heatmap_section(profiles: list[dict[str, Any]]) -> list[str]:
 
 
 def _journeys_section(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> list[str]:
-    from seqclust.explain import journeys
+    from seqclust.explain import MIN_NGRAM_COUNT, journeys
 
     r = cfg.report
     j = journeys(spark, ctx, top=r.top_ngrams, examples=r.examples, neighbourhood=r.neighbourhood, seed=cfg.run.seed)
@@ -152,13 +152,13 @@ def _journeys_section(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig)
     out = [
         "<h2>Typical journeys</h2>",
         f"<p class=note>Per segment: the event sequences (2 and 3 events in a row) most over-represented against everyone "
-        f"(lift = their share of the segment's sequences over their share of everyone's; seen at least 5 times), and "
+        f"(lift = their share of the segment's sequences over their share of everyone's; seen at least {MIN_NGRAM_COUNT} times), and "
         f"{r.examples} sessions drawn at random from the segment's {r.neighbourhood} users nearest its centre, "
         "with the time between events. Session handles are hashes, not ids.</p>",
     ]
     for c in sorted(set(j.ngrams) | set(j.examples)):
         grams = ", ".join(f"<b>{html.escape(g)}</b> {lift:.1f}x" for g, lift, _ in j.ngrams.get(c, []))
-        out.append(f"<h3>segment {c}</h3><p>{grams or '<span class=note>no sequence seen 5 times</span>'}</p>")
+        out.append(f"<h3>segment {c}</h3><p>{grams or f'<span class=note>no sequence seen {MIN_NGRAM_COUNT} times</span>'}</p>")
         for e in j.examples.get(c, []):
             out.append(f"<div class=note>session {html.escape(e['session'])} ({_gap(float(e['duration_s'] or 0))})</div>")
             out.append(_journey(e["events"], e["gaps_s"]))
