@@ -10,6 +10,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -20,7 +21,7 @@ from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from seqclust import tables
+from seqclust import refine, tables
 from seqclust.compat import to_arrow
 from seqclust.config import ClusterConfig, validate_run_id
 from seqclust.context import RunContext
@@ -403,6 +404,30 @@ def assign_nearest(users: DataFrame, centers, vec_col: str = "emb") -> DataFrame
     )
 
 
+def distance_to_own(users: DataFrame, centers, vec_col: str = "emb") -> DataFrame:
+    """The Euclidean ``distance_to_centroid`` of each row's ``vec_col`` to the centre of its
+    own ``cluster_id`` (refined segments are not always the nearest centre)."""
+    lit = F.array(*[F.array(*[F.lit(float(v)) for v in c]) for c in centers])
+    own = F.element_at(lit, F.col("cluster_id") + 1)
+    d2 = F.aggregate(F.zip_with(own, F.col(vec_col), lambda a, b: (a - b) * (a - b)), F.lit(0.0).cast("double"), lambda s, x: s + x)
+    return users.withColumn("distance_to_centroid", F.sqrt(d2))
+
+
+def member_means(assigned: DataFrame, centers, vec_col: str = "emb") -> list[list[float]]:
+    """Each segment's mean ``vec_col`` over the rows of ``assigned`` (``cluster_id``); a segment
+    with no row keeps its centre from ``centers`` (one aggregation, k x dim numbers)."""
+    rows = (
+        assigned.select("cluster_id", F.posexplode(vec_col).alias("pos", "v"))
+        .groupBy("cluster_id", "pos")
+        .agg(F.avg("v").alias("v"))
+        .collect()
+    )
+    out = [list(map(float, c)) for c in centers]
+    for r in rows:
+        out[r["cluster_id"]][r["pos"]] = float(r["v"])
+    return out
+
+
 def inertia(users: DataFrame, centers, vec_col: str = "emb") -> float:
     """Sum of squared distances of ``users`` to their nearest centre (one Spark job)."""
     row = one_row(assign_nearest(users.select(vec_col), centers, vec_col).agg(F.sum(F.col("distance_to_centroid") ** 2)))
@@ -456,8 +481,26 @@ def model_run_centers(spark: SparkSession, ctx: RunContext, run_id: str, method:
     return [list(r["centroid"]) for r in rows]
 
 
-def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> ClusterResult:
-    """Cluster this run's user vectors; write ``clusters``, ``centroids`` and the k sweep."""
+def _token_lists(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, artifact: Any) -> tuple[DataFrame, tuple[str, ...]] | None:
+    """Each user's behaviour-token counts (``refine.token_lists``) when ``cluster.refine`` is on
+    and the run's encoder artifact carries a token model; None (and why, in the log) otherwise."""
+    if cfg.refine == "none":
+        return None
+    tm = getattr(artifact, "token_model", None)
+    if tm is None:
+        log.info("cluster: segments not refined (the representation has no behaviour tokens: embed.representation encoder)")
+        return None
+    from seqclust import behaviour
+
+    sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+    lists = refine.token_lists(behaviour.token_counts(sessions, artifact.vocab, tm.interest), tm.tokens)
+    return lists.persist(StorageLevel.MEMORY_AND_DISK), tm.tokens
+
+
+def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int, artifact: Any = None) -> ClusterResult:
+    """Cluster this run's user vectors; write ``clusters``, ``centroids`` and the k sweep.
+    With ``artifact`` (the run's encoder artifact) and ``cluster.refine: tokens``, the k-means
+    segments are refined by the likelihood of the users' behaviour tokens (``seqclust.refine``)."""
     stored = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "user")
     n = stored.count()
     users = (
@@ -469,9 +512,11 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
         .sortWithinPartitions("entity_id")
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
+    lists = None
     try:
         if n == 0:
             raise InputError("no user vectors to cluster (did the embed stage run?)")
+        lists = _token_lists(spark, ctx, cfg, artifact)
         if cfg.model_run:
             centers = model_run_centers(spark, ctx, cfg.model_run)
             dim = len(one_row(stored.select("embedding"))["embedding"])
@@ -483,7 +528,12 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
             rule = f"assigned to the segments of run {cfg.model_run} (no refit)"
             log.info("cluster: assigning %d users to the %d segments of run %s", n, len(centers), cfg.model_run)
             fine = model_run_centers(spark, ctx, cfg.model_run, "fine") or None
-            return _finish(spark, ctx, users, centers, n, [], rule, cfg, seed, fine=fine)
+            stored_tokens = model_run_centers(spark, ctx, cfg.model_run, "tokens") if lists is not None else []
+            model_segs = refine.TokenSegments.from_rows(stored_tokens) if stored_tokens else None
+            if lists is not None and model_segs is None:
+                log.info("cluster: run %s has no token segments (not refined): users go to the nearest centre", cfg.model_run)
+                lists = None
+            return _finish(spark, ctx, users, centers, n, [], rule, cfg, seed, fine=fine, lists=lists, model_segs=model_segs)
         ks = [cfg.k] if cfg.k is not None else list(range(cfg.k_min, min(cfg.k_max, n - 1) + 1))
         if cfg.k is not None and cfg.k >= n:
             raise ConfigError(f"cluster.k: {cfg.k} is not below the number of users ({n})")
@@ -492,65 +542,43 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int) -> 
         fit_users, n_fit, who = fit_population(users, n, ks, cfg)
         fit = sweep_and_fit(fit_users, n_fit, ks, seed, cfg)
         rule = fit.rule + f"; segments: {fit.how}" + (f"; {who}" if who else "")
-        return _finish(spark, ctx, users, fit.centers, n, fit.sweep, rule, cfg, seed, fit.choice)
+        return _finish(spark, ctx, users, fit.centers, n, fit.sweep, rule, cfg, seed, fit.choice, lists=lists)
     finally:
         users.unpersist()
+        if lists is not None:
+            lists[0].unpersist()
 
 
-def _finish(
+def _refined(
     spark: SparkSession,
-    ctx: RunContext,
     users: DataFrame,
-    centers,
+    centers: list[list[float]],
     n: int,
-    sweep: list,
-    rule: str,
+    lists: tuple[DataFrame, tuple[str, ...]],
+    model_segs: refine.TokenSegments | None,
     cfg: ClusterConfig,
-    seed: int,
-    choice: KChoice | None = None,
-    fine: list[list[float]] | None = None,
-) -> ClusterResult:
-    """Write clusters (nearest centre), centroids, profiles and the sweep for ``centers``; with
-    ``cluster.fine_k``, the fine segments too (``granularity = 'fine'`` in ``clusters``, method
-    ``fine`` in ``centroids``)."""
-    centers = [[float(v) for v in c] for c in centers]
+) -> tuple[DataFrame, list[list[float]], refine.TokenSegments, str]:
+    """(labels, centres, token segments, note for the rule): the nearest-centre segments refined
+    by token likelihood (``seqclust.refine``), or with ``model_segs`` (assign) the model run's
+    token segments applied without refit. Refitted centres are the segments' mean vectors."""
+    token_df, tokens = lists
     k = len(centers)
-    if fine is None and not cfg.model_run:
-        fine = fine_centers(users, n, k, seed, cfg)
+    labels0 = assign_nearest(users.select("entity_id", "emb"), centers).select("entity_id", "cluster_id")
+    if model_segs is not None:
+        if model_segs.logp.shape[1] != len(tokens) or model_segs.k != k:
+            raise InputError(
+                f"cluster.model_run: run {cfg.model_run}'s token segments ({model_segs.k} x {model_segs.logp.shape[1]}) do not "
+                f"fit this encoder's {len(tokens)} behaviour tokens and {k} segments"
+            )
+        return refine.assign(refine.with_tokens(labels0, token_df), model_segs), centers, model_segs, "; by token likelihood"
+    r = refine.refine(spark, labels0, token_df, k, tokens, cfg.refine_alpha, cfg.refine_max_iter, cfg.refine_tol)
+    centers = member_means(users.join(r.labels, "entity_id"), centers)
+    note = f"; refined by the likelihood of users' behaviour tokens ({r.moved} of {n} users moved, {r.passes} passes)"
+    return r.labels, centers, r.segments, note
 
-    def rows(cs, granularity: str) -> DataFrame:
-        return assign_nearest(users, cs).select(
-            F.lit("user").alias("entity_type"),
-            "entity_id",
-            F.col("cluster_id").cast("int").alias("cluster_id"),
-            "distance_to_centroid",
-            F.lit(granularity).alias("granularity"),
-        )
 
-    clusters = rows(centers, "coarse")
-    if fine is not None:
-        clusters = clusters.unionByName(rows(fine, "fine"))
-    ctx.write(clusters, "clusters")
-    counts = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("granularity", "cluster_id").count().collect()
-    sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "coarse"}
-    fine_sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "fine"}
-    cent_rows = [(i, "encoder", [float(v) for v in c], int(sizes.get(i, 0))) for i, c in enumerate(centers)]
-    cent_rows += [(i, "fine", [float(v) for v in c], int(fine_sizes.get(i, 0))) for i, c in enumerate(fine or [])]
-    ctx.write(spark.createDataFrame(cent_rows, tables.CENTROIDS), "centroids")
-    sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
-    assigned = coarse(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id)).select("entity_id", "cluster_id")
-    keep = user_sample(n, cfg.profile_sample, seed)
-    sessions, assigned = keep(sessions, "user_id"), keep(assigned, "entity_id")
-    if cfg.profile_sample is not None and n > cfg.profile_sample:
-        log.info(
-            "cluster: profiles from a hash sample of about %d of %d users (cluster.profile_sample); sizes exact", cfg.profile_sample, n
-        )
-    if cfg.profile_sample is not None:  # at most about profile_sample users: a broadcast, no shuffle of sessions
-        assigned = F.broadcast(assigned)
-    profiles = cluster_profiles(spark, sessions, assigned, sizes=sizes)
-    ctx.write(profiles, "cluster_profiles")
-    for p in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("cluster_id").collect():
-        log.info("cluster %d: %s", p["cluster_id"], p["description"])
+def _write_sweep(spark: SparkSession, ctx: RunContext, sweep: list, k: int, rule: str, choice: KChoice | None) -> None:
+    """The k sweep as ``metrics`` rows (family ``sweep``), the chosen k and the rule in details."""
     details = {"rule": rule, "uncertain": bool(choice and choice.uncertain), "runner_up": choice.runner_up if choice else None}
     sweep_rows = [
         tables.MetricRow(
@@ -568,5 +596,79 @@ def _finish(
         if m in r
     ]
     tables.write_metrics(spark, ctx, sweep_rows, families=("sweep",))
+
+
+def _finish(
+    spark: SparkSession,
+    ctx: RunContext,
+    users: DataFrame,
+    centers,
+    n: int,
+    sweep: list,
+    rule: str,
+    cfg: ClusterConfig,
+    seed: int,
+    choice: KChoice | None = None,
+    fine: list[list[float]] | None = None,
+    lists: tuple[DataFrame, tuple[str, ...]] | None = None,
+    model_segs: refine.TokenSegments | None = None,
+) -> ClusterResult:
+    """Write clusters (nearest centre, or refined: see ``seqclust.refine``), centroids,
+    profiles and the sweep for ``centers``; with ``cluster.fine_k``, the fine segments too
+    (``granularity = 'fine'`` in ``clusters``, method ``fine`` in ``centroids``)."""
+    centers = [[float(v) for v in c] for c in centers]
+    k = len(centers)
+    if fine is None and not cfg.model_run:
+        fine = fine_centers(users, n, k, seed, cfg)
+    labels, token_segs = None, None
+    if lists is not None:
+        labels, centers, token_segs, note = _refined(spark, users, centers, n, lists, model_segs, cfg)
+        rule += note
+
+    def rows(cs, granularity: str) -> DataFrame:
+        return assign_nearest(users, cs).select(
+            F.lit("user").alias("entity_type"),
+            "entity_id",
+            F.col("cluster_id").cast("int").alias("cluster_id"),
+            "distance_to_centroid",
+            F.lit(granularity).alias("granularity"),
+        )
+
+    if labels is None:
+        clusters = rows(centers, "coarse")
+    else:
+        clusters = distance_to_own(users.join(labels, "entity_id"), centers).select(
+            F.lit("user").alias("entity_type"),
+            "entity_id",
+            F.col("cluster_id").cast("int").alias("cluster_id"),
+            "distance_to_centroid",
+            F.lit("coarse").alias("granularity"),
+        )
+    if fine is not None:
+        clusters = clusters.unionByName(rows(fine, "fine"))
+    ctx.write(clusters, "clusters")
+    counts = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("granularity", "cluster_id").count().collect()
+    sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "coarse"}
+    fine_sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "fine"}
+    cent_rows = [(i, "encoder", [float(v) for v in c], int(sizes.get(i, 0))) for i, c in enumerate(centers)]
+    cent_rows += [(i, "fine", [float(v) for v in c], int(fine_sizes.get(i, 0))) for i, c in enumerate(fine or [])]
+    if token_segs is not None:
+        cent_rows += token_segs.rows(np.array([sizes.get(i, 0) for i in range(k)]))
+    ctx.write(spark.createDataFrame(cent_rows, tables.CENTROIDS), "centroids")
+    sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+    assigned = coarse(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id)).select("entity_id", "cluster_id")
+    keep = user_sample(n, cfg.profile_sample, seed)
+    sessions, assigned = keep(sessions, "user_id"), keep(assigned, "entity_id")
+    if cfg.profile_sample is not None and n > cfg.profile_sample:
+        log.info(
+            "cluster: profiles from a hash sample of about %d of %d users (cluster.profile_sample); sizes exact", cfg.profile_sample, n
+        )
+    if cfg.profile_sample is not None:  # at most about profile_sample users: a broadcast, no shuffle of sessions
+        assigned = F.broadcast(assigned)
+    profiles = cluster_profiles(spark, sessions, assigned, sizes=sizes)
+    ctx.write(profiles, "cluster_profiles")
+    for p in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("cluster_id").collect():
+        log.info("cluster %d: %s", p["cluster_id"], p["description"])
+    _write_sweep(spark, ctx, sweep, k, rule, choice)
     log.info("cluster: k=%d for %d users (%s)", k, n, rule)
     return ClusterResult(k, n, sweep, rule, bool(choice and choice.uncertain), choice.runner_up if choice else None)

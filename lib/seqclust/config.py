@@ -304,8 +304,20 @@ class ClusterConfig:
     # recommendation fill; at most one per fine_min_users users; null: none
     fine_k: int | None = 50
     fine_min_users: int = 20
+    # the k-means segments refined by the likelihood of each user's behaviour tokens (hard EM
+    # of per-field multinomials, seqclust.refine; needs a representation with behaviour tokens):
+    # tokens | none. alpha: Laplace smoothing; stops after refine_max_iter passes or when at
+    # most refine_tol of the users change segment in a pass
+    refine: Literal["tokens", "none"] = "tokens"
+    refine_alpha: float = 1.0
+    refine_max_iter: int = 10
+    refine_tol: float = 0.001
 
     def __post_init__(self) -> None:
+        _check(self.refine in ("tokens", "none"), "refine", "must be tokens or none")
+        _check(self.refine_alpha > 0, "refine_alpha", "must be > 0")
+        _check(1 <= self.refine_max_iter <= 100, "refine_max_iter", "must be from 1 to 100")
+        _check(0 <= self.refine_tol < 1, "refine_tol", "must be in [0, 1)")
         if self.model_run is not None:
             validate_run_id(self.model_run)
         _check(0 <= self.silhouette_tolerance < 1, "silhouette_tolerance", "must be in [0, 1)")

@@ -158,7 +158,13 @@ def _embed(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRe
 
 
 def _cluster(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
-    c = cluster_stage.run(spark, ctx, cfg.cluster, cfg.run.seed)
+    art = state.get("artifact")
+    path = cfg.encoder.path or rec.encoder_path
+    if art is None and cfg.cluster.refine != "none" and path:
+        from seqclust.encoder import load_artifact
+
+        art = load_artifact(path)
+    c = cluster_stage.run(spark, ctx, cfg.cluster, cfg.run.seed, artifact=art)
     rec.k = c.k
     rec.users = c.users
     state["k_choice"] = next(

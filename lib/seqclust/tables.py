@@ -309,7 +309,11 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("session_quarantine", SESSION_QUARANTINE, doc="runaway (bot-like) sessions"),
         TableSpec("embeddings", EMBEDDINGS, ("run_id", "entity_type"), doc="session and user vectors"),
         TableSpec("clusters", CLUSTERS, doc="each user's segment, coarse and fine"),
-        TableSpec("centroids", CENTROIDS, doc="segment centres (method encoder | fine)"),
+        TableSpec(
+            "centroids",
+            CENTROIDS,
+            doc="segment centres (method encoder | fine) and token segments (method tokens: log prior, then log p of each behaviour token)",
+        ),
         TableSpec("cluster_profiles", CLUSTER_PROFILES, doc="what each segment does"),
         TableSpec("metrics", METRICS, doc="every measured figure, by family"),
         TableSpec("runs", RUNS, doc="one row per run"),
