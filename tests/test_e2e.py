@@ -395,8 +395,148 @@ def test_a_view_only_clickstream_without_category_or_price_runs_to_the_end(spark
     assert "views: succeeded" in captured.out and "bag_of_events" in captured.out
 
 
-COMPAT_SETS = sorted(p.stem for p in (REPO / ".ci" / "compat").glob("*.txt"))
-PROTECTED = {"pyspark", "pandas", "numpy", "pyarrow", "scikit-learn", "tensorflow", "tensorflow-cpu", "keras", "delta-spark"}
+def _pins(libset: str) -> set[str]:
+    lines = (REPO / ".ci" / "compat" / f"{libset}.txt").read_text().splitlines()
+    return {ln.split("==")[0].strip().lower() for ln in lines if "==" in ln and not ln.lstrip().startswith("#")}
+
+
+ALL_SETS = sorted(p.stem for p in (REPO / ".ci" / "compat").glob("*.txt"))
+# the sets with TensorFlow run everything; the others (PyTorch only) embed and assign with an
+# encoder trained under TensorFlow (test_an_encoder_trained_under_tensorflow_runs_under_torch)
+COMPAT_SETS = [s for s in ALL_SETS if _pins(s) & {"tensorflow", "tensorflow-cpu"}]
+TORCH_SETS = [s for s in ALL_SETS if s not in COMPAT_SETS and "torch" in _pins(s)]
+PROTECTED = {"pyspark", "pandas", "numpy", "pyarrow", "scikit-learn", "tensorflow", "tensorflow-cpu", "keras", "delta-spark", "torch"}
+
+
+def _compat_env(libset: str):
+    import os
+
+    env = REPO / ".venv-compat" / libset
+    if not (env / ".installed").exists():
+        if os.environ.get("SEQCLUST_REQUIRE_COMPAT"):
+            pytest.fail(f"{env} is not built and SEQCLUST_REQUIRE_COMPAT is set (CI): `make compat` failed")
+        pytest.skip(f"{env} is not built (`make compat` builds it; CI does)")
+    return env
+
+
+def _wheel_changes(env, tmp_path) -> dict[str, str]:
+    """What installing seqclust into ``env`` would install or change (pip --dry-run)."""
+    import json
+    import subprocess
+
+    report = tmp_path / "report.json"
+    subprocess.run(
+        [str(env / "bin" / "pip"), "install", "--dry-run", "--quiet", "--report", str(report), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+
+
+TORCH_EMBED = """
+import json, sys
+import numpy as np
+from seqclust.encoder import embedding_fn, load_artifact
+art = load_artifact(sys.argv[1])
+with np.load(sys.argv[2]) as z:
+    feats = {f: z[f] for f in z.files}
+vec = embedding_fn(art.model_cfg, art.weights, threads=1)(feats)
+import keras
+np.save(sys.argv[3], vec)
+print(json.dumps({"backend": keras.backend.backend(), "rows": len(vec)}))
+"""
+
+
+@pytest.mark.parametrize("libset", TORCH_SETS)
+def test_an_encoder_trained_under_tensorflow_runs_under_torch(spark, data, e2e_out, libset, tmp_path):
+    """A runtime with PyTorch and no TensorFlow (.ci/compat, Databricks ML 19's kind): the
+    wheel leaves its packages alone; Keras runs on the torch backend; the e2e run's encoder
+    (trained here under TensorFlow) gives the same vectors there (within 1e-5), and `assign`
+    there puts every user in the same segment as the run here; training there stops with a
+    clear message."""
+    import json
+    import shutil
+    import subprocess
+
+    from pyspark.sql import functions as F
+
+    from seqclust.encoder import embedding_fn, load_artifact
+
+    env = _compat_env(libset)
+    changed = _wheel_changes(env, tmp_path)
+    assert not (set(changed) & PROTECTED), f"installing seqclust into {libset} would change {changed}"
+    ref, _ = e2e_out
+    run = spark.read.format("delta").load(str(ref / "runs")).where("run_id = 'e2e-1'").first()
+    art = load_artifact(run["encoder_path"])
+    # 1. the same weights, the same vectors: every token id, every length up to max_len
+    rng = np.random.default_rng(3)
+    L, n = art.model_cfg["max_len"], 2000
+    lens = rng.integers(1, L + 1, n)
+    feats = {}
+    for f, size in art.model_cfg["sizes"].items():
+        x = rng.integers(1, size - 1, (n, L)).astype(np.int32)
+        x[np.arange(L)[None, :] >= lens[:, None]] = 0
+        feats[f] = x
+    np.savez(tmp_path / "feats.npz", **feats)
+    here = embedding_fn(art.model_cfg, art.weights, threads=1)(feats)
+    proc = subprocess.run(
+        [str(env / "bin" / "python"), "-c", TORCH_EMBED, str(art.path), str(tmp_path / "feats.npz"), str(tmp_path / "there.npy")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info == {"backend": "torch", "rows": n}
+    diff = float(np.abs(np.load(tmp_path / "there.npy") - here).max())
+    print(f"{libset}: max |TensorFlow - torch| over {n} sessions: {diff:.2e}")
+    assert diff <= 1e-5
+    # 2. assign there, with the run's encoder and segments: the same segment for every user
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    proc = subprocess.run(
+        [str(env / "bin" / "seqclust"), "assign", "--conf", str(REPO / "conf" / "local.yaml"), "--input", str(data / "events")]
+        + ["--output", str(out), "--run-id", "torch", "--model", "e2e-1"]
+        + [x for s in SMALL + ["evaluate.downstream=false"] for x in ("--set", s)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=_clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def segments(run_id):
+        rows = (
+            spark.read.format("delta")
+            .load(str(out / "clusters"))
+            .where((F.col("run_id") == run_id) & (F.col("granularity") == "coarse"))
+            .select("entity_id", "cluster_id")
+            .collect()
+        )
+        return dict(rows)
+
+    assert segments("torch") == segments("e2e-1")
+
+    def vectors(run_id):
+        rows = spark.read.format("delta").load(str(out / "embeddings")).where(F.col("run_id") == run_id)
+        return {r["entity_id"]: np.array(r["embedding"]) for r in rows.where("entity_type = 'session'").collect()}
+
+    a, b = vectors("e2e-1"), vectors("torch")
+    assert a.keys() == b.keys()
+    assert max(float(np.abs(a[s] - b[s]).max()) for s in a) <= 1e-5
+    # 3. training there (the train stage on the sessions assign wrote): one clear line, no traceback
+    proc = subprocess.run(
+        [str(env / "bin" / "seqclust"), "train", "--conf", str(REPO / "conf" / "local.yaml"), "--output", str(out), "--run-id", "torch"]
+        + [x for s in SMALL for x in ("--set", s)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=_clean_env(),
+    )
+    assert proc.returncode != 0
+    assert "training the encoder needs TensorFlow" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("libset", COMPAT_SETS)
@@ -405,29 +545,15 @@ def test_the_same_run_on_another_runtime_library_set(spark, data, e2e_out, libse
     repeated in another Spark line / library set gives the same sessions and row counts and
     agreeing segments; an encoder and segments made there are used by `assign` here; and
     installing the package there would change none of the runtime's packages."""
-    import json
     import subprocess
     import time
 
     from pyspark.sql import functions as F
     from sklearn.metrics import adjusted_rand_score
 
-    env = REPO / ".venv-compat" / libset
-    if not (env / ".installed").exists():
-        import os
-
-        if os.environ.get("SEQCLUST_REQUIRE_COMPAT"):
-            pytest.fail(f"{env} is not built and SEQCLUST_REQUIRE_COMPAT is set (CI): `make compat` failed")
-        pytest.skip(f"{env} is not built (`make compat` builds it; CI does)")
+    env = _compat_env(libset)
     # 1. the wheel would leave the runtime's packages alone
-    report = tmp_path / "report.json"
-    subprocess.run(
-        [str(env / "bin" / "pip"), "install", "--dry-run", "--quiet", "--report", str(report), str(REPO)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    changed = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    changed = _wheel_changes(env, tmp_path)
     assert not (set(changed) & PROTECTED), f"installing seqclust into {libset} would change {changed}"
     # 2. the unit tests of the code that differs between Spark lines (the e2e run below covers
     # the rest; its source has native types, so the try_cast path is tested here)
@@ -498,5 +624,6 @@ def test_the_same_run_on_another_runtime_library_set(spark, data, e2e_out, libse
 def _clean_env():
     import os
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "VIRTUAL_ENV", "PYTHONPATH")}
-    return env
+    # KERAS_BACKEND: set in this process once Keras was chosen; another environment chooses its own
+    drop = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "VIRTUAL_ENV", "PYTHONPATH", "KERAS_BACKEND")
+    return {k: v for k, v in os.environ.items() if k not in drop}

@@ -233,3 +233,27 @@ def test_the_worker_model_cache_is_bounded_least_recently_used_out():
     cache.move_to_end("a")  # "a" used again: "b" is now the least recently used
     _remember("c", "C", cache, limit=2)
     assert list(cache) == ["a", "c"]
+
+
+@pytest.mark.parametrize(
+    "backend, message",
+    [
+        ("jax", "KERAS_BACKEND='jax' is not supported: seqclust runs on tensorflow or torch"),
+        ("torch", "KERAS_BACKEND=torch but torch is not installed"),
+    ],
+)
+def test_an_unusable_keras_backend_is_refused_with_one_line(backend, message):
+    """Keras reads KERAS_BACKEND once per process, so each case runs in its own interpreter.
+    (torch is absent from the main environment; the torch environment is tested in test_e2e.)"""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if backend == "torch" and importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed here")
+    code = "from seqclust.errors import ArtifactError\nfrom seqclust.encoder import keras_backend\ntry:\n    keras_backend()\nexcept ArtifactError as e:\n    print(e)\n"
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert message in r.stdout, r.stdout

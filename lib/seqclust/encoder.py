@@ -34,17 +34,74 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-def _tf(threads: int | None = None) -> Any:
+BACKENDS = ("tensorflow", "torch")
+
+
+def keras_backend(threads: int | None = None) -> str:
+    """Choose and start the Keras backend, before ``keras`` is imported: ``KERAS_BACKEND`` when
+    set (``tensorflow`` or ``torch``), else TensorFlow where it is installed, else PyTorch (a
+    runtime that ships no TensorFlow, such as Databricks ML 19). Training needs TensorFlow;
+    embedding (``embedding_fn``) runs on either with the same weights: the model code uses
+    ``keras.ops`` only. ``threads`` caps the backend's intra-op threads (executors)."""
+    import importlib.util
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    name = os.environ.get("KERAS_BACKEND")
+    if not name:
+        if importlib.util.find_spec("tensorflow") is not None:
+            name = "tensorflow"
+        elif importlib.util.find_spec("torch") is not None:
+            name = "torch"
+            log.info("TensorFlow is not installed: Keras runs on PyTorch (embedding only; training needs TensorFlow)")
+        else:
+            raise ArtifactError(
+                "neither TensorFlow nor PyTorch is installed: install seqclust[ml] (TensorFlow), "
+                "or torch for embedding with an encoder trained elsewhere"
+            )
+        os.environ["KERAS_BACKEND"] = name
+    if name not in BACKENDS:
+        raise ArtifactError(f"KERAS_BACKEND={name!r} is not supported: seqclust runs on {' or '.join(BACKENDS)}")
+    if importlib.util.find_spec(name) is None:
+        other = [b for b in BACKENDS if b != name and importlib.util.find_spec(b) is not None]
+        hint = f"set KERAS_BACKEND={other[0]} or unset it" if other else "install seqclust[ml] (TensorFlow)"
+        raise ArtifactError(f"KERAS_BACKEND={name} but {name} is not installed: {hint}")
+    import sys
+
+    loaded = sys.modules.get("keras")
+    if loaded is not None and hasattr(loaded, "backend") and hasattr(loaded.backend, "backend"):
+        active = loaded.backend.backend()
+        if active != name:
+            raise ArtifactError(
+                f"keras was already imported with the {active} backend in this process; KERAS_BACKEND={name} comes too late"
+            )
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        if threads:
+            try:  # only possible before TensorFlow's runtime has started in this process
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(threads)
+            except RuntimeError:
+                pass
+    else:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+    return name
+
+
+def _tf(threads: int | None = None) -> Any:
+    """TensorFlow, for training (its loop uses tf.function and GradientTape): a clear error
+    where Keras runs on another backend."""
+    name = keras_backend(threads)
+    if name != "tensorflow":
+        raise ArtifactError(
+            f"training the encoder needs TensorFlow; Keras runs on {name} here (embedding and assign work): "
+            "train where TensorFlow is installed and pass that encoder here with --encoder PATH or --model RUN_ID"
+        )
     import tensorflow as tf
 
-    if threads:
-        try:  # only possible before TensorFlow's runtime has started in this process
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError:
-            pass
     return tf
 
 
@@ -85,6 +142,11 @@ def _position_layer() -> Any:
         def call(self, x: Any) -> Any:
             return x + self.pos[: ops.shape(x)[1]]
 
+        def compute_output_shape(self, input_shape: Any) -> Any:
+            # stated, not traced: the torch backend traces with a made-up width that may
+            # exceed max_len
+            return input_shape
+
     return AddPosition
 
 
@@ -94,7 +156,7 @@ def build_encoder(model_cfg: dict[str, Any]) -> Any:
 
     The output is not normalised; ``embedding_fn`` L2-normalises it.
     """
-    _tf()
+    keras_backend()
     require_keras3()
     import keras
     from keras import layers, ops
@@ -255,19 +317,35 @@ def embedding_fn(
     its longest row), so a batch of mostly short sessions does not pay for ``max_len`` steps;
     the output is in the input's row order.
     """
-    tf = _tf(threads)
+    backend = keras_backend(threads)
     model = build_encoder(model_cfg)
     try:
         model.set_weights(weights)
     except ValueError as e:
         raise ArtifactError(f"encoder weights do not fit the architecture: {str(e)[:200]}") from None
     dim = model_cfg["embedding_dim"]
-    spec = {f: tf.TensorSpec([None, None], tf.int32, name=f) for f in FIELDS}
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    @tf.function(input_signature=[spec], reduce_retracing=True)
-    def _predict(x: dict[str, Any]) -> Any:
-        z = model(x, training=False)
-        return tf.math.l2_normalize(z, axis=1)
+        spec = {f: tf.TensorSpec([None, None], tf.int32, name=f) for f in FIELDS}
+
+        @tf.function(input_signature=[spec], reduce_retracing=True)
+        def _tf_predict(x: dict[str, Any]) -> Any:
+            z = model(x, training=False)
+            return tf.math.l2_normalize(z, axis=1)
+
+        def _predict(x: dict[str, np.ndarray]) -> np.ndarray:
+            return _tf_predict({f: tf.constant(x[f]) for f in FIELDS}).numpy()
+
+    else:  # torch: the same layers through keras.ops; normalised as tf.math.l2_normalize does
+        import keras
+        import torch
+
+        def _predict(x: dict[str, np.ndarray]) -> np.ndarray:
+            with torch.no_grad():
+                z = keras.ops.convert_to_numpy(model({f: torch.from_numpy(np.ascontiguousarray(x[f])) for f in FIELDS}, training=False))
+            z = z.astype(np.float32)
+            return z / np.sqrt(np.maximum((z * z).sum(axis=1, keepdims=True), 1e-12))
 
     def predict(features: dict[str, np.ndarray]) -> np.ndarray:
         n = len(features["tok"])
@@ -279,7 +357,7 @@ def embedding_fn(
         for b in range(0, n, chunk):
             rows = order[b : b + chunk]
             x = trim(features, rows, lengths)
-            out[rows] = _predict({f: tf.constant(x[f]) for f in FIELDS}).numpy()
+            out[rows] = _predict(x)
         return out
 
     return predict
