@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.seqclust-installed
 
-.PHONY: setup run test test-fast lint bench clean airflow compat
+.PHONY: setup run test test-fast test-dag lint bench clean airflow compat
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: $(STAMP)
 # subprocesses that leave a core idle (serial: 38 min; two workers: about 25)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+
+# the Airflow DAG run for real (airflow dags test, a spark-submit per stage; needs `make airflow`):
+# 10-14 minutes on 2 cores, so opt-in
+test-dag: $(STAMP)
+	SEQCLUST_DAG_TEST=1 $(BIN)/python -m pytest -q tests/test_dags.py
 
 # the tests that need no Spark (generators, config, tokens, k rule, metrics oracles): seconds
 test-fast: $(STAMP)
@@ -51,7 +56,8 @@ $(AIRFLOW_VENV)/.installed:
 	touch $@
 
 # The compatibility matrix: one venv per runtime library set in .ci/compat/ (Databricks LTS ML
-# sets on open-source Spark 3.5 and 4.0), seqclust installed without its dependencies, Delta's
+# sets on open-source Spark 3.5 and 4.0; a Spark 4.2 set with PyTorch and no TensorFlow, about
+# 6 GB with torch's CUDA wheels), seqclust installed without its dependencies, Delta's
 # jars for that Spark line fetched once. tests/test_e2e.py repeats its run in each (skips,
 # saying so, when a venv is missing). CI runs this before `make test`.
 COMPAT_SETS := $(basename $(notdir $(wildcard .ci/compat/*.txt)))

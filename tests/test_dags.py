@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,119 @@ def test_databricks_dag_submits_the_stages_with_an_idempotency_token(dagbag):
         wheel = t["python_wheel_task"]
         assert wheel["package_name"] == "seqclust" and wheel["entry_point"] in entry_points
         assert wheel["parameters"][0] == STAGES[i] and wheel["parameters"][wheel["parameters"].index("--run-id") + 1] == "{{ ds }}"
+
+
+SMALL_CONF = """\
+spark:
+  master: local[2]
+  shuffle_partitions: 2
+  driver_memory: 2g
+encoder:
+  epochs: 2
+  batch_size: 64
+  train_sample: 2000
+  embedding_dim: 16
+  hidden: 32
+cluster:
+  k_min: 4
+  k_max: 5
+  stability_runs: 0
+  n_init: 1
+  fine_k: null
+baseline:
+  bag_of_events: false
+evaluate:
+  bootstrap: 10
+  downstream: false
+report:
+  map_users: 500
+  tsne_users: 0
+"""
+TABLES = ("events", "quarantine", "sessions", "embeddings", "clusters", "centroids", "cluster_profiles", "metrics", "runs")
+
+
+def _tables(root: Path, run_id: str) -> dict:
+    """Per table, the run's rows as sorted tuples of the columns that do not vary with time."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    out = {}
+    for t in TABLES:
+        tbl = DeltaTable(str(root / t)).to_pyarrow_table()
+        tbl = tbl.filter(pc.equal(tbl.column("run_id"), run_id))
+        keep = {
+            "sessions": ["session_id", "user_id", "n_events"],
+            "clusters": ["entity_type", "entity_id", "granularity", "cluster_id"],
+            "embeddings": ["entity_type", "entity_id"],
+            "events": ["event_id"],
+            "runs": ["status", "encoder_id", "k", "rows_input", "rows_clean", "rows_quarantined", "rows_duplicates"],
+        }.get(t)
+        out[t] = sorted(map(tuple, zip(*[tbl.column(c).to_pylist() for c in keep]))) if keep else tbl.num_rows
+    return out
+
+
+def test_the_spark_dag_runs_for_real_equal_to_seqclust_run_and_idempotent(tmp_path):
+    """`airflow dags test` runs the `seqclust` DAG end to end: each SparkSubmitOperator calls
+    spark-submit.sh on local[2] for 80 generated users. Its Delta tables equal a `seqclust run`
+    with the same run id (the logical date) and configuration; running tasks again for the
+    same date (here: its cluster and evaluate tasks run again) changes no row."""
+    if not AIRFLOW_PY.exists():
+        pytest.skip(f"Airflow is not installed ({AIRFLOW_PY} missing; `make airflow` creates it, CI runs it)")
+    if not os.environ.get("SEQCLUST_DAG_TEST"):
+        # seven spark-submits of about a minute each even for 80 users (each stage starts Spark,
+        # Delta and TensorFlow): 10-14 minutes of both cores, beyond the suite's CI budget today
+        pytest.skip("the real DAG run is opt-in: SEQCLUST_DAG_TEST=1 (or `make test-dag`); 10-14 min on 2 cores")
+    pytest.importorskip("deltalake")
+    from seqclust.datagen import write_dataset
+
+    write_dataset(tmp_path / "data", users=80, seed=11, bad_rate=0.01)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "base.yaml").write_text((REPO / "conf" / "base.yaml").read_text())
+    (conf / "dags.yaml").write_text(SMALL_CONF)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(
+        AIRFLOW_HOME=str(tmp_path / "airflow_home"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW_CONN_SPARK_SEQCLUST=json.dumps({"conn_type": "spark", "host": "local[2]"}),
+        SEQCLUST_HOME=str(REPO),
+        SEQCLUST_CONF=str(conf / "dags.yaml"),
+        SEQCLUST_INPUT=str(tmp_path / "data" / "events"),
+        SEQCLUST_OUTPUT=str(tmp_path / "dag_out"),
+    )
+    airflow = str(AIRFLOW_PY.parent / "airflow")
+    r = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def dags_test():
+        r = subprocess.run([airflow, "dags", "test", "seqclust", "2026-11-28"], capture_output=True, text=True, timeout=1800, env=env)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        assert "state=success" in r.stdout + r.stderr
+        return _tables(tmp_path / "dag_out", "2026-11-28")
+
+    first = dags_test()
+    # the same run id, configuration and input through the CLI, in one process
+    seqclust = Path(sys.executable).parent / "seqclust"
+    r = subprocess.run(
+        [str(seqclust), "run", "--conf", str(conf / "dags.yaml"), "--input", str(tmp_path / "data" / "events")]
+        + ["--output", str(tmp_path / "cli_out"), "--run-id", "2026-11-28"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={k: v for k, v in env.items() if not k.startswith("AIRFLOW")},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    cli = _tables(tmp_path / "cli_out", "2026-11-28")
+    for t in TABLES:
+        assert first[t] == cli[t], t
+    assert first["runs"][0][0] == "succeeded" and first["clusters"]
+    # retried tasks for the same date (Airflow's own task runner, the stages that rewrite the
+    # run's segments and metrics): every table as it was. A whole second `dags test` gives the
+    # same (measured by hand, session 10); the suite runs two stages for time.
+    for task in ("cluster", "evaluate"):
+        r = subprocess.run(
+            [airflow, "tasks", "test", "seqclust", task, "2026-11-28"], capture_output=True, text=True, timeout=1800, env=env
+        )
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert _tables(tmp_path / "dag_out", "2026-11-28") == first
