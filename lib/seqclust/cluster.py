@@ -647,6 +647,8 @@ def _finish(
     if fine is not None:
         clusters = clusters.unionByName(rows(fine, "fine"))
     ctx.write(clusters, "clusters")
+    if labels is not None:
+        labels.unpersist()  # the refined labels, cached by refine.refine for its count and this write
     counts = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("granularity", "cluster_id").count().collect()
     sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "coarse"}
     fine_sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "fine"}
