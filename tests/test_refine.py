@@ -100,8 +100,8 @@ def test_spark_refinement_equals_the_in_memory_oracle_and_assign_reproduces_it(s
     ).repartition(3)
     labels0 = spark.createDataFrame([(u, int(c)) for u, c in zip(ids, start)], "entity_id string, cluster_id int").repartition(2)
     lists = refine.token_lists(counts, TOKENS)
-    got = refine.refine(spark, labels0, lists, 3, TOKENS, alpha=1.0, max_iter=10, tol=0.001)
-    spark_labels = dict(got.labels.collect())
+    got = refine.refine(labels0, lists, 3, TOKENS, alpha=1.0, max_iter=10, tol=0.001)
+    spark_labels = dict(got.labels.select("entity_id", "cluster_id").collect())
     want, want_segs, passes = refine.fit_local(X, start, 3, fields, alpha=1.0, max_iter=10, tol=0.001)
     assert [spark_labels[u] for u in ids] == list(want)
     assert got.passes == passes
@@ -112,7 +112,7 @@ def test_spark_refinement_equals_the_in_memory_oracle_and_assign_reproduces_it(s
     # the stored rows (centroids, method tokens) assign the same users the same way
     rows = got.segments.rows(np.bincount(want, minlength=3))
     stored = refine.TokenSegments.from_rows([r[2] for r in rows])
-    again = dict(refine.assign(refine.with_tokens(labels0, lists), stored).collect())
+    again = dict(refine.assign(refine.with_tokens(labels0, lists), stored).select("entity_id", "cluster_id").collect())
     assert again == spark_labels
 
 

@@ -550,7 +550,6 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int, art
 
 
 def _refined(
-    spark: SparkSession,
     users: DataFrame,
     centers: list[list[float]],
     n: int,
@@ -571,7 +570,7 @@ def _refined(
                 f"fit this encoder's {len(tokens)} behaviour tokens and {k} segments"
             )
         return refine.assign(refine.with_tokens(labels0, token_df), model_segs), centers, model_segs, "; by token likelihood"
-    r = refine.refine(spark, labels0, token_df, k, tokens, cfg.refine_alpha, cfg.refine_max_iter, cfg.refine_tol)
+    r = refine.refine(labels0, token_df, k, tokens, cfg.refine_alpha, cfg.refine_max_iter, cfg.refine_tol)
     centers = member_means(users.join(r.labels, "entity_id"), centers)
     note = f"; refined by the likelihood of users' behaviour tokens ({r.moved} of {n} users moved, {r.passes} passes)"
     return r.labels, centers, r.segments, note
@@ -622,7 +621,7 @@ def _finish(
         fine = fine_centers(users, n, k, seed, cfg)
     labels, token_segs = None, None
     if lists is not None:
-        labels, centers, token_segs, note = _refined(spark, users, centers, n, lists, model_segs, cfg)
+        labels, centers, token_segs, note = _refined(users, centers, n, lists, model_segs, cfg)
         rule += note
 
     def rows(cs, granularity: str) -> DataFrame:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 STATS_SCHEMA = T.StructType(
     [T.StructField("cluster_id", T.IntegerType()), T.StructField("col", T.IntegerType()), T.StructField("n", T.DoubleType())]
 )
-LABELS_SCHEMA = T.StructType([T.StructField("entity_id", T.StringType()), T.StructField("cluster_id", T.IntegerType())])
+LABELS_SCHEMA = T.StructType(
+    [T.StructField("entity_id", T.StringType()), T.StructField("cluster_id", T.IntegerType()), T.StructField("label0", T.IntegerType())]
+)
 SIZE, CHANGED = -1, -2  # special ``col`` values of a pass's output rows
 
 
@@ -215,22 +217,19 @@ def _pass(data: DataFrame, k: int, current: TokenSegments | None, previous: Toke
 
 
 def _unpack(rows: np.ndarray, k: int, V: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(stats k x V, sizes k, users changed) from a pass's summed rows."""
+    c, col, n = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64), rows[:, 2]
     stats = np.zeros((k, V))
-    sizes = np.zeros(k)
-    changed = 0
-    for c, col, n in rows:
-        if col == SIZE:
-            sizes[int(c)] += n
-        elif col == CHANGED:
-            changed += int(n)
-        else:
-            stats[int(c), int(col)] += n
-    return stats, sizes, changed
+    tok = col >= 0
+    np.add.at(stats, (c[tok], col[tok]), n[tok])
+    sizes = np.bincount(c[col == SIZE], weights=n[col == SIZE], minlength=k)
+    return stats, sizes, int(n[col == CHANGED].sum())
 
 
 def assign(data: DataFrame, segs: TokenSegments) -> DataFrame:
-    """``(entity_id, cluster_id)``: each user of ``data`` (``entity_id``, ``tc``, ``label0``) in
-    its most likely segment (``label0`` for a user without tokens)."""
+    """``(entity_id, cluster_id, label0)``: each user of ``data`` (``entity_id``, ``tc``,
+    ``label0``) in its most likely segment (``label0``, the k-means one, for a user without
+    tokens), the k-means segment beside it."""
     npz = segs.to_npz()
 
     def run(batches):
@@ -239,14 +238,15 @@ def assign(data: DataFrame, segs: TokenSegments) -> DataFrame:
             if b.num_rows == 0:
                 continue
             lab = _labels(b, m)[3].astype(np.int32)
-            yield pa.RecordBatch.from_arrays([b.column("entity_id"), pa.array(lab)], names=["entity_id", "cluster_id"])
+            lab0 = b.column("label0").cast(pa.int32())
+            yield pa.RecordBatch.from_arrays([b.column("entity_id"), pa.array(lab), lab0], names=["entity_id", "cluster_id", "label0"])
 
     return data.select("entity_id", "tc", "label0").mapInArrow(run, LABELS_SCHEMA)
 
 
 @dataclass(frozen=True)
 class Refined:
-    labels: DataFrame  # (entity_id, cluster_id)
+    labels: DataFrame  # (entity_id, cluster_id, label0)
     segments: TokenSegments
     passes: int
     moved: int  # users whose segment differs from the k-means one
@@ -262,17 +262,14 @@ def with_tokens(labels0: DataFrame, lists: DataFrame) -> DataFrame:
     )
 
 
-def refine(
-    spark: SparkSession, labels0: DataFrame, lists: DataFrame, k: int, tokens: tuple[str, ...], alpha: float, max_iter: int, tol: float
-) -> Refined:
+def refine(labels0: DataFrame, lists: DataFrame, k: int, tokens: tuple[str, ...], alpha: float, max_iter: int, tol: float) -> Refined:
     """Hard EM from the k-means segments ``labels0`` (see the module docstring)."""
-    del spark
     V = len(tokens)
     fields = field_ids(tokens)
     data = with_tokens(labels0, lists).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        n = data.count()
         stats, sizes, _ = _unpack(_pass(data, k, None, None), k, V)  # the k-means segments' own tokens
+        n = int(sizes.sum())  # every user is in one segment
         current = TokenSegments.from_counts(stats, sizes, fields, alpha)
         previous: TokenSegments | None = None
         passes = 0
@@ -283,7 +280,7 @@ def refine(
             if changed <= tol * n:
                 break
         labels = assign(data, current).persist(StorageLevel.MEMORY_AND_DISK)
-        moved = labels.join(data.select("entity_id", "label0"), "entity_id").where(F.col("cluster_id") != F.col("label0")).count()
+        moved = labels.where(F.col("cluster_id") != F.col("label0")).count()  # also fills the cache
     finally:
         data.unpersist()
     log.info(
