@@ -21,8 +21,8 @@ Usage: ./spark-submit.sh [--master URL] [spark-submit options] <job> [job argume
   other options    passed to spark-submit as they are (e.g. --executor-memory 4g,
                    --conf spark.executor.cores=2); options take one value each.
 
-The package is shipped as build/seqclust.zip with --py-files, Delta's jars with --packages
-(matching the installed delta-spark), and the --conf file of the job, if any, with --files.
+The package is shipped as build/seqclust.zip with --py-files, Delta's jars with --jars (the files
+`make setup` resolved) or --packages (matching the installed delta-spark), and the --conf file of the job, if any, with --files.
 Environment: SPARK_SUBMIT (spark-submit to use; default .venv/bin/spark-submit),
 PYSPARK_PYTHON (worker interpreter; default .venv/bin/python).
 USAGE
@@ -75,10 +75,22 @@ os.replace(tmp, "../build/seqclust.zip")
 PYZIP
 )
 
-DELTA_PKG="$("$PY" -c 'from seqclust.spark import delta_package; print(delta_package())' 2>/dev/null || true)"
-if [[ -z "$DELTA_PKG" ]]; then
-  DELTA_PKG="$(PYTHONPATH="$HERE/lib" "$PY" -c 'from seqclust.spark import delta_package; print(delta_package())')"
+# Delta's jars: the local files an earlier start resolved (`make setup` warms them up), else the
+# Maven coordinate for Ivy to resolve (a second of work and ~60 lines on stderr)
+DELTA_PY='from seqclust.spark import cached_delta_jars, delta_package
+jars = cached_delta_jars()
+print("--jars", ",".join(jars)) if jars else print("--packages", delta_package())'
+DELTA_OPT="$("$PY" -c "$DELTA_PY" 2>/dev/null || true)"
+if [[ -z "$DELTA_OPT" ]]; then
+  DELTA_OPT="$(PYTHONPATH="$HERE/lib" "$PY" -c "$DELTA_PY")"
 fi
+read -r DELTA_FLAG DELTA_VALUE <<<"$DELTA_OPT"
+# the JVM's own logging at WARN, minus the warnings of things seqclust does on purpose
+LOG_OPTS=()
+if [[ -f "$HERE/lib/seqclust/log4j2.properties" ]]; then
+  LOG_OPTS=(--conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:$HERE/lib/seqclust/log4j2.properties")
+fi
+[[ "$MASTER" == local* ]] && export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
 
 FILES=()
 args=("$@")
@@ -114,11 +126,12 @@ CMD=("$SUBMIT" \
   --master "$MASTER" \
   --name "seqclust-$JOB" \
   --py-files "$HERE/build/seqclust.zip" \
-  --packages "$DELTA_PKG" \
+  "$DELTA_FLAG" "$DELTA_VALUE" \
   --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension \
   --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog \
   --conf spark.ui.showConsoleProgress=false \
   --conf spark.executorEnv.TF_CPP_MIN_LOG_LEVEL="$TF_CPP_MIN_LOG_LEVEL" \
+  "${LOG_OPTS[@]}" \
   "${FILES[@]}" \
   "${ARCHIVE_OPTS[@]}" \
   "${OPTS[@]}" \

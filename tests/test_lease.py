@@ -73,23 +73,32 @@ def test_a_second_start_of_a_live_run_id_is_refused_and_a_stale_lease_taken_over
     assert rec.lease_owner is None and rec.rows_clean == 2 and "ingest" in rec.stages_completed
 
 
-def test_two_processes_taking_one_lease_at_once_one_wins(spark, tmp_path):
+@pytest.mark.parametrize("row", ["new run id", "finished run id"])
+def test_two_processes_taking_one_lease_at_once_one_wins(spark, tmp_path, row):
+    """A new run id takes its lease by MERGE (insert unless present), an existing row by a
+    conditional UPDATE; either way the two racers' compare-and-set lets exactly one win."""
     from seqclust.config import TablesConfig
     from seqclust.context import RunContext
     from seqclust.errors import SeqclustError
     from seqclust.io import TableStore
+    from seqclust.pipeline import load_record, save_record
 
     for attempt in range(2):  # the race is not certain every time: two fresh folders
         ctx = RunContext(run_id="twice", store=TableStore(str(tmp_path / f"out{attempt}")), tables=TablesConfig(), started_at=NOW)
+        prev = None
+        if row == "finished run id":
+            save_record(spark, ctx, RunRecord(status="succeeded", stages_completed=["ingest"]))
+            prev = load_record(spark, ctx)
+            assert prev is not None and prev.lease_owner is None
         barrier = threading.Barrier(2)
         won: list[str] = []
         refused: list[str] = []
         other: list[BaseException] = []
 
-        def start(me: str, ctx=ctx, barrier=barrier, won=won, refused=refused, other=other) -> None:
+        def start(me: str, ctx=ctx, barrier=barrier, won=won, refused=refused, other=other, prev=prev) -> None:
             try:
                 barrier.wait()
-                lease.acquire(spark, ctx, RunRecord(status="running"), None, me, 300)
+                lease.acquire(spark, ctx, RunRecord(status="running"), prev, me, 300)
                 won.append(me)
             except SeqclustError as e:
                 refused.append(str(e))
@@ -106,6 +115,45 @@ def test_two_processes_taking_one_lease_at_once_one_wins(spark, tmp_path):
         assert "run twice is already running in" in refused[0]
         row = ctx.store.read(spark, "runs", "twice").collect()
         assert len(row) == 1 and row[0]["lease_owner"] == won[0]
+
+
+def test_the_lease_update_writes_the_whole_record(spark, tmp_path):
+    """Taking the lease of an existing run's row rewrites every column of it (maps, lists and
+    timestamps included): what an earlier run of the id left is not kept by accident."""
+    from seqclust.config import TablesConfig
+    from seqclust.context import RunContext
+    from seqclust.io import TableStore
+    from seqclust.pipeline import load_record, save_record
+
+    ctx = RunContext(run_id="again", store=TableStore(str(tmp_path / "out")), tables=TablesConfig(), started_at=NOW)
+    old = RunRecord(
+        status="succeeded", k=7, stages_completed=["ingest", "sessionize"], stage_seconds={"ingest": 1.5},
+        quarantine_reasons={"null_ts": 3}, rows_clean=10, encoder_id="e1", finished_at=NOW,
+    )  # fmt: skip
+    save_record(spark, ctx, old)
+    prev = load_record(spark, ctx)
+    new = RunRecord(
+        status="running", started_at=NOW + dt.timedelta(hours=1), config_json='{"a": 1}', config_hash="h",
+        stage_seconds={"ingest": 2.25, "train": 3.0}, quarantine_reasons={}, rows_empty_optional={"price": 4},
+    )  # fmt: skip
+    lease.acquire(spark, ctx, new, prev, "host.example:9:abc", 300)
+    got = load_record(spark, ctx)
+    assert got is not None
+    assert got.lease_owner == "host.example:9:abc" and got.lease_heartbeat is not None
+    for f in (
+        "status",
+        "config_json",
+        "config_hash",
+        "stage_seconds",
+        "rows_empty_optional",
+        "k",
+        "encoder_id",
+        "rows_clean",
+        "finished_at",
+    ):
+        assert getattr(got, f) == getattr(new, f), f
+    assert got.stages_completed == [] and got.quarantine_reasons == {}  # the earlier run's, replaced
+    assert got.started_at.replace(tzinfo=None) == (NOW + dt.timedelta(hours=1)).astimezone().replace(tzinfo=None)
 
 
 @pytest.mark.parametrize("timeout", [5, -1])

@@ -1,10 +1,13 @@
 """spark-submit.sh: its contract on the command line, and one real submit of a job."""
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
+from seqclust.spark import _jar_list, _remember_jars, cached_delta_jars, delta_package
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +30,47 @@ def test_submits_a_job_through_spark_submit(tmp_path):
     assert "generated" in r.stdout
     assert pq.read_table(tmp_path / "g" / "personas").num_rows == 20
     assert (REPO / "build" / "seqclust.zip").is_file()
+    # a quiet start: the JVM logs at WARN (no INFO lines of Spark's default profile), and with
+    # Delta's jars resolved once (`make setup`), Ivy does not resolve them again
+    assert not re.search(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d INFO ", r.stderr, re.M), r.stderr[:2000]
+    if cached_delta_jars():
+        assert ":: resolving dependencies" not in r.stderr, r.stderr[:2000]
+
+
+def test_delta_jars_are_the_resolved_files_when_all_are_there(tmp_path, monkeypatch):
+    """spark-submit.sh (and the session factory) hand Spark the jar files an earlier start
+    resolved, only while every one of them exists; otherwise Delta's Maven coordinate."""
+    monkeypatch.setenv("SEQCLUST_CACHE", str(tmp_path / "cache"))
+    env = dict(os.environ)
+
+    def delta_opt():
+        r = _run("--dry-run", "ingest", "--run-id", "a", env=env)
+        assert r.returncode == 0, r.stderr
+        cmd = r.stdout.split()
+        flag = "--jars" if "--jars" in cmd else "--packages"
+        return flag, cmd[cmd.index(flag) + 1].replace("\\", "")
+
+    assert cached_delta_jars() is None and delta_opt() == ("--packages", delta_package())
+    jars = [tmp_path / "a.jar", tmp_path / "b.jar"]
+    for j in jars:
+        j.write_bytes(b"PK")
+
+    class Conf:  # what a started session reports: its spark.jars as file: URIs
+        def get(self, key, default=""):
+            return ",".join(f"file://{j}" for j in jars) if key == "spark.jars" else default
+
+    class Session:
+        class sparkContext:  # noqa: N801 - mirrors SparkSession.sparkContext
+            @staticmethod
+            def getConf():
+                return Conf()
+
+    _remember_jars(Session(), delta_package())
+    assert _jar_list(delta_package()).read_text().split() == [str(j) for j in jars]
+    assert cached_delta_jars() == [str(j) for j in jars]
+    assert delta_opt() == ("--jars", ",".join(str(j) for j in jars))
+    jars[1].unlink()  # a cleaned Ivy cache: resolve again
+    assert cached_delta_jars() is None and delta_opt() == ("--packages", delta_package())
 
 
 def test_packed_environment_is_shipped_as_an_archive(tmp_path):

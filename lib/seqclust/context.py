@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ class RunContext:
     # incremental mode: this run adds the events with since <= ts < until to the run id's tables
     since: dt.datetime | None = None
     until: dt.datetime | None = None
+    # rows this process wrote per table (summed over a table's partial writes): the summary of a
+    # single-stage command, without counting every table again
+    written: dict[str, int] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         validate_run_id(self.run_id)
@@ -49,4 +52,8 @@ class RunContext:
     def write(self, df: DataFrame, key: str, **kw: Any) -> int:
         """Replace this run's rows of table ``key`` (a ``tables.TABLES`` key) with ``df``, checked
         against the table's schema and partitioned as it says (``TableStore.write_run``)."""
-        return self.store.write_run(conform(df, key), getattr(self.tables, key), self.run_id, partition_by=TABLES[key].partition_by, **kw)
+        name = getattr(self.tables, key)
+        n = self.store.write_run(conform(df, key), name, self.run_id, partition_by=TABLES[key].partition_by, **kw)
+        if n >= 0:
+            self.written[name] = self.written.get(name, 0) + n
+        return n

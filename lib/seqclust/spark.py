@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
@@ -16,8 +18,43 @@ DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 
 
+LOG4J_CONF = Path(__file__).with_name("log4j2.properties")
+
+
 def _on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
+def _jar_list(package: str) -> Path:
+    """Where the local jar files Ivy resolved for ``package`` are listed (one per line)."""
+    base = Path(os.environ.get("SEQCLUST_CACHE") or Path.home() / ".cache" / "seqclust")
+    return base / f"jars-{re.sub(r'[^A-Za-z0-9_.-]', '_', package)}.txt"
+
+
+def cached_delta_jars() -> list[str] | None:
+    """Delta's jars as resolved by an earlier start (``seqclust warmup`` in ``make setup``), when
+    every one of them is still on disk: a start with ``spark.jars`` skips Ivy's resolution (a
+    second of work and ~60 lines on stderr). None: resolve through ``spark.jars.packages``."""
+    try:
+        jars = _jar_list(delta_package()).read_text().split()
+    except OSError:
+        return None
+    return jars if jars and all(Path(j).is_file() for j in jars) else None
+
+
+def _remember_jars(spark: SparkSession, package: str) -> None:
+    """After a start that resolved ``package`` through Ivy, list the local jars it used."""
+    jars = [j.removeprefix("file://").removeprefix("file:") for j in spark.sparkContext.getConf().get("spark.jars", "").split(",") if j]
+    if not jars or not all(Path(j).is_file() for j in jars):
+        return
+    f = _jar_list(package)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("\n".join(jars) + "\n")
+        tmp.replace(f)
+    except OSError as e:  # a read-only home: every start resolves, as before
+        log.debug("could not record Delta's jars in %s: %s", f, e)
 
 
 def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
@@ -47,6 +84,7 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     if is_local:
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # no "hostname resolves to a loopback address" warning
         builder = (
             builder.config("spark.driver.host", "127.0.0.1")
             .config("spark.driver.bindAddress", "127.0.0.1")
@@ -64,16 +102,29 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
         .config("spark.databricks.delta.snapshotPartitions", str(max(1, min(cfg.shuffle_partitions, 8))))
         .config("spark.python.worker.reuse", "true")
     )
+    java_opts = cfg.conf.get("spark.driver.extraJavaOptions", "")
+    if not submitted and LOG4J_CONF.is_file() and "log4j2.configurationFile" not in java_opts:
+        # the JVM's own start-up logging at WARN (Spark's default profile logs INFO until setLogLevel)
+        builder = builder.config("spark.driver.extraJavaOptions", f"{java_opts} -Dlog4j2.configurationFile=file:{LOG4J_CONF}".strip())
     for k, v in cfg.conf.items():
-        builder = builder.config(k, v)
+        if k != "spark.driver.extraJavaOptions":
+            builder = builder.config(k, v)
+    package = None
     if not submitted:
-        from delta import configure_spark_with_delta_pip
+        jars = cached_delta_jars()
+        if jars and "spark.jars" not in cfg.conf and "spark.jars.packages" not in cfg.conf:
+            builder = builder.config("spark.jars", ",".join(jars))
+        else:
+            from delta import configure_spark_with_delta_pip
 
-        builder = configure_spark_with_delta_pip(builder)
+            builder = configure_spark_with_delta_pip(builder)
+            package = delta_package()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log.info("starting Spark (master=%s)", master or "from spark-submit")
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.log_level)
+    if package:
+        _remember_jars(spark, package)
     return spark
 
 
