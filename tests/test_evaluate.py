@@ -388,3 +388,23 @@ def test_personas_fitted_on_multi_session_users_in_principal_components_then_lif
     # the Spark projection equals the numpy one
     sp = {r["entity_id"]: r["pemb"] for r in proj.spark(rich.select("entity_id", "emb")).select("entity_id", "pemb").collect()}
     assert np.allclose(np.array([sp[i] for i in ids]), P, atol=1e-9)
+
+
+def test_nearest_centre_in_numpy_breaks_ties_to_the_lower_id_and_measures_the_own_centre():
+    """The batch kernel behind assign_nearest/distance_to_own (a pandas UDF): scikit-learn's
+    pairwise distances as the oracle, exact ties to the lower id, chunks of 1,024 rows."""
+    from sklearn.metrics import pairwise_distances
+
+    from seqclust.cluster import nearest_np
+
+    rng = np.random.default_rng(3)
+    X, C = rng.normal(size=(2500, 7)), rng.normal(size=(5, 7))
+    ids, dist = nearest_np(X, C)
+    D = pairwise_distances(X, C)
+    assert (ids == D.argmin(axis=1)).all() and np.allclose(dist, D.min(axis=1), rtol=1e-12)
+    own = rng.integers(0, 5, size=2500)
+    _, d_own = nearest_np(X, C, own)
+    assert np.allclose(d_own, D[np.arange(2500), own], rtol=1e-12)
+    tie = np.array([[0.0, 0.0]])
+    ids, dist = nearest_np(tie, np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]))
+    assert ids.tolist() == [0] and dist.tolist() == [1.0]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd  # the pandas UDFs' type hints are resolved in this module's namespace
 import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.ml.clustering import KMeans, KMeansModel
@@ -386,31 +387,67 @@ class Fit:
     inertia: float
 
 
+_NEAREST = "struct<cluster_id:int,distance_to_centroid:double>"
+
+
+def nearest_np(X: np.ndarray, C: np.ndarray, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest centre id, Euclidean distance) per row of ``X`` (squared differences summed,
+    ties to the lower id), or with ``own`` the distance to each row's own centre."""
+    ids = np.empty(len(X), np.int32)
+    dist = np.empty(len(X))
+    for s in range(0, len(X), 1024):  # n x k x d differences, 1,024 rows at a time (~50 MB at k = 50, d = 128)
+        x = X[s : s + 1024]
+        if own is not None:
+            j = own[s : s + 1024].astype(np.int64)
+            d2 = ((x - C[j]) ** 2).sum(axis=1)
+        else:
+            all_d2 = ((x[:, None, :] - C[None]) ** 2).sum(axis=2)
+            j = all_d2.argmin(axis=1)
+            d2 = all_d2[np.arange(len(j)), j]
+        ids[s : s + 1024], dist[s : s + 1024] = j, np.sqrt(d2)
+    return ids, dist
+
+
+def _nearest_udf(centers, with_own: bool):
+    """A pandas UDF over Arrow batches (numpy on each batch; the centres, k x d numbers, go with
+    it). The SQL form it replaces (``transform``/``zip_with``/``aggregate`` over literal arrays,
+    interpreted per element) took 233 s to place 210,526 users among 50 fine centres."""
+    C = np.asarray(centers, dtype=np.float64)
+
+    def stack(vecs: pd.Series) -> np.ndarray:
+        return np.stack(vecs.to_numpy()).astype(np.float64, copy=False) if len(vecs) else np.zeros((0, C.shape[1]))
+
+    if with_own:
+
+        @F.pandas_udf("double")  # type: ignore[call-overload]
+        def own_distance(vecs: pd.Series, cluster_id: pd.Series) -> pd.Series:
+            return pd.Series(nearest_np(stack(vecs), C, cluster_id.to_numpy())[1])
+
+        return own_distance
+
+    @F.pandas_udf(_NEAREST)  # type: ignore[call-overload]
+    def nearest(vecs: pd.Series) -> pd.DataFrame:
+        ids, dist = nearest_np(stack(vecs), C)
+        return pd.DataFrame({"cluster_id": ids, "distance_to_centroid": dist})
+
+    return nearest
+
+
 def assign_nearest(users: DataFrame, centers, vec_col: str = "emb") -> DataFrame:
     """``cluster_id`` (the nearest centre, squared Euclidean; ties to the lower id) and the
     Euclidean ``distance_to_centroid`` of each row's ``vec_col`` array."""
-    lit = F.array(*[F.array(*[F.lit(float(v)) for v in c]) for c in centers])
-    d2 = F.transform(
-        lit,
-        lambda c: F.aggregate(F.zip_with(c, F.col(vec_col), lambda a, b: (a - b) * (a - b)), F.lit(0.0).cast("double"), lambda s, x: s + x),
-    )
     return (
-        users.withColumn("_d2", d2)
-        .withColumn("_m", F.array_min("_d2"))
-        # SQL form: Spark 3.5's Python array_position takes a literal value, not a column
-        .withColumn("cluster_id", (F.expr("array_position(_d2, _m)") - 1).cast("int"))
-        .withColumn("distance_to_centroid", F.sqrt("_m"))
-        .drop("_d2", "_m")
+        users.withColumn("_near", _nearest_udf(centers, with_own=False)(vec_col))
+        .withColumn("cluster_id", F.col("_near.cluster_id"))
+        .withColumn("distance_to_centroid", F.col("_near.distance_to_centroid"))
+        .drop("_near")
     )
 
 
 def distance_to_own(users: DataFrame, centers, vec_col: str = "emb") -> DataFrame:
     """The Euclidean ``distance_to_centroid`` of each row's ``vec_col`` to the centre of its
     own ``cluster_id`` (refined segments are not always the nearest centre)."""
-    lit = F.array(*[F.array(*[F.lit(float(v)) for v in c]) for c in centers])
-    own = F.element_at(lit, F.col("cluster_id") + 1)
-    d2 = F.aggregate(F.zip_with(own, F.col(vec_col), lambda a, b: (a - b) * (a - b)), F.lit(0.0).cast("double"), lambda s, x: s + x)
-    return users.withColumn("distance_to_centroid", F.sqrt(d2))
+    return users.withColumn("distance_to_centroid", _nearest_udf(centers, with_own=True)(vec_col, F.col("cluster_id")))
 
 
 def member_means(assigned: DataFrame, centers, vec_col: str = "emb") -> list[list[float]]:
