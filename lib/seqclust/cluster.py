@@ -284,11 +284,14 @@ class Projection:
         """``out_col`` (array) and ``features`` (vector) in the projected space."""
         if self.components is None:
             return users.withColumn(out_col, F.col(vec_col)).withColumn("features", array_to_vector(F.col(out_col)))
-        comps = F.array(*[F.array(*[F.lit(float(v)) for v in c]) for c in self.components])
-        proj = F.transform(
-            comps, lambda c: F.aggregate(F.zip_with(c, F.col(vec_col), lambda a, b: a * b), F.lit(0.0).cast("double"), lambda s_, x: s_ + x)
-        )
-        return users.withColumn(out_col, proj).withColumn("features", array_to_vector(F.col(out_col)))
+        P = np.asarray(self.components, dtype=np.float64).T  # d x m
+
+        @F.pandas_udf("array<double>")  # type: ignore[call-overload]
+        def project(vecs: pd.Series) -> pd.Series:  # numpy per Arrow batch (SQL array lambdas: ~19x slower)
+            X = np.stack(vecs.to_numpy()).astype(np.float64, copy=False) if len(vecs) else np.zeros((0, P.shape[0]))
+            return pd.Series(list(X @ P))
+
+        return users.withColumn(out_col, project(vec_col)).withColumn("features", array_to_vector(F.col(out_col)))
 
 
 def lift_centers(users: DataFrame, centers, k: int, vec_col: str = "emb", space_col: str = "pemb") -> np.ndarray:
