@@ -176,3 +176,25 @@ def test_write_run_counts_rows_and_empty_rewrites(spark, store):
     # an empty rewrite of an existing run removes its rows (idempotent replace)
     assert store.write_run(df.limit(0), "tbl", "a") == 0
     assert {r["run_id"]: r["count"] for r in store.read(spark, "tbl").groupBy("run_id").count().collect()} == {"b": 2}
+
+
+def test_a_single_stage_command_prints_the_rows_it_wrote(spark, tmp_path, capsys):
+    """A stage in a process of its own does not count every table again: its summary lists the
+    rows it wrote (here ingest: events and quarantine) and says so; valid rows carry no
+    source_file (only the quarantine keeps it)."""
+    from pathlib import Path
+
+    from seqclust.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "ev.csv"
+    src.write_text("user_id,ts,event_type\nu1,2026-10-01T10:00:00Z,view\nu2,2026-10-01T10:01:00Z,view\nu3,,view\n")
+    out = tmp_path / "out"
+    args = ["ingest", "--run-id", "one", "--conf", str(repo / "conf" / "local.yaml"), "--input", str(src), "--output", str(out)]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    printed = capsys.readouterr().out
+    assert "(rows this command wrote):" in printed and "rows of this run" not in printed
+    rows = dict(line.split() for line in printed.splitlines() if line.startswith("    ") and len(line.split()) == 2)
+    assert rows == {"quarantine": "1", "events": "2"}
+    q = spark.read.format("delta").load(str(out / "quarantine")).first()
+    assert q["reason"] == "null_ts" and q["source_file"].endswith("ev.csv")

@@ -1,8 +1,10 @@
 """spark-submit.sh: its contract on the command line, and one real submit of a job."""
 
+import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -86,3 +88,26 @@ def test_packed_environment_is_shipped_as_an_archive(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
     r = _run("--dry-run", "pipeline")
     assert "--archives" not in r.stdout.split()
+
+
+def test_a_users_driver_options_and_jars_are_kept(tmp_path):
+    """The session factory adds its log4j2 option beside a user's own driver Java options (not
+    instead of them), and a user's spark.jars.packages is left to Spark and never recorded as
+    Delta's jars."""
+    code = r"""
+import json, sys
+from seqclust.config import SparkConfig
+from seqclust.spark import get_spark, _jar_list, delta_package
+spark = get_spark(SparkConfig(master="local[1]", shuffle_partitions=1, log_level="ERROR", conf={
+    "spark.driver.extraJavaOptions": "-Dseqclust.probe=kept",
+    "spark.jars.packages": delta_package(),
+}))
+conf = spark.sparkContext.getConf()
+print(json.dumps({"probe": spark.sparkContext._jvm.System.getProperty("seqclust.probe"),
+                  "opts": conf.get("spark.driver.extraJavaOptions"), "listed": _jar_list(delta_package()).exists()}))
+"""
+    env = dict(os.environ, SEQCLUST_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["probe"] == "kept" and "log4j2.configurationFile" in got["opts"] and not got["listed"]

@@ -288,8 +288,7 @@ class Projection:
 
         @F.pandas_udf("array<double>")  # type: ignore[call-overload]
         def project(vecs: pd.Series) -> pd.Series:  # numpy per Arrow batch (SQL array lambdas: ~19x slower)
-            X = np.stack(vecs.to_numpy()).astype(np.float64, copy=False) if len(vecs) else np.zeros((0, P.shape[0]))
-            return pd.Series(list(X @ P))
+            return pd.Series(list(_stack(vecs, P.shape[0]) @ P))
 
         return users.withColumn(out_col, project(vec_col)).withColumn("features", array_to_vector(F.col(out_col)))
 
@@ -393,6 +392,11 @@ class Fit:
 _NEAREST = "struct<cluster_id:int,distance_to_centroid:double>"
 
 
+def _stack(vecs: pd.Series, dim: int) -> np.ndarray:
+    """An Arrow batch's array column (a Series of arrays) as an n x dim float64 matrix."""
+    return np.stack(vecs.to_numpy()).astype(np.float64, copy=False) if len(vecs) else np.zeros((0, dim))
+
+
 def nearest_np(X: np.ndarray, C: np.ndarray, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(nearest centre id, Euclidean distance) per row of ``X`` (squared differences summed,
     ties to the lower id), or with ``own`` the distance to each row's own centre."""
@@ -418,7 +422,7 @@ def _nearest_udf(centers, with_own: bool):
     C = np.asarray(centers, dtype=np.float64)
 
     def stack(vecs: pd.Series) -> np.ndarray:
-        return np.stack(vecs.to_numpy()).astype(np.float64, copy=False) if len(vecs) else np.zeros((0, C.shape[1]))
+        return _stack(vecs, C.shape[1])
 
     if with_own:
 

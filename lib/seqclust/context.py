@@ -53,7 +53,10 @@ class RunContext:
         """Replace this run's rows of table ``key`` (a ``tables.TABLES`` key) with ``df``, checked
         against the table's schema and partitioned as it says (``TableStore.write_run``)."""
         name = getattr(self.tables, key)
-        n = self.store.write_run(conform(df, key), name, self.run_id, partition_by=TABLES[key].partition_by, **kw)
+        return self.wrote(name, self.store.write_run(conform(df, key), name, self.run_id, partition_by=TABLES[key].partition_by, **kw))
+
+    def wrote(self, name: str, n: int) -> int:
+        """Note ``n`` rows written to table ``name`` by this process (a MERGE's inserts too); -1: not counted."""
         if n >= 0:
             self.written[name] = self.written.get(name, 0) + n
         return n

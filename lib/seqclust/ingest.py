@@ -268,7 +268,10 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
         n_q_written = ctx.write(quarantine, "quarantine", extra_predicate=window_pred)
         clean = dedup(validated.where(F.col("reason").isNull())).withColumn("window_start", window_start)
         if ctx.incremental and ctx.store.exists(ctx.tables.events):
-            n_clean = ctx.store.merge_insert(conform(clean, "events"), ctx.tables.events, ctx.run_id, event_key("t."), event_key("s."))
+            n_clean = ctx.wrote(
+                ctx.tables.events,
+                ctx.store.merge_insert(conform(clean, "events"), ctx.tables.events, ctx.run_id, event_key("t."), event_key("s.")),
+            )
         else:
             n_clean = ctx.write(clean, "events")
     finally:

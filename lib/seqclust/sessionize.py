@@ -254,6 +254,8 @@ def _run_incremental(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig
             conform(bots, "session_quarantine"), stale, ctx.tables.session_quarantine, ctx.run_id, "session_id"
         )
         n, n_del = ctx.store.merge_replace(conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id")
+        ctx.wrote(ctx.tables.session_quarantine, n_bot)
+        ctx.wrote(ctx.tables.sessions, n)
         log.info("sessionize (incremental): %d sessions written, %d stale sessions removed", n, n_del)
         for df in (out, bots, points):
             df.unpersist()

@@ -102,23 +102,25 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
         .config("spark.databricks.delta.snapshotPartitions", str(max(1, min(cfg.shuffle_partitions, 8))))
         .config("spark.python.worker.reuse", "true")
     )
-    java_opts = cfg.conf.get("spark.driver.extraJavaOptions", "")
+    conf = dict(cfg.conf)
+    java_opts = conf.get("spark.driver.extraJavaOptions", "")
     if not submitted and LOG4J_CONF.is_file() and "log4j2.configurationFile" not in java_opts:
-        # the JVM's own start-up logging at WARN (Spark's default profile logs INFO until setLogLevel)
-        builder = builder.config("spark.driver.extraJavaOptions", f"{java_opts} -Dlog4j2.configurationFile=file:{LOG4J_CONF}".strip())
-    for k, v in cfg.conf.items():
-        if k != "spark.driver.extraJavaOptions":
-            builder = builder.config(k, v)
+        # the JVM's own start-up logging at WARN (Spark's default profile logs INFO until setLogLevel);
+        # a user's own driver options are kept beside it
+        conf["spark.driver.extraJavaOptions"] = f"{java_opts} -Dlog4j2.configurationFile=file:{LOG4J_CONF}".strip()
+    for k, v in conf.items():
+        builder = builder.config(k, v)
     package = None
     if not submitted:
-        jars = cached_delta_jars()
-        if jars and "spark.jars" not in cfg.conf and "spark.jars.packages" not in cfg.conf:
+        own_jars = "spark.jars" in conf or "spark.jars.packages" in conf  # the user's: leave them to Spark, remember nothing
+        jars = None if own_jars else cached_delta_jars()
+        if jars:
             builder = builder.config("spark.jars", ",".join(jars))
         else:
             from delta import configure_spark_with_delta_pip
 
             builder = configure_spark_with_delta_pip(builder)
-            package = delta_package()
+            package = None if own_jars else delta_package()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log.info("starting Spark (master=%s)", master or "from spark-submit")
     spark = builder.getOrCreate()
