@@ -198,3 +198,60 @@ def test_a_single_stage_command_prints_the_rows_it_wrote(spark, tmp_path, capsys
     assert rows == {"quarantine": "1", "events": "2"}
     q = spark.read.format("delta").load(str(out / "quarantine")).first()
     assert q["reason"] == "null_ts" and q["source_file"].endswith("ev.csv")
+
+
+@pytest.mark.parametrize("cache", ["auto", "none", "disk", "memory"])
+def test_every_cache_level_accounts_for_the_same_rows(spark, store, tmp_path, cache):
+    cached_before = _our_cached(spark)
+    """``source.cache`` changes how ingest keeps its validated rows between its passes, never
+    what it counts or writes (auto: none for Parquet, disk for CSV)."""
+    p = tmp_path / "ev.csv"
+    p.write_text(
+        "user_id,ts,event_type\n"
+        "u1,2026-10-01T10:00:00Z,view\n"
+        "u1,2026-10-01T10:00:00Z,view\n"  # duplicate
+        "u2,not a time,view\n"
+        "u3,2026-10-01T10:07:00Z,purchase\n"
+    )
+    cols = ColumnsConfig(item_id=None, category_id=None, price=None, event_id=None)
+    r = ingest.run(spark, _ctx(store, p), SourceConfig(format="csv", columns=cols, cache=cache))
+    assert (r.input_rows, r.clean_rows, r.quarantined_rows, r.duplicate_rows, r.reasons) == (4, 2, 1, 1, {"bad_ts": 1})
+    assert store.read(spark, "events", "ing").count() == 2
+    assert _our_cached(spark) == cached_before  # nothing of it stays cached
+
+
+def _our_cached(spark):
+    """Persisted RDDs other than Delta's own cache of table states."""
+    rdds = spark.sparkContext._jsc.getPersistentRDDs()
+    names = [rdds.get(k).name() for k in rdds.keySet().toArray()]
+    return sorted(n or "" for n in names if not (n or "").startswith("Delta Table State"))
+
+
+def test_cache_level_by_format():
+    from pyspark import StorageLevel
+
+    assert ingest._cache_level("auto", "parquet") is None and ingest._cache_level("auto", "delta") is None
+    assert ingest._cache_level("auto", "csv") == StorageLevel.DISK_ONLY == ingest._cache_level("auto", "json")
+    assert ingest._cache_level("memory", "parquet") == StorageLevel.MEMORY_AND_DISK
+    assert ingest._cache_level("none", "csv") is None
+
+
+def test_a_delta_source_is_read_at_the_version_its_fingerprint_records(spark, store, tmp_path, monkeypatch):
+    """Without a cache ingest reads its source once per pass: a Delta source is pinned to the
+    version recorded in the run, so a commit between passes cannot change the counts."""
+    src = str(tmp_path / "src")
+    rows = [("u1", dt.datetime(2026, 10, 1, 10), "view"), ("u2", dt.datetime(2026, 10, 1, 11), "cart")]
+    spark.createDataFrame(rows[:1], "user_id string, ts timestamp, event_type string").write.format("delta").save(src)
+    spark.createDataFrame(rows[1:], "user_id string, ts timestamp, event_type string").write.format("delta").mode("append").save(src)
+    cols = ColumnsConfig(item_id=None, category_id=None, price=None, event_id=None)
+    real_read = ingest.read_source
+    seen = []
+
+    def spy(spark_, path, cfg):
+        seen.append(cfg.delta_version)
+        return real_read(spark_, path, cfg)
+
+    monkeypatch.setattr(ingest, "read_source", spy)
+    r = ingest.run(spark, _ctx(store, src), SourceConfig(columns=cols))
+    assert r.input_version == 1 and (r.input_rows, r.clean_rows) == (2, 2)
+    assert seen[-1] == 1  # the DataFrame every pass reads is pinned to version 1

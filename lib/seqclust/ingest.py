@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import re
@@ -23,7 +24,7 @@ from seqclust.compat import try_cast
 from seqclust.config import SourceConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError, ReconciliationError
-from seqclust.io import CORRUPT_COL, FILE_COL, mapped_columns, read_failure, read_source, source_fingerprint
+from seqclust.io import CORRUPT_COL, FILE_COL, mapped_columns, read_failure, read_source, source_fingerprint, source_format
 from seqclust.privacy import pseudonym, redacted
 from seqclust.tables import conform
 
@@ -222,8 +223,13 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
     """
     if not ctx.input_path:
         raise InputError("no input: pass --input PATH (or run without it for the generated demo data)")
+    fmt = source_format(ctx.input_path, cfg)
     raw_df = read_source(spark, ctx.input_path, cfg)
-    fingerprint, version, n_files = source_fingerprint(spark, raw_df, ctx.input_path, cfg.format, cfg.delta_version)
+    fingerprint, version, n_files = source_fingerprint(spark, raw_df, ctx.input_path, fmt, cfg.delta_version)
+    if version is not None and cfg.delta_version is None:
+        # every pass of this ingest reads the version the fingerprint recorded, even when a
+        # writer commits to the source meanwhile (without a cache the source is read per pass)
+        raw_df = read_source(spark, ctx.input_path, dataclasses.replace(cfg, delta_version=version))
     try:
         n_input = raw_df.count()
     except (Py4JJavaError, PySparkException) as e:
@@ -244,7 +250,9 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
         cond = (F.col("ts") >= lo if lo is not None else F.lit(True)) & (F.col("ts") < hi if hi is not None else F.lit(True))
         validated = validated.withColumn("reason", F.when(in_window | cond, F.col("reason")).otherwise(F.lit(OUT_OF_WINDOW)))
     window_start = F.lit(ctx.window_start if ctx.incremental else None).cast("timestamp")
-    validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
+    level = _cache_level(cfg.cache, fmt)
+    if level is not None:
+        validated = validated.persist(level)
     try:
         optional = [x for x in ("item_id", "category_id", "price") if getattr(cfg.columns, x) is not None]
         counted = validated.groupBy("reason").agg(
@@ -275,7 +283,8 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
         else:
             n_clean = ctx.write(clean, "events")
     finally:
-        validated.unpersist()
+        if level is not None:
+            validated.unpersist()
     n_dup = n_valid - n_clean
     log.info("ingest: %d clean, %d quarantined %s, %d duplicates, %d outside the window", n_clean, n_quar, by_reason, n_dup, n_out)
     # input is counted on the source, the rest on what was tagged and written: rows lost
@@ -304,6 +313,13 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
 
 
 OUT_OF_WINDOW = "_out_of_window"
+
+
+def _cache_level(cache: str, fmt: str) -> StorageLevel | None:
+    """The storage level of ingest's validated rows (``source.cache``), None for no cache."""
+    if cache == "auto":
+        cache = "none" if fmt in ("parquet", "delta") else "disk"
+    return {"none": None, "disk": StorageLevel.DISK_ONLY, "memory": StorageLevel.MEMORY_AND_DISK}[cache]
 
 
 def _window_text(ctx: RunContext) -> str:

@@ -110,6 +110,11 @@ def detect_format(path: str) -> str:
     raise InputError(f"--input {path}: cannot tell the format from the files; pass --format parquet|csv|json|delta")
 
 
+def source_format(path: str, cfg: SourceConfig) -> str:
+    """``source.format``, or the detected one where it is ``auto``."""
+    return detect_format(path) if cfg.format == "auto" else cfg.format
+
+
 def _check_path(path: str) -> None:
     if "://" in path and not path.startswith("file:"):
         return  # remote storage: let Spark report
@@ -126,9 +131,7 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
     PERMISSIVE mode so that malformed lines are kept, not dropped.
     """
     _check_path(path)
-    fmt: str = cfg.format
-    if fmt == "auto":
-        fmt = detect_format(path)
+    fmt = source_format(path, cfg)
     glob = {"pathGlobFilter": cfg.file_glob} if cfg.file_glob else {}
     try:
         if fmt == "delta":
