@@ -19,7 +19,7 @@ $(STAMP): setup.py
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/seqclust run --conf conf/local.yaml
+	$(BIN)/seqclust run --conf conf/demo.yaml
 
 # two workers (pytest-xdist), a test file each at a time (--dist loadfile: a module's fixture,
 # such as test_e2e's full run, is built once): the suite is mostly small Spark jobs and

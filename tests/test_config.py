@@ -107,3 +107,26 @@ def test_token_fields_are_checked():
 @pytest.mark.parametrize("fmt", ["auto", "epoch_ms", "yyyy-MM-dd HH:mm:ss", "yyyy-MM-dd HH:mm:ss 'UTC'", "dd/MM/yyyy'T'HH:mm:ss.SSSXXX"])
 def test_timestamp_formats_that_load(fmt):
     assert load_config(REPO / "conf" / "local.yaml", overrides=[f"source.ts_format={fmt}"]).source.ts_format == fmt
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_the_demo_conf_is_local_with_only_its_documented_trims():
+    """`make run` uses conf/demo.yaml: the laptop settings plus a few trims the README lists;
+    nothing else of the model may differ from what a user's own data gets with local.yaml."""
+    local = _flat(load_config(REPO / "conf" / "local.yaml").to_dict())
+    demo = _flat(load_config(REPO / "conf" / "demo.yaml").to_dict())
+    changed = {k for k in local if local[k] != demo[k]}
+    assert changed == {"encoder.epochs", "cluster.n_init", "report.tsne_users", "evaluate.bootstrap"}
+    assert demo["encoder.epochs"] < local["encoder.epochs"] and demo["evaluate.bootstrap"] < local["evaluate.bootstrap"]
+    readme = (REPO / "README.md").read_text()
+    assert all(k in readme for k in changed)  # the README says what the demo trims
+    assert "conf/demo.yaml" in (REPO / "Makefile").read_text()
