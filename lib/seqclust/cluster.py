@@ -30,6 +30,7 @@ from seqclust.errors import ConfigError, InputError
 from seqclust.io import one_row
 from seqclust.metrics import bootstrap_ci, user_sample
 from seqclust.profiles import cluster_profiles
+from seqclust.spark import ROWS_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +539,7 @@ def _token_lists(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, artif
 
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
     lists = refine.token_lists(behaviour.token_counts(sessions, artifact.vocab, tm.interest), tm.tokens)
-    return lists.persist(StorageLevel.MEMORY_AND_DISK), tm.tokens
+    return lists.persist(ROWS_CACHE), tm.tokens
 
 
 def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int, artifact: Any = None) -> ClusterResult:
@@ -554,7 +555,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int, art
         # stability subsamples then pick the same users on any cluster layout
         .repartition(user_partitions(n, cfg), "entity_id")
         .sortWithinPartitions("entity_id")
-        .persist(StorageLevel.MEMORY_AND_DISK)
+        .persist(ROWS_CACHE)
     )
     lists = None
     try:

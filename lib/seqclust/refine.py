@@ -36,6 +36,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust.features import _list_parts
+from seqclust.spark import ROWS_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def refine(labels0: DataFrame, lists: DataFrame, k: int, tokens: tuple[str, ...]
     """Hard EM from the k-means segments ``labels0`` (see the module docstring)."""
     V = len(tokens)
     fields = field_ids(tokens)
-    data = with_tokens(labels0, lists).persist(StorageLevel.MEMORY_AND_DISK)
+    data = with_tokens(labels0, lists).persist(ROWS_CACHE)
     try:
         stats, sizes, _ = _unpack(_pass(data, k, None, None), k, V)  # the k-means segments' own tokens
         n = int(sizes.sum())  # every user is in one segment

@@ -19,6 +19,7 @@ from seqclust.config import SessionizeConfig
 from seqclust.context import RunContext
 from seqclust.errors import InputError
 from seqclust.io import one_row
+from seqclust.spark import ROWS_CACHE
 from seqclust.tables import conform
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig) -> Sessioni
             raise InputError(f"run {ctx.run_id}: its events were not ingested in incremental mode; ingest with --since/--until first")
         return _run_incremental(spark, ctx, cfg, events)
     # computed once for the two writes (arrow: sessions, ~10x fewer rows than events)
-    out = _engine_base(events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+    out = _engine_base(events, cfg).persist(ROWS_CACHE)
     sessions, runaway = _split(out, cfg)
     try:
         log.info("sessionize: %s engine, gap %.0f min", cfg.engine, cfg.gap_minutes)

@@ -8,11 +8,18 @@ import re
 import sys
 from pathlib import Path
 
+from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
 from seqclust.config import SparkConfig
 
 log = logging.getLogger(__name__)
+
+# Row-level caches (sessions, per-user token lists and vectors) are kept on local disk, not in
+# the JVM heap: at 100M events a MEMORY_AND_DISK cache of them filled the 4 GB local heap while
+# tasks still needed it (out of memory in sessionize, measured); small caches (k rows, samples)
+# stay in memory. On a cluster the disk is the executors' local disk.
+ROWS_CACHE = StorageLevel.DISK_ONLY
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"

@@ -17,6 +17,7 @@ from seqclust.context import RunContext
 from seqclust.encoder import Artifact, load_artifact, save_artifact, train
 from seqclust.errors import InputError
 from seqclust.features import featurize, input_columns
+from seqclust.spark import ROWS_CACHE
 from seqclust.tokenize import build_vocab
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class TrainResult:
 
 def fit_token_model(sessions: DataFrame, vocab, embed: EmbedConfig, seed: int, interest: str) -> behaviour.TokenModel:
     """The behaviour-token representation fitted on this run's modelled sessions."""
-    counts = behaviour.token_counts(sessions, vocab, interest).persist()
+    counts = behaviour.token_counts(sessions, vocab, interest).persist(ROWS_CACHE)
     try:
         return behaviour.fit(counts, embed.token_vocab, embed.token_min_df, embed.token_dim, embed.token_fit_users, seed, interest)
     except ValueError as e:
