@@ -9,7 +9,7 @@ usage() {
 Usage: ./spark-submit.sh [--master URL] [spark-submit options] <job> [job arguments]
 
   <job>            a file in jobs/ without .py: pipeline, ingest, sessionize, train, embed,
-                   cluster, evaluate, generate. `pipeline` takes the same arguments as
+                   cluster, evaluate, generate, export, stream. `pipeline` takes the same arguments as
                    `seqclust run` (--input, --output, --run-id, --labels, --conf, --set ...).
   --master URL     local[*] (default), spark://host:port, yarn, k8s://... ; also $SPARK_MASTER
   --env-archive F  ship a packed Python environment (a venv-pack .tar.gz with pyspark,

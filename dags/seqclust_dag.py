@@ -14,6 +14,12 @@ SEQCLUST_HOME (the checkout with spark-submit.sh; default: this file's repositor
 SEQCLUST_CONF (config file), SEQCLUST_INPUT (raw events, templated: ``.../date={{ ds }}``),
 SEQCLUST_OUTPUT (tables root), SEQCLUST_DATABRICKS_WHEEL (wheel path on DBFS/volume).
 This file does not import seqclust: DAG parsing stays light and needs no Spark.
+
+Live segments (``seqclust stream``) are not a DAG: a stream is a long-lived process, not a
+task with an end. Run ``spark-submit.sh stream --model RUN_ID --input PATH --checkpoint DIR``
+under a supervisor that restarts it (systemd, Kubernetes, or the bundle's ``seqclust-live``
+continuous job on Databricks); it resumes from its checkpoint. A scheduled alternative is a
+task running ``stream ... --available-now`` every N minutes: it drains what arrived and stops.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Command line: ``seqclust run|assign|export|generate|<stage>``. Parses arguments, loads config, builds the
+"""Command line: ``seqclust run|assign|stream|export|generate|<stage>``. Parses arguments, loads config, builds the
 session, calls the library. User errors end with one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
@@ -58,6 +58,27 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assign", help="assign users of new data to the segments of an earlier run (its encoder and KMeans, no refit)")
     _common(a, stage=False)
     a.add_argument("--model", required=True, metavar="RUN_ID", help="the run whose encoder and segments to use")
+    st = sub.add_parser(
+        "stream", help="live segments: assign users to a model run's segments as their sessions close (Structured Streaming)"
+    )
+    st.add_argument("--model", required=True, metavar="RUN_ID", help="the run whose encoder and segments to use")
+    st.add_argument(
+        "--input", required=True, help="a folder the producer drops event files into (JSON lines, CSV, Parquet) or a Delta table"
+    )
+    st.add_argument("--format", choices=["auto", "parquet", "csv", "json", "delta"], help="source format (default: source.format)")
+    st.add_argument("--checkpoint", required=True, help="the stream's checkpoint folder (restart from it: nothing is counted twice)")
+    how = st.add_mutually_exclusive_group()
+    how.add_argument("--trigger-seconds", type=float, help="micro-batch interval (default: stream.trigger_seconds)")
+    how.add_argument("--available-now", action="store_true", help="process what is there now, in micro-batches, then stop")
+    st.add_argument("--flush", action="store_true", help="at the end, close every open session (the end of the log)")
+    st.add_argument("--timeout", type=float, help="stop after this many seconds (default: run until stopped)")
+    st.add_argument("--run-id", help="the stream's run id, whose tables it writes (default: live-<model>)")
+    st.add_argument("--output", help="root folder of the Delta tables (default: run.output)")
+    st.add_argument("--conf", help="environment YAML (e.g. conf/local.yaml); conf/base.yaml beside it is applied first")
+    st.add_argument("--preset", help=f"source preset ({', '.join(PRESETS)})")
+    st.add_argument("--env", help="environment name when --conf is not given (default $SEQCLUST_ENV or local)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    st.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     for name in STAGES:
         _common(sub.add_parser(name, help=f"run the {name} stage of an existing run id ({ABOUT[name]})"), stage=True)
     g = sub.add_parser("generate", help="write a synthetic event log with planted personas")
@@ -109,7 +130,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"run.output={args.output}")
     if args.format:
         out.append(f"source.format={args.format}")
-    if args.encoder:
+    if getattr(args, "encoder", None):
         out.append(f"encoder.path={args.encoder}")
     if getattr(args, "model", None):
         out.append(f"cluster.model_run={args.model}")
@@ -202,6 +223,30 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(args: argparse.Namespace) -> int:
+    from seqclust import pipeline, stream
+    from seqclust.config import load_config, validate_run_id
+    from seqclust.spark import get_spark
+
+    validate_run_id(args.model)
+    cfg = load_config(args.conf, overrides=_overrides(args), env=args.env, preset=args.preset)
+    if args.trigger_seconds is not None and args.trigger_seconds <= 0:
+        raise ConfigError("--trigger-seconds: must be > 0")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError("--timeout: must be > 0")
+    ctx = pipeline.make_context(cfg, args.input, None, args.run_id or f"live-{args.model}")
+    spark = get_spark(cfg.spark)
+    ctx.store.check_schema(spark)
+    cfg = pipeline.with_model_run_encoder(spark, cfg)
+    r = stream.run(spark, cfg, ctx, args.checkpoint, args.trigger_seconds, args.available_now, args.flush, args.timeout)
+    print(
+        f"stream {ctx.run_id}: {r.batches} micro-batches, {r.input_rows} input rows, {r.closed_sessions} sessions closed"
+        f"{f' ({r.flushed} by the flush)' if args.flush else ''}, {r.users_updated} user updates; "
+        f"tables {ctx.tables.live_segments}, {ctx.tables.live_sessions}, {ctx.tables.live_progress} under {ctx.store.root}"
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from seqclust.config import load_config, validate_run_id
     from seqclust.export import export
@@ -225,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "stream":
+            return cmd_stream(args)
         if args.command == "warmup":
             import tempfile
 

@@ -399,6 +399,9 @@ class TablesConfig:
     centroids: str = "centroids"
     metrics: str = "metrics"
     runs: str = "runs"
+    live_segments: str = "live_segments"  # seqclust stream: each user's current segment
+    live_sessions: str = "live_sessions"  # seqclust stream: each closed session, its vector and segment
+    live_progress: str = "live_progress"  # seqclust stream: one row per micro-batch
     # Set ``schema`` (and on Unity Catalog ``catalog``) to keep the tables in the metastore as
     # <catalog>.<schema>.<name> instead of folders under run.output (Databricks).
     catalog: str | None = None
@@ -474,6 +477,23 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """``seqclust stream``: live segments from a stream of events (see ``seqclust.stream``)."""
+
+    # events up to this much older than the latest one seen are still merged into their
+    # sessions; older ones are quarantined as late. A session closes when its last event is
+    # more than sessionize.gap_minutes older than (latest seen - this).
+    allowed_lateness_minutes: float = 10.0
+    trigger_seconds: float = 10.0  # micro-batch interval (without --available-now)
+    max_files_per_trigger: int | None = None  # file sources: at most this many new files per micro-batch
+
+    def __post_init__(self) -> None:
+        _check(self.allowed_lateness_minutes >= 0, "allowed_lateness_minutes", "must be >= 0")
+        _check(self.trigger_seconds > 0, "trigger_seconds", "must be > 0")
+        _check(self.max_files_per_trigger is None or self.max_files_per_trigger >= 1, "max_files_per_trigger", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     """The HTML report's pictures: the map of users, typical journeys."""
 
@@ -527,6 +547,7 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

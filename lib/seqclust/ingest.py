@@ -240,7 +240,33 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
     if n_input == 0:
         raise InputError(f"--input {ctx.input_path}: no rows to ingest")
     log.info("ingest: %d input rows from %s%s", n_input, ctx.input_path, _window_text(ctx))
-    validated = validate(raw_df, cfg, ctx.started_at, source=ctx.input_path, salt=salt)
+    r = ingest_rows(spark, ctx, raw_df, cfg, n_input, _cache_level(cfg.cache, fmt), salt=salt)
+    return dataclasses.replace(r, input_fingerprint=fingerprint, input_version=version, input_files=n_files)
+
+
+def ingest_rows(
+    spark: SparkSession,
+    ctx: RunContext,
+    raw_df: DataFrame,
+    cfg: SourceConfig,
+    n_input: int,
+    level: StorageLevel | None = None,
+    salt: str | None = None,
+    late_before: dt.datetime | None = None,
+) -> IngestResult:
+    """Validate ``raw_df`` (``n_input`` rows, as ``read_source`` gives them), write its bad rows
+    to ``quarantine`` and its clean ones to ``events``, and reconcile the counts.
+
+    Args:
+        level: how the validated rows are kept between the passes (None: read again).
+        late_before: a stream's watermark: valid rows with an earlier timestamp are quarantined
+            as ``late`` (their sessions are closed and counted already).
+
+    Long on purpose: validate, write and reconcile are one accounting; keeping them in one
+    function keeps every count that ``input = clean + quarantined + duplicates`` checks in
+    sight of the code that produces it.
+    """
+    validated = validate(raw_df, cfg, ctx.started_at, source=ctx.input_path or "", salt=salt)
     if ctx.incremental:
         # a row without a readable timestamp belongs to no window: it is quarantined by every
         # windowed run that reads it (its reason says why)
@@ -250,7 +276,9 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
         cond = (F.col("ts") >= lo if lo is not None else F.lit(True)) & (F.col("ts") < hi if hi is not None else F.lit(True))
         validated = validated.withColumn("reason", F.when(in_window | cond, F.col("reason")).otherwise(F.lit(OUT_OF_WINDOW)))
     window_start = F.lit(ctx.window_start if ctx.incremental else None).cast("timestamp")
-    level = _cache_level(cfg.cache, fmt)
+    if late_before is not None:
+        late = F.col("reason").isNull() & (F.col("ts") < F.lit(late_before))
+        validated = validated.withColumn("reason", F.when(late, F.lit(LATE)).otherwise(F.col("reason")))
     if level is not None:
         validated = validated.persist(level)
     try:
@@ -308,11 +336,12 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
             ", ".join(f"{x} {n} ({100 * n / n_valid:.1f}%)" for x, n in empty.items()),
         )
     return IngestResult(
-        n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()}, fingerprint, version, n_files, n_out, empty
+        n_input, n_clean, n_quar, n_dup, {str(k): int(v) for k, v in by_reason.items()}, out_of_window_rows=n_out, empty_optional=empty
     )
 
 
 OUT_OF_WINDOW = "_out_of_window"
+LATE = "late"  # a stream: older than the watermark when it arrived
 
 
 def _cache_level(cache: str, fmt: str) -> StorageLevel | None:

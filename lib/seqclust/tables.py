@@ -136,6 +136,42 @@ METRICS = _schema(
     ("details", STR),
 )
 
+# seqclust stream (the stream's own run id): see seqclust.stream
+LIVE_SEGMENTS = _schema(
+    ("user_id", STR),
+    ("cluster_id", INT),
+    ("distance_to_centroid", DBL),
+    ("model_run_id", STR),
+    ("encoder_id", STR),
+    ("sessions_counted", LONG),
+    ("last_session_id", STR),
+    ("updated_at", TS),
+    ("batch_id", LONG),
+)
+LIVE_SESSIONS = _schema(
+    ("session_id", STR),
+    ("user_id", STR),
+    ("start_ts", TS),
+    ("end_ts", TS),
+    ("n_events", INT),
+    ("embedding", T.ArrayType(FLT)),
+    ("cluster_id", INT),  # the user's segment after this session closed
+    ("batch_id", LONG),
+)
+LIVE_PROGRESS = _schema(
+    ("batch_id", LONG),  # -1: a flush (every open session closed)
+    ("input_rows", LONG),
+    ("quarantined", LONG),
+    ("late", LONG),
+    ("new_events", LONG),
+    ("closed_sessions", LONG),
+    ("users_updated", LONG),
+    ("max_ts", TS),  # the latest event time of this batch (the watermark's base)
+    ("watermark", TS),
+    ("seconds", DBL),
+    ("finished_at", TS),
+    ("source", STR),
+)
 
 # ---------------------------------------------------------------------------------------
 # runs: one row per run, mutable while the run goes on
@@ -317,6 +353,9 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("cluster_profiles", CLUSTER_PROFILES, doc="what each segment does"),
         TableSpec("metrics", METRICS, doc="every measured figure, by family"),
         TableSpec("runs", RUNS, doc="one row per run"),
+        TableSpec("live_segments", LIVE_SEGMENTS, doc="seqclust stream: each user's current segment"),
+        TableSpec("live_sessions", LIVE_SESSIONS, doc="seqclust stream: each closed session, its vector and the user's segment"),
+        TableSpec("live_progress", LIVE_PROGRESS, doc="seqclust stream: one row per micro-batch"),
     )
 }
 

@@ -1,0 +1,435 @@
+"""Live segments: Spark Structured Streaming assigns users to a model run's segments as their
+sessions close (``seqclust stream``).
+
+Each micro-batch (``foreachBatch``) runs the batch pipeline's own code on what arrived:
+
+1. **ingest** (``ingest.ingest_rows``): validation and quarantine as in a batch run (the rows go
+   to ``quarantine`` tagged with the micro-batch's window key); valid rows older than the
+   watermark are quarantined as ``late``; clean events are MERGEd into the stream run's
+   ``events`` (a duplicate of an event already there is dropped).
+2. **sessionize** (``sessionize._run_incremental``): the sessions the new events touch are
+   recomputed whole and MERGEd into the stream run's ``sessions``.
+3. **close**: a session is closed when its chain (the pieces of one cut session) ended more
+   than ``sessionize.gap_minutes`` before the watermark (the latest event time seen so far minus
+   ``stream.allowed_lateness_minutes``). An event that could still change a closed session
+   would be older than the watermark, so it is quarantined as ``late``: closed sessions are
+   final. ``--flush`` closes every session at the end (the end of the log, as a batch run sees it).
+4. **embed and assign**: the newly closed modelled sessions are embedded with the model run's
+   encoder (the batch Arrow path); each touched user's vector is pooled again from all their
+   closed sessions exactly as ``embed`` does, and placed as ``cluster`` places users of
+   ``seqclust assign --model`` (nearest centre, then the model run's token segments).
+
+Exactly once: every write of a micro-batch is keyed so that running the batch again (a crash
+after some of its writes, before Spark's commit) rewrites the same rows: quarantine by the
+batch's window key, events by event key (MERGE insert), sessions by recomputation, closed
+sessions by session id (MERGE insert; the set "newly closed in batch b" excludes sessions
+emitted by earlier batches only), segments by user (MERGE upsert), progress by batch id. The
+watermark a batch uses is read from the progress rows of the batches before it.
+
+State: the stream run's ``sessions`` and ``live_sessions`` (one row per closed session with its
+vector). A user's vector is re-pooled from their closed sessions when one closes: exact (equal
+to a batch run), at a cost that grows with the user's history; keep it bounded by deleting old
+``live_sessions``/``sessions`` rows of the stream run (a retention job), which makes a vector
+the pool of the retained sessions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from seqclust import behaviour, cluster, embed, ingest, refine, sessionize
+from seqclust.config import PipelineConfig
+from seqclust.context import RunContext
+from seqclust.errors import ConfigError, InputError
+from seqclust.io import CORRUPT_COL, FILE_COL, mapped_columns, one_row, source_format
+from seqclust.tables import conform
+
+log = logging.getLogger(__name__)
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+FLUSH_BATCH = -1  # the progress row of a --flush (closes every open session)
+
+
+def window_key(batch_id: int) -> dt.datetime:
+    """The window key (``window_start`` in ``events``/``quarantine``) of micro-batch ``batch_id``:
+    the epoch plus that many seconds (a key, not a time)."""
+    return EPOCH + dt.timedelta(seconds=int(batch_id) + 1)
+
+
+@dataclass(frozen=True)
+class Model:
+    """What a stream scores users with: the model run's encoder artifact and segments."""
+
+    run_id: str
+    artifact: Any
+    centers: list[list[float]]
+    token_segments: refine.TokenSegments | None
+
+
+def load_model(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> Model:
+    """The model run's artifact (``cfg.encoder.path``, set from the run) and segments; a clear
+    error when the run has none, or its representation needs what the artifact lacks."""
+    from seqclust.encoder import load_artifact
+
+    rid = cfg.cluster.model_run
+    if not rid or not cfg.encoder.path:
+        raise ConfigError("stream: --model RUN_ID is required")
+    if cfg.embed.pooling != "mean":
+        raise ConfigError("stream: embed.pooling must be mean (recency pooling weighs sessions by the age of the latest one in a batch)")
+    art = load_artifact(cfg.encoder.path)
+    embed.require_token_model(art, cfg.embed)
+    centers = cluster.model_run_centers(spark, ctx, rid)
+    segs = None
+    if cfg.cluster.refine != "none" and art.token_model is not None:
+        rows = cluster.model_run_centers(spark, ctx, rid, "tokens")
+        segs = refine.TokenSegments.from_rows(rows) if rows else None
+    return Model(rid, art, centers, segs)
+
+
+def read_stream(spark: SparkSession, path: str, cfg: PipelineConfig) -> DataFrame:
+    """The source as a stream, with the columns ``ingest.validate`` expects (``read_source``'s):
+    file formats with the schema of the files there now (Parquet) or every mapped column as
+    text (CSV, JSON: bad values are quarantined, not fatal), Delta as its change feed of appends."""
+    from seqclust.io import read_source
+
+    src = cfg.source
+    fmt = source_format(path, src)
+    opts: dict[str, Any] = {}
+    if cfg.stream.max_files_per_trigger:
+        opts["maxFilesPerTrigger"] = cfg.stream.max_files_per_trigger
+    if src.file_glob:
+        opts["pathGlobFilter"] = src.file_glob
+    if fmt == "delta":
+        read_source(spark, path, src)  # the mapping's columns are there (a clear error if not)
+        return spark.readStream.format("delta").options(**opts).load(path).withColumn(FILE_COL, F.lit(path))
+    batch = read_source(spark, path, src)  # checks the mapping against the files there now
+    if fmt == "parquet":
+        schema = T.StructType([f for f in batch.schema.fields if f.name not in (FILE_COL, CORRUPT_COL)])
+        reader = spark.readStream.schema(schema).options(**opts).format("parquet")
+    else:
+        names = [c for c in batch.columns if c not in (FILE_COL, CORRUPT_COL)] if fmt == "csv" else mapped_columns(src)
+        schema = T.StructType([T.StructField(n, T.StringType()) for n in names] + [T.StructField(CORRUPT_COL, T.StringType())])
+        opts.update(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_COL, encoding=src.encoding)
+        if fmt == "csv":
+            opts.update(header=src.header, sep=src.delimiter)
+        reader = spark.readStream.schema(schema).options(**opts).format(fmt)
+    return reader.load(path).withColumn(FILE_COL, F.col("_metadata.file_path"))
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch_id: int
+    input_rows: int
+    quarantined: int
+    late: int
+    new_events: int
+    closed_sessions: int
+    users_updated: int
+    watermark: dt.datetime | None
+    seconds: float
+
+
+class LiveScorer:
+    """Processes micro-batches for one stream run id (``ctx.run_id``) against one model."""
+
+    def __init__(self, spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, model: Model):
+        self.spark, self.cfg, self.ctx, self.model = spark, cfg, ctx, model
+        self.lateness = dt.timedelta(minutes=cfg.stream.allowed_lateness_minutes)
+        self.gap_us = int(cfg.sessionize.gap_minutes * 60 * 1_000_000)
+
+    # -- state --------------------------------------------------------------------------
+
+    def _table(self, key: str) -> str:
+        return getattr(self.ctx.tables, key)
+
+    def _read(self, key: str) -> DataFrame | None:
+        name = self._table(key)
+        return self.ctx.store.read(self.spark, name, self.ctx.run_id) if self.ctx.store.exists(name) else None
+
+    def max_ts_before(self, batch_id: int) -> dt.datetime | None:
+        """The latest event time of the batches before ``batch_id`` (their progress rows)."""
+        prog = self._read("live_progress")
+        if prog is None:
+            return None
+        row = prog.where((F.col("batch_id") < batch_id) & (F.col("batch_id") >= 0)).agg(F.max("max_ts").alias("m")).first()
+        return row["m"] if row else None
+
+    # -- one micro-batch -----------------------------------------------------------------
+
+    def process(self, raw: DataFrame, batch_id: int) -> BatchResult:
+        """Ingest, sessionize, close, embed and assign one micro-batch (see the module doc)."""
+        t0 = time.monotonic()
+        seen = self.max_ts_before(batch_id)
+        late_before = seen - self.lateness if seen is not None else None
+        ctx = dataclasses.replace(self.ctx, since=window_key(batch_id), written={})
+        raw = raw.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            n_input = raw.count()
+            res = None
+            if n_input:
+                res = ingest.ingest_rows(self.spark, ctx, raw, self.cfg.source, n_input, None, self.cfg.privacy.salt(), late_before)
+        finally:
+            raw.unpersist()
+        new_events = res.clean_rows if res else 0
+        batch_max = None
+        if res is not None and ctx.store.exists(ctx.tables.events):
+            events = ctx.store.read(self.spark, ctx.tables.events, ctx.run_id).drop("run_id")
+            batch_max = one_row(events.where(F.col("window_start") == F.lit(ctx.window_start)).agg(F.max("ts")))[0]
+            if batch_max is not None:
+                sessionize._run_incremental(self.spark, ctx, self.cfg.sessionize, events)
+        seen_now = max([t for t in (seen, batch_max) if t is not None], default=None)
+        watermark = seen_now - self.lateness if seen_now is not None else None
+        closed, users = self.close_and_assign(batch_id, watermark)
+        r = BatchResult(
+            batch_id,
+            n_input,
+            res.quarantined_rows if res else 0,
+            res.reasons.get(ingest.LATE, 0) if res else 0,
+            new_events,
+            closed,
+            users,
+            watermark,
+            time.monotonic() - t0,
+        )
+        self._progress(r, batch_max if batch_max is not None else seen)
+        log.info(
+            "stream: batch %d: %d input rows, %d quarantined (%d late), %d new events, %d sessions closed, %d users updated, "
+            "watermark %s, %.1fs",
+            batch_id,
+            r.input_rows,
+            r.quarantined,
+            r.late,
+            r.new_events,
+            r.closed_sessions,
+            r.users_updated,
+            r.watermark.isoformat() if r.watermark else "-",
+            r.seconds,
+        )
+        return r
+
+    def flush(self, batch_id: int = FLUSH_BATCH) -> BatchResult:
+        """Close every open session (the end of the log) and assign their users."""
+        t0 = time.monotonic()
+        closed, users = self.close_and_assign(batch_id, None, everything=True)
+        r = BatchResult(batch_id, 0, 0, 0, 0, closed, users, None, time.monotonic() - t0)
+        self._progress(r, None)
+        log.info("stream: flush: %d sessions closed, %d users updated, %.1fs", closed, users, r.seconds)
+        return r
+
+    def close_and_assign(self, batch_id: int, watermark: dt.datetime | None, everything: bool = False) -> tuple[int, int]:
+        """(sessions closed, users updated) by micro-batch ``batch_id`` under ``watermark``."""
+        sessions = self._read("sessions")
+        if sessions is None or (watermark is None and not everything):
+            return 0, 0
+        sessions = sessions.drop("run_id")
+        # the pieces of one cut session close together: the chain's last piece decides
+        chain_end = sessions.groupBy("user_id", "root_start_ts").agg(F.max("end_ts").alias("_chain_end"))
+        sessions = sessions.where("is_modelled")
+        closed = sessions.join(chain_end, ["user_id", "root_start_ts"])
+        if not everything:
+            cut = F.unix_micros(F.lit(watermark)) - self.gap_us
+            closed = closed.where(F.unix_micros("_chain_end") < cut)
+        closed = closed.drop("_chain_end")
+        live = self._read("live_sessions")
+        earlier = live.where(F.col("batch_id") != batch_id).select("session_id") if live is not None else None
+        fresh = closed.join(earlier, "session_id", "left_anti") if earlier is not None else closed
+        fresh = fresh.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            n_closed = fresh.count()
+            if n_closed == 0:
+                return 0, 0
+            art = self.model.artifact
+            fresh_emb = embed.embed_sessions(self.spark, fresh, art, keep=("session_id", "user_id", "start_ts", "end_ts", "n_events"))
+            fresh_emb = fresh_emb.persist(StorageLevel.MEMORY_AND_DISK)
+            touched = fresh.select("user_id").distinct()
+            # every closed session of the touched users: their earlier vectors and the new ones
+            emb = fresh_emb.select("session_id", "user_id", "end_ts", "embedding")
+            if live is not None:
+                old = live.where(F.col("batch_id") != batch_id).join(touched, "user_id")
+                emb = emb.unionByName(old.select("session_id", "user_id", "end_ts", "embedding"))
+            user_sessions = sessions.join(emb.select("session_id"), "session_id")
+            labels = self._assign(user_sessions, emb).persist(StorageLevel.MEMORY_AND_DISK)
+            n_users = labels.count()
+            self._write(batch_id, fresh_emb, labels)
+            for df in (fresh_emb, labels):
+                df.unpersist()
+            return n_closed, n_users
+        finally:
+            fresh.unpersist()
+
+    def _assign(self, user_sessions: DataFrame, emb: DataFrame) -> DataFrame:
+        """``(user_id, cluster_id, distance_to_centroid, sessions_counted, last_session_id)``
+        for the users of ``user_sessions``, made as ``seqclust assign`` makes them."""
+        m, cfg = self.model, self.cfg
+        vecs = embed.user_vectors(user_sessions, emb.select("user_id", "end_ts", "embedding"), m.artifact, cfg.embed)
+        users = vecs.select("entity_id", F.col("embedding").alias("emb"), "n_sessions")
+        labels0 = cluster.assign_nearest(users, m.centers)
+        if m.token_segments is not None:
+            tm = m.artifact.token_model
+            lists = refine.token_lists(behaviour.token_counts(user_sessions, m.artifact.vocab, tm.interest), tm.tokens)
+            lab = refine.assign(refine.with_tokens(labels0.select("entity_id", "cluster_id"), lists), m.token_segments)
+            labels = cluster.distance_to_own(users.join(lab.select("entity_id", "cluster_id"), "entity_id"), m.centers)
+        else:
+            labels = labels0
+        last = (
+            emb.groupBy("user_id")
+            .agg(F.max_by("session_id", F.struct("end_ts", "session_id")).alias("last_session_id"))
+            .withColumnRenamed("user_id", "entity_id")
+        )
+        return labels.join(last, "entity_id").select(
+            F.col("entity_id").alias("user_id"),
+            F.col("cluster_id").cast("int").alias("cluster_id"),
+            "distance_to_centroid",
+            F.col("n_sessions").cast("long").alias("sessions_counted"),
+            "last_session_id",
+        )
+
+    def _write(self, batch_id: int, fresh_emb: DataFrame, labels: DataFrame) -> None:
+        store, rid = self.ctx.store, self.ctx.run_id
+        now = dt.datetime.now(dt.timezone.utc)
+        sess = fresh_emb.join(labels.select("user_id", "cluster_id"), "user_id").select(
+            "session_id",
+            "user_id",
+            "start_ts",
+            "end_ts",
+            F.col("n_events").cast("int").alias("n_events"),
+            "embedding",
+            "cluster_id",
+            F.lit(batch_id).cast("long").alias("batch_id"),
+        )
+        seg = labels.select(
+            "user_id",
+            "cluster_id",
+            "distance_to_centroid",
+            F.lit(self.model.run_id).alias("model_run_id"),
+            F.lit(self.model.artifact.encoder_id).alias("encoder_id"),
+            "sessions_counted",
+            "last_session_id",
+            F.lit(now).cast("timestamp").alias("updated_at"),
+            F.lit(batch_id).cast("long").alias("batch_id"),
+        )
+        # sessions first: a crash between the two writes leaves segments that the batch's
+        # rerun recomputes from the same sessions (it excludes only earlier batches' rows)
+        name = self._table("live_sessions")
+        if store.exists(name):
+            n = store.merge_insert(conform(sess, "live_sessions"), name, rid, "t.session_id", "s.session_id")
+        else:
+            n = store.write_run(conform(sess, "live_sessions"), name, rid)
+        self.ctx.wrote(name, n)
+        name = self._table("live_segments")
+        empty = self.spark.createDataFrame([], T.StructType([T.StructField("user_id", T.StringType())]))
+        n, _ = store.merge_replace(conform(seg, "live_segments"), empty, name, rid, "user_id")
+        self.ctx.wrote(name, n)
+
+    def _progress(self, r: BatchResult, max_ts: dt.datetime | None) -> None:
+        row = (
+            int(r.batch_id),
+            int(r.input_rows),
+            int(r.quarantined),
+            int(r.late),
+            int(r.new_events),
+            int(r.closed_sessions),
+            int(r.users_updated),
+            max_ts,
+            r.watermark,
+            float(r.seconds),
+            dt.datetime.now(dt.timezone.utc),
+            self.ctx.input_path,
+        )
+        from seqclust.tables import LIVE_PROGRESS
+
+        df = self.spark.createDataFrame([row], LIVE_PROGRESS)
+        empty = self.spark.createDataFrame([], T.StructType([T.StructField("batch_id", T.LongType())]))
+        self.ctx.store.merge_replace(conform(df, "live_progress"), empty, self._table("live_progress"), self.ctx.run_id, "batch_id")
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    batches: int
+    input_rows: int
+    closed_sessions: int
+    users_updated: int
+    flushed: int
+
+
+def run(
+    spark: SparkSession,
+    cfg: PipelineConfig,
+    ctx: RunContext,
+    checkpoint: str,
+    trigger_seconds: float | None = None,
+    available_now: bool = False,
+    flush: bool = False,
+    timeout_s: float | None = None,
+) -> StreamResult:
+    """Run the stream (``foreachBatch``) until the input is drained (``available_now``), the
+    timeout passes or the process is stopped; with ``flush``, close every open session after."""
+    if not ctx.input_path:
+        raise InputError("stream: pass --input PATH (a folder the producer drops files into, or a Delta table)")
+    _check_checkpoint(checkpoint)
+    model = load_model(spark, ctx, cfg)
+    scorer = LiveScorer(spark, cfg, ctx, model)
+    results: list[BatchResult] = []
+
+    def each(batch_df: DataFrame, batch_id: int) -> None:
+        results.append(scorer.process(batch_df, int(batch_id)))
+
+    src = read_stream(spark, ctx.input_path, cfg)
+    writer = src.writeStream.foreachBatch(each).option("checkpointLocation", checkpoint).queryName(f"seqclust_live_{ctx.run_id}")
+    if available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=f"{trigger_seconds or cfg.stream.trigger_seconds} seconds")
+    log.info(
+        "stream: run %s scores %s against the segments of run %s (encoder %s); checkpoint %s",
+        ctx.run_id,
+        ctx.input_path,
+        model.run_id,
+        model.artifact.encoder_id,
+        checkpoint,
+    )
+    query = writer.start()
+    try:
+        query.awaitTermination(int(timeout_s)) if timeout_s else query.awaitTermination()
+    finally:
+        if query.isActive:
+            query.stop()
+    if query.exception() is not None:  # pragma: no cover - re-raised by awaitTermination
+        raise InputError(f"stream: the query failed: {str(query.exception())[:300]}")
+    flushed = scorer.flush().closed_sessions if flush else 0
+    return StreamResult(
+        len(results),
+        sum(r.input_rows for r in results),
+        sum(r.closed_sessions for r in results) + flushed,
+        sum(r.users_updated for r in results),
+        flushed,
+    )
+
+
+def _check_checkpoint(checkpoint: str) -> None:
+    """A local checkpoint folder must be creatable and writable (a clear error, not a failed query)."""
+    import os
+    from pathlib import Path
+
+    if "://" in checkpoint and not checkpoint.startswith("file:"):
+        return
+    p = Path(checkpoint.removeprefix("file:"))
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".seqclust-write-check"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"--checkpoint {checkpoint}: not writable ({e.strerror or e})") from None
+    if not os.access(p, os.W_OK):
+        raise InputError(f"--checkpoint {checkpoint}: not writable")

@@ -1,0 +1,146 @@
+"""seqclust stream: live segments agree with a batch `assign` over the same events."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from seqclust.cli import main
+from seqclust.datagen import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.spark
+
+SMALL = [
+    "encoder.epochs=3",
+    "encoder.batch_size=64",
+    "encoder.train_sample=2000",
+    "encoder.embedding_dim=16",
+    "encoder.hidden=32",
+    "cluster.k=4",
+    "cluster.n_init=1",
+    "cluster.fine_k=null",
+    "evaluate.downstream=false",
+    "spark.shuffle_partitions=2",
+    "stream.max_files_per_trigger=1",
+]
+
+
+def _cli(*args):
+    argv = [*args, "--conf", str(REPO / "conf" / "local.yaml")]
+    for s in SMALL:
+        argv += ["--set", s]
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A model run on generated data, and the same users' events cut into five file drops."""
+    root = tmp_path_factory.mktemp("stream")
+    write_dataset(root / "gen", users=120, seed=5, bad_rate=0.0)
+    out = root / "out"
+    assert _cli("run", "--input", str(root / "gen" / "events"), "--output", str(out), "--run-id", "m1") == 0
+    return root, out
+
+
+def _drops(events: pa.Table, folder: Path, n: int = 5, moved_minutes: float = 2.0) -> pa.Table:
+    """``events`` in ``n`` files by time: each cut's last ``moved_minutes`` arrive with the next
+    file (out of order, within the lateness), rows shuffled within a file, and some events
+    twice (in their file, and a copy of a moved one in the file after that). Returns every row
+    written (duplicates included)."""
+    rng = np.random.default_rng(3)
+    ts = events.column("ts").cast(pa.int64()).to_numpy()  # ms or us: only compared
+    unit = 1000 if events.schema.field("ts").type.unit == "ms" else 1_000_000
+    order = np.argsort(ts, kind="stable")
+    cuts = np.quantile(ts, np.linspace(0, 1, n + 1)[1:-1])
+    part = np.searchsorted(cuts, ts, side="right")
+    moved = np.zeros(len(ts), bool)
+    for i, c in enumerate(cuts):
+        late = (part == i) & (ts >= c - moved_minutes * 60 * unit)
+        part[late] = i + 1
+        moved |= late
+    folder.mkdir(parents=True)
+    written = []
+    for i in range(n):
+        idx = order[part[order] == i]
+        dup = rng.choice(idx, size=max(1, len(idx) // 50), replace=False)
+        if i > 0:
+            prev_moved = order[(part[order] == i) & moved[order]][:5]
+            dup = np.concatenate([dup, prev_moved])
+        rows = np.concatenate([idx, dup])
+        rng.shuffle(rows)
+        t = events.take(pa.array(rows))
+        f = folder / f"drop-{i}.parquet"
+        pq.write_table(t, f)
+        os.utime(f, (1_800_000_000 + i * 10, 1_800_000_000 + i * 10))  # the file source's order
+        written.append(t)
+    return pa.concat_tables(written)
+
+
+def test_live_segments_agree_with_a_batch_assign_over_the_same_events(spark, model):
+    from pyspark.sql import functions as F
+
+    root, out = model
+    events = pq.read_table(root / "gen" / "events")
+    every = _drops(events, root / "drops")
+    assert every.num_rows > events.num_rows  # duplicates are in the drops
+    assert _cli("assign", "--model", "m1", "--input", str(root / "drops"), "--output", str(out), "--run-id", "a1") == 0
+    code = _cli(
+        "stream",
+        "--model",
+        "m1",
+        "--input",
+        str(root / "drops"),
+        "--checkpoint",
+        str(root / "ck"),
+        "--available-now",
+        "--flush",
+        "--output",
+        str(out),
+    )
+    assert code == 0
+
+    def table(name, run_id):
+        return spark.read.format("delta").load(str(out / name)).where(F.col("run_id") == run_id)
+
+    prog = table("live_progress", "live-m1")
+    batches = prog.where("batch_id >= 0")
+    assert batches.count() >= 5  # one file per micro-batch
+    totals = batches.agg(F.sum("input_rows"), F.sum("late"), F.sum("quarantined")).first()
+    assert totals[0] == every.num_rows and totals[1] == 0 and totals[2] == 0
+    # the sessions: exactly the batch run's
+    cols = ["session_id", "user_id", "start_ts", "end_ts", "n_events", "tokens", "is_modelled"]
+    live_s = {r["session_id"]: tuple(r) for r in table("sessions", "live-m1").select(*cols).collect()}
+    batch_s = {r["session_id"]: tuple(r) for r in table("sessions", "a1").select(*cols).collect()}
+    assert live_s == batch_s and len(live_s) > 200
+    # every modelled session closed once, with the batch's vector
+    live_v = {r["session_id"]: np.array(r["embedding"]) for r in table("live_sessions", "live-m1").collect()}
+    batch_v = {r["entity_id"]: np.array(r["embedding"]) for r in table("embeddings", "a1").where("entity_type = 'session'").collect()}
+    assert live_v.keys() == batch_v.keys()
+    assert max(float(np.abs(live_v[s] - batch_v[s]).max()) for s in live_v) < 1e-5
+    # every user in the segment assign gives, at the same distance from its centre
+    live = {r["user_id"]: r for r in table("live_segments", "live-m1").collect()}
+    batch = {r["entity_id"]: r for r in table("clusters", "a1").where("entity_type = 'user' AND granularity = 'coarse'").collect()}
+    assert live.keys() == batch.keys() and len(live) == 120
+    assert all(live[u]["cluster_id"] == batch[u]["cluster_id"] for u in live)
+    assert max(abs(live[u]["distance_to_centroid"] - batch[u]["distance_to_centroid"]) for u in live) < 1e-5
+    n_modelled = sum(1 for v in batch_s.values() if v[-1])
+    assert sum(r["sessions_counted"] for r in live.values()) == n_modelled
+    assert {r["model_run_id"] for r in live.values()} == {"m1"}
+
+
+def test_stream_refuses_a_missing_model_and_an_unwritable_checkpoint(model, tmp_path, capsys):
+    root, out = model
+    code = _cli(
+        "stream", "--model", "nope", "--input", str(root / "gen" / "events"), "--checkpoint", str(tmp_path / "ck"), "--output", str(out)
+    )
+    assert code != 0 and "--model nope: no such run" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = _cli(
+        "stream", "--model", "m1", "--input", str(root / "gen" / "events"), "--checkpoint", str(blocker / "ck"), "--output", str(out)
+    )
+    assert code != 0 and "--checkpoint" in capsys.readouterr().err
