@@ -145,3 +145,33 @@ def test_the_fitted_model_does_not_depend_on_partitioning(spark):
     a = behaviour.fit(counts.repartition(5), 300, 1, 3, 1000, 2, "item")
     b = behaviour.fit(counts.coalesce(1), 300, 1, 3, 1000, 2, "item")
     assert a.tokens == b.tokens and np.array_equal(a.idf, b.idf) and np.array_equal(a.components, b.components)
+
+
+@pytest.mark.spark
+def test_a_run_counts_the_behaviour_tokens_once_for_train_embed_and_cluster(spark, tmp_path, monkeypatch):
+    """The train stage's token counts are kept for the embed and cluster stages of the same
+    process (at 100M events each count was ~10 minutes); a single-stage process counts its own."""
+    from pathlib import Path
+
+    from seqclust.cli import main
+    from seqclust.datagen import write_dataset
+
+    repo = Path(__file__).resolve().parents[1]
+    write_dataset(tmp_path / "gen", users=60, seed=3)
+    calls = []
+    real = behaviour.token_counts
+    monkeypatch.setattr(behaviour, "token_counts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    small = ["encoder.epochs=2", "encoder.train_sample=500", "encoder.embedding_dim=8", "encoder.hidden=16", "cluster.k=3"]
+    small += ["cluster.n_init=1", "cluster.fine_k=null", "evaluate.downstream=false", "spark.shuffle_partitions=2"]
+    common = ["--conf", str(repo / "conf" / "local.yaml"), "--output", str(tmp_path / "out"), *[x for s in small for x in ("--set", s)]]
+
+    def cached():
+        rdds = spark.sparkContext._jsc.getPersistentRDDs()
+        return sorted(str(rdds.get(k).name()) for k in rdds.keySet().toArray() if "Delta" not in str(rdds.get(k).name()))
+
+    before = cached()
+    assert main(["run", "--input", str(tmp_path / "gen" / "events"), "--run-id", "once", *common]) == 0
+    assert len(calls) == 1
+    assert cached() == before  # the kept counts are released at the end of the run
+    assert main(["cluster", "--run-id", "once", *common]) == 0
+    assert len(calls) == 2  # the cluster stage alone counts them itself

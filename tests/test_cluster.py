@@ -116,3 +116,31 @@ def test_pipeline_on_a_two_worker_cluster_matches_local(spark, cluster, tmp_path
     conf = {root: json.loads(runs[root]["config_json"]) for root in runs}
     assert conf["on_cluster"]["run"].pop("output") != conf["local"]["run"].pop("output")
     assert conf["on_cluster"] == conf["local"]  # the same configuration but for where it wrote
+
+
+def test_fine_segments_are_fitted_on_a_bounded_sample_and_find_its_groups(spark, monkeypatch):
+    """cluster.fine_fit_users bounds the fine KMeans' input (8 min on all 2.1M users at 100M
+    events); the sample still finds well-separated groups, and without the bound every user is used."""
+    import dataclasses
+
+    import numpy as np
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
+
+    from seqclust import cluster
+    from seqclust.config import ClusterConfig
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (6, 4))
+    rows = [(f"u{i}", [float(v) for v in centres[i % 6] + rng.normal(0, 0.1, 4)]) for i in range(3000)]
+    users = spark.createDataFrame(rows, "entity_id string, emb array<double>").withColumn("features", array_to_vector(F.col("emb")))
+    seen = []
+    real = cluster.fit_kmeans
+    monkeypatch.setattr(cluster, "fit_kmeans", lambda df, *a, **k: seen.append(df.count()) or real(df, *a, **k))
+    cfg = ClusterConfig(fine_k=6, fine_min_users=20, fine_fit_users=1000, n_init=1)
+    got = np.array(cluster.fine_centers(users, 3000, 2, 0, cfg))
+    assert 700 < seen[-1] < 1300  # about fine_fit_users of the 3,000
+    nearest = np.linalg.norm(got[:, None, :] - centres[None, :, :], axis=2).min(axis=0)
+    assert nearest.max() < 0.5  # every planted group has a fine centre on it
+    cluster.fine_centers(users, 3000, 2, 0, dataclasses.replace(cfg, fine_fit_users=None))
+    assert seen[-1] == 3000

@@ -80,31 +80,47 @@ def _drops(events: pa.Table, folder: Path, n: int = 5, moved_minutes: float = 2.
     return pa.concat_tables(written)
 
 
-def test_live_segments_agree_with_a_batch_assign_over_the_same_events(spark, model):
-    from pyspark.sql import functions as F
-
-    root, out = model
-    events = pq.read_table(root / "gen" / "events")
-    every = _drops(events, root / "drops")
-    assert every.num_rows > events.num_rows  # duplicates are in the drops
-    assert _cli("assign", "--model", "m1", "--input", str(root / "drops"), "--output", str(out), "--run-id", "a1") == 0
-    code = _cli(
+def _stream_args(root: Path, out: Path, run_id: str, checkpoint: str) -> list[str]:
+    return [
         "stream",
         "--model",
         "m1",
         "--input",
         str(root / "drops"),
         "--checkpoint",
-        str(root / "ck"),
-        "--available-now",
-        "--flush",
+        str(root / checkpoint),
         "--output",
         str(out),
-    )
-    assert code == 0
+        "--run-id",
+        run_id,
+    ]
+
+
+@pytest.fixture(scope="module")
+def streamed(model):
+    """The drops, an uninterrupted stream over them (run id live-m1), and their rows."""
+    root, out = model
+    events = pq.read_table(root / "gen" / "events")
+    every = _drops(events, root / "drops")
+    assert every.num_rows > events.num_rows  # duplicates are in the drops
+    assert _cli(*_stream_args(root, out, "live-m1", "ck"), "--available-now", "--flush") == 0
+    return root, out, every
+
+
+def _table(spark, out, name, run_id):
+    from pyspark.sql import functions as F
+
+    return spark.read.format("delta").load(str(out / name)).where(F.col("run_id") == run_id)
+
+
+def test_live_segments_agree_with_a_batch_assign_over_the_same_events(spark, streamed):
+    from pyspark.sql import functions as F
+
+    root, out, every = streamed
+    assert _cli("assign", "--model", "m1", "--input", str(root / "drops"), "--output", str(out), "--run-id", "a1") == 0
 
     def table(name, run_id):
-        return spark.read.format("delta").load(str(out / name)).where(F.col("run_id") == run_id)
+        return _table(spark, out, name, run_id)
 
     prog = table("live_progress", "live-m1")
     batches = prog.where("batch_id >= 0")
@@ -130,6 +146,76 @@ def test_live_segments_agree_with_a_batch_assign_over_the_same_events(spark, mod
     n_modelled = sum(1 for v in batch_s.values() if v[-1])
     assert sum(r["sessions_counted"] for r in live.values()) == n_modelled
     assert {r["model_run_id"] for r in live.values()} == {"m1"}
+
+
+def _kill_after(cmd: list[str], first: str, then: str, delay: float = 0.3, timeout: float = 900) -> list[str]:
+    """Run ``cmd`` in its own process group; SIGKILL the group ``delay`` s after a stderr line
+    with ``then`` that follows a line with ``first``. Returns the stderr lines seen."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from test_crash import _env
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(), start_new_session=True)
+    lines: list[str] = []
+    hit = threading.Event()
+
+    def pump() -> None:
+        seen_first = False
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line.rstrip())
+            seen_first = seen_first or first in line
+            if seen_first and then in line:
+                hit.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not hit.wait(0.2):
+            assert proc.poll() is None and time.monotonic() < deadline, f"never saw {then!r} after {first!r}:\n" + "\n".join(lines[-30:])
+        time.sleep(delay)
+        assert proc.poll() is None, "the stream ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    return lines
+
+
+def test_a_stream_killed_mid_merge_resumes_from_its_checkpoint_exactly_once(spark, streamed):
+    """SIGKILL the whole stream process while a micro-batch's live_segments MERGE runs (its
+    live_sessions are committed, its Spark batch is not); the restarted stream re-runs that
+    batch: nothing counted twice or lost, the tables equal the uninterrupted stream's."""
+    import sys
+
+    from test_crash import _env
+
+    root, out, _ = streamed
+    base = [sys.executable, "-m", "seqclust.cli", *_stream_args(root, out, "live-k", "ck-k"), "--conf", str(REPO / "conf" / "local.yaml")]
+    base += [x for s in SMALL for x in ("--set", s)]
+    lines = _kill_after([*base, "--available-now"], "stream: batch 1:", "table live_segments: merging recomputed rows into run live-k")
+    assert any("stream: batch 1:" in x for x in lines)  # killed in a later batch, two whole ones before it
+    import subprocess
+
+    done = subprocess.run([*base, "--available-now", "--flush"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def rows(name, run_id, cols):
+        return sorted(tuple(r) for r in _table(spark, out, name, run_id).select(*cols).collect())
+
+    seg = ["user_id", "cluster_id", "sessions_counted", "last_session_id", "model_run_id"]
+    assert rows("live_segments", "live-k", seg) == rows("live_segments", "live-m1", seg)
+    sess = ["session_id", "user_id", "cluster_id", "n_events"]
+    killed, whole = rows("live_sessions", "live-k", sess), rows("live_sessions", "live-m1", sess)
+    assert killed == whole and len({r[0] for r in killed}) == len(killed)  # each session once
+    assert rows("sessions", "live-k", ["session_id", "n_events"]) == rows("sessions", "live-m1", ["session_id", "n_events"])
+    assert rows("events", "live-k", ["event_id", "user_id", "ts"]) == rows("events", "live-m1", ["event_id", "user_id", "ts"])
 
 
 def test_stream_refuses_a_missing_model_and_an_unwritable_checkpoint(model, tmp_path, capsys):

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd  # the pandas UDFs' type hints are resolved in this module's namespace
 import pyarrow.compute as pc
-from pyspark import StorageLevel
 from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.evaluation import ClusteringEvaluator
 from pyspark.ml.functions import array_to_vector
@@ -354,7 +353,7 @@ def sweep_and_fit(users: DataFrame, n: int, ks: list[int], seed: int, cfg: Clust
     for row in sweep:
         row["sweep_users"] = n_sweep
     k = choice.k
-    space = proj.spark(users).persist(StorageLevel.MEMORY_AND_DISK)
+    space = proj.spark(users).persist(ROWS_CACHE)
     try:
         log.info("cluster: k=%d chosen; MLlib KMeans on all %d users (best of %d starts)", k, n, cfg.n_init)
         model = fit_best(space, k, seed, cfg)
@@ -490,15 +489,19 @@ def coarse(clusters: DataFrame) -> DataFrame:
 def fine_centers(users: DataFrame, n: int, k: int, seed: int, cfg: ClusterConfig) -> list[list[float]] | None:
     """Fine segments for recommendation fill: MLlib KMeans at ``cfg.fine_k`` on the same user
     vectors (at most one segment per ``fine_min_users`` users; none when that is not finer than
-    the personas' k)."""
+    the personas' k), fitted on a seeded hash sample of about ``fine_fit_users`` users."""
     if cfg.fine_k is None:
         return None
     fk = min(cfg.fine_k, n // cfg.fine_min_users)
     if fk <= k:
         log.info("cluster: no fine segments (%d users allow at most %d, not more than k=%d)", n, fk, k)
         return None
-    model = fit_kmeans(users, fk, seed, cfg)
-    log.info("cluster: %d fine segments (MLlib KMeans, cluster.fine_k) for recommendation fill", fk)
+    fit_on = user_sample(n, cfg.fine_fit_users, seed)(users, "entity_id")
+    model = fit_kmeans(fit_on, fk, seed, cfg)
+    sampled = (
+        f", fitted on a sample of about {cfg.fine_fit_users} users" if cfg.fine_fit_users is not None and n > cfg.fine_fit_users else ""
+    )
+    log.info("cluster: %d fine segments (MLlib KMeans, cluster.fine_k%s) for recommendation fill", fk, sampled)
     return [[float(v) for v in c] for c in model.clusterCenters()]
 
 
@@ -526,7 +529,9 @@ def model_run_centers(spark: SparkSession, ctx: RunContext, run_id: str, method:
     return [list(r["centroid"]) for r in rows]
 
 
-def _token_lists(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, artifact: Any) -> tuple[DataFrame, tuple[str, ...]] | None:
+def _token_lists(
+    spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, artifact: Any, counts: DataFrame | None = None
+) -> tuple[DataFrame, tuple[str, ...]] | None:
     """Each user's behaviour-token counts (``refine.token_lists``) when ``cluster.refine`` is on
     and the run's encoder artifact carries a token model; None (and why, in the log) otherwise."""
     if cfg.refine == "none":
@@ -537,12 +542,16 @@ def _token_lists(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, artif
         return None
     from seqclust import behaviour
 
-    sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
-    lists = refine.token_lists(behaviour.token_counts(sessions, artifact.vocab, tm.interest), tm.tokens)
+    if counts is None:
+        sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
+        counts = behaviour.token_counts(sessions, artifact.vocab, tm.interest)
+    lists = refine.token_lists(counts, tm.tokens)
     return lists.persist(ROWS_CACHE), tm.tokens
 
 
-def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int, artifact: Any = None) -> ClusterResult:
+def run(
+    spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int, artifact: Any = None, counts: DataFrame | None = None
+) -> ClusterResult:
     """Cluster this run's user vectors; write ``clusters``, ``centroids`` and the k sweep.
     With ``artifact`` (the run's encoder artifact) and ``cluster.refine: tokens``, the k-means
     segments are refined by the likelihood of the users' behaviour tokens (``seqclust.refine``)."""
@@ -561,7 +570,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int, art
     try:
         if n == 0:
             raise InputError("no user vectors to cluster (did the embed stage run?)")
-        lists = _token_lists(spark, ctx, cfg, artifact)
+        lists = _token_lists(spark, ctx, cfg, artifact, counts)
         if cfg.model_run:
             centers = model_run_centers(spark, ctx, cfg.model_run)
             dim = len(one_row(stored.select("embedding"))["embedding"])

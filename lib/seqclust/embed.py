@@ -165,19 +165,24 @@ def history_vectors(spark: SparkSession, ctx: RunContext, artifact: Any, cfg: Em
     return fn
 
 
-def user_vectors(sessions: DataFrame, session_emb: DataFrame, artifact: Any, cfg: EmbedConfig) -> DataFrame:
+def user_vectors(
+    sessions: DataFrame, session_emb: DataFrame, artifact: Any, cfg: EmbedConfig, counts: DataFrame | None = None
+) -> DataFrame:
     """``(entity_id, embedding, n_sessions)`` per user of ``sessions``, as ``cfg.representation``
     says: the encoder's session vectors pooled (``session_emb``: user_id, end_ts, embedding),
     the behaviour tokens of ``sessions`` (the artifact's token model), or both concatenated
     with weights sqrt(hybrid_weight) and sqrt(1 - hybrid_weight) (unit norm, so squared
     Euclidean distances are that mix of the two blocks' distances). Used for the run's users
-    and, in the next-session evaluation, for their history alone."""
+    and, in the next-session evaluation, for their history alone. ``counts``: the behaviour-token
+    counts of exactly ``sessions`` when already counted (``behaviour.token_counts``)."""
     dim = int(artifact.model_cfg["embedding_dim"])
     enc = pool_users(session_emb, cfg.pooling, cfg.recency_half_life_days, dim=dim)
     if cfg.representation == "encoder":
         return enc
     tm = require_token_model(artifact, cfg)
-    tok = behaviour.user_vectors(behaviour.token_counts(sessions, artifact.vocab, tm.interest), tm)
+    if counts is None:
+        counts = behaviour.token_counts(sessions, artifact.vocab, tm.interest)
+    tok = behaviour.user_vectors(counts, tm)
     zeros = F.array_repeat(F.lit(0.0).cast("float"), tm.dim)
     joined = enc.join(tok.withColumnRenamed("user_id", "entity_id"), "entity_id", "left").withColumn(
         "tokens_vec", F.coalesce("tokens_vec", zeros)
@@ -211,11 +216,15 @@ def oov_rate(sessions: DataFrame, vocab: Vocab, sample: int = 20000, seed: int =
     return 1.0 - known / len(flat)
 
 
-def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any, reused: bool = False) -> EmbedResult:
+def run(
+    spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any, reused: bool = False, counts: DataFrame | None = None
+) -> EmbedResult:
     """Embed this run's modelled sessions, pool to users, write ``embeddings``.
 
     A reused encoder (``--encoder``) is first checked against the data: if more than
-    ``max_oov_rate`` of the tokens are unknown to its vocabulary, it is refused.
+    ``max_oov_rate`` of the tokens are unknown to its vocabulary, it is refused. ``counts``:
+    the users' behaviour-token counts of this run's modelled sessions under ``artifact``, when
+    this process has them already (the train stage's).
     """
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_size))
     require_token_model(artifact, cfg)
@@ -246,7 +255,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: EmbedConfig, artifact: Any, r
         .where(F.col("entity_type") == "session")
         .select("user_id", "end_ts", "embedding")
     )
-    users = user_vectors(sessions, stored, artifact, cfg).select(
+    users = user_vectors(sessions, stored, artifact, cfg, counts).select(
         F.lit("user").alias("entity_type"),
         "entity_id",
         "embedding",

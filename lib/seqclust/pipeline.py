@@ -141,9 +141,12 @@ def _sessionize(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: 
 
 
 def _train(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
-    t, art = train_stage.run(spark, ctx, cfg.tokenize, cfg.encoder, cfg.run.seed, cfg.embed)
+    keep = any(s in state.get("stages", ()) for s in ("embed", "cluster"))  # a later stage of this process uses them
+    t, art = train_stage.run(spark, ctx, cfg.tokenize, cfg.encoder, cfg.run.seed, cfg.embed, keep_counts=keep)
     rec.encoder_id, rec.encoder_path = t.encoder_id, t.path
     state["artifact"] = art
+    if t.token_counts is not None:
+        state["token_counts"] = (art.encoder_id, t.token_counts)
 
 
 def _embed(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
@@ -156,7 +159,14 @@ def _embed(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRe
             raise InputError(f"run {ctx.run_id}: no encoder yet; run the train stage first or pass --encoder PATH")
         art = load_artifact(path)
         rec.encoder_id, rec.encoder_path = art.encoder_id, str(art.path)
-    embed_stage.run(spark, ctx, cfg.embed, art, reused=bool(cfg.encoder.path))
+    embed_stage.run(spark, ctx, cfg.embed, art, reused=bool(cfg.encoder.path), counts=_counts(state, art))
+
+
+def _counts(state: dict[str, Any], art: Any) -> Any:
+    """The users' behaviour-token counts the train stage of this process counted for ``art``
+    (None: count them): counted once per process, not once per stage."""
+    kept = state.get("token_counts")
+    return kept[1] if kept is not None and art is not None and kept[0] == art.encoder_id else None
 
 
 def _cluster(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
@@ -166,7 +176,7 @@ def _cluster(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: Run
         from seqclust.encoder import load_artifact
 
         art = load_artifact(path)
-    c = cluster_stage.run(spark, ctx, cfg.cluster, cfg.run.seed, artifact=art)
+    c = cluster_stage.run(spark, ctx, cfg.cluster, cfg.run.seed, artifact=art, counts=_counts(state, art))
     rec.k = c.k
     rec.users = c.users
     state["k_choice"] = next(
@@ -241,7 +251,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
     rec.labels_path = ctx.labels_path or rec.labels_path
     me = lease.new_owner()
     lease.acquire(spark, ctx, rec, previous, me, cfg.run.lease_timeout_s)  # writes rec; refuses a second live process
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"stages": stages}
     current = None
     heartbeat = lease.Heartbeat(spark, ctx, me, cfg.run.lease_timeout_s / 5).start()
     try:
@@ -257,6 +267,8 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             log.info("stage %s: done in %.1fs", name, rec.stage_seconds[name])
     except BaseException as e:
         heartbeat.stop()
+        if "token_counts" in state:
+            state.pop("token_counts")[1].unpersist()
         rec.status, rec.lease_owner = "failed", None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         rec.error = f"{current}: {msg}"[:2000]
@@ -270,6 +282,8 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             raise
         raise SeqclustError(f"stage {current} failed: {msg[:500]}") from e
     heartbeat.stop()
+    if "token_counts" in state:
+        state.pop("token_counts")[1].unpersist()
     rec.status = "succeeded" if set(STAGES) <= set(rec.stages_completed) else "running"
     rec.lease_owner = None  # released: the next stage's process (or a rerun) may take it
     rec.finished_at = dt.datetime.now(dt.timezone.utc)

@@ -4,7 +4,7 @@ trained self-supervised, saved as a versioned artifact (or an existing one reuse
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
@@ -41,21 +41,36 @@ class TrainResult:
     path: str
     trained: bool
     sample_sessions: int
+    # with keep_counts: each user's behaviour-token counts (user_id, token, n), cached
+    token_counts: DataFrame | None = field(default=None, compare=False, repr=False)
 
 
-def fit_token_model(sessions: DataFrame, vocab, embed: EmbedConfig, seed: int, interest: str) -> behaviour.TokenModel:
-    """The behaviour-token representation fitted on this run's modelled sessions."""
+def fit_token_model(
+    sessions: DataFrame, vocab, embed: EmbedConfig, seed: int, interest: str, keep: bool = False
+) -> tuple[behaviour.TokenModel, DataFrame | None]:
+    """The behaviour-token representation fitted on this run's modelled sessions, and with
+    ``keep`` the users' token counts it counted (cached: the embed and cluster stages of the
+    same process use them instead of counting again; the caller unpersists them)."""
     counts = behaviour.token_counts(sessions, vocab, interest).persist(ROWS_CACHE)
     try:
-        return behaviour.fit(counts, embed.token_vocab, embed.token_min_df, embed.token_dim, embed.token_fit_users, seed, interest)
+        model = behaviour.fit(counts, embed.token_vocab, embed.token_min_df, embed.token_dim, embed.token_fit_users, seed, interest)
     except ValueError as e:
-        raise InputError(str(e)) from None
-    finally:
         counts.unpersist()
+        raise InputError(str(e)) from None
+    if not keep:
+        counts.unpersist()
+        return model, None
+    return model, counts
 
 
 def run(
-    spark: SparkSession, ctx: RunContext, tok: TokenizeConfig, cfg: EncoderConfig, seed: int, embed: EmbedConfig | None = None
+    spark: SparkSession,
+    ctx: RunContext,
+    tok: TokenizeConfig,
+    cfg: EncoderConfig,
+    seed: int,
+    embed: EmbedConfig | None = None,
+    keep_counts: bool = False,
 ) -> tuple[TrainResult, Artifact]:
     """Train (or load with ``encoder.path``) the encoder for this run; with a representation
     that uses behaviour tokens (``embed.representation``), fit their model into the artifact."""
@@ -95,9 +110,9 @@ def run(
         seed=seed,
         objective=cfg.objective,
     )
-    token_model = None
+    token_model, counts = None, None
     if embed is not None and embed.representation != "encoder":
-        token_model = fit_token_model(sessions, vocab, embed, seed, interest)
+        token_model, counts = fit_token_model(sessions, vocab, embed, seed, interest, keep=keep_counts)
     art = save_artifact(ctx.artifacts_dir / "encoders", model_cfg, vocab, weights, metrics, token_model)
     log.info("train: encoder %s saved to %s", art.encoder_id, art.path)
-    return TrainResult(art.encoder_id, str(art.path), True, sample.num_rows), art
+    return TrainResult(art.encoder_id, str(art.path), True, sample.num_rows, counts), art
