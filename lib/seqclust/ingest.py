@@ -223,8 +223,8 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
     """
     if not ctx.input_path:
         raise InputError("no input: pass --input PATH (or run without it for the generated demo data)")
+    raw_df = read_source(spark, ctx.input_path, cfg)  # checks the path first
     fmt = source_format(ctx.input_path, cfg)
-    raw_df = read_source(spark, ctx.input_path, cfg)
     fingerprint, version, n_files = source_fingerprint(spark, raw_df, ctx.input_path, fmt, cfg.delta_version)
     if version is not None and cfg.delta_version is None:
         # every pass of this ingest reads the version the fingerprint recorded, even when a

@@ -169,6 +169,11 @@ def _counts(state: dict[str, Any], art: Any) -> Any:
     return kept[1] if kept is not None and art is not None and kept[0] == art.encoder_id else None
 
 
+def _release_counts(state: dict[str, Any]) -> None:
+    if "token_counts" in state:
+        state.pop("token_counts")[1].unpersist()
+
+
 def _cluster(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
     art = state.get("artifact")
     path = cfg.encoder.path or rec.encoder_path
@@ -267,8 +272,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             log.info("stage %s: done in %.1fs", name, rec.stage_seconds[name])
     except BaseException as e:
         heartbeat.stop()
-        if "token_counts" in state:
-            state.pop("token_counts")[1].unpersist()
+        _release_counts(state)
         rec.status, rec.lease_owner = "failed", None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         rec.error = f"{current}: {msg}"[:2000]
@@ -282,8 +286,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             raise
         raise SeqclustError(f"stage {current} failed: {msg[:500]}") from e
     heartbeat.stop()
-    if "token_counts" in state:
-        state.pop("token_counts")[1].unpersist()
+    _release_counts(state)
     rec.status = "succeeded" if set(STAGES) <= set(rec.stages_completed) else "running"
     rec.lease_owner = None  # released: the next stage's process (or a rerun) may take it
     rec.finished_at = dt.datetime.now(dt.timezone.utc)
