@@ -23,7 +23,7 @@ run: $(STAMP)
 
 # two workers (pytest-xdist), a test file each at a time (--dist loadfile: a module's fixture,
 # such as test_e2e's full run, is built once): the suite is mostly small Spark jobs and
-# subprocesses that leave a core idle (two workers, with the compat venvs, Airflow and the real DAG run: 38 min)
+# subprocesses that leave a core idle (two workers, with the compat venvs, Airflow, the real DAG run and the stream tests: 43.5 min, measured with a 100M bench stage running beside it at low priority)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
