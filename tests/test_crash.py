@@ -40,18 +40,21 @@ def _env() -> dict[str, str]:
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYSPARK_PYTHON=sys.executable, PYTHONUNBUFFERED="1")
 
 
-def _run_and_kill(cmd: list[str], trigger: str, delay: float, timeout: float = 400) -> list[str]:
+def _run_and_kill(cmd: list[str], trigger: str, delay: float, timeout: float = 400, after: str | None = None) -> list[str]:
     """Run ``cmd`` in its own process group; SIGKILL the group ``delay`` s after a stderr line
-    contains ``trigger``. Returns the stderr lines seen. Fails if the job ended on its own."""
+    contains ``trigger`` (with ``after``: the first such line that follows a line containing
+    ``after``). Returns the stderr lines seen. Fails if the job ended on its own."""
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(), start_new_session=True)
     lines: list[str] = []
     hit = threading.Event()
 
     def pump() -> None:
+        armed = after is None
         assert proc.stderr is not None
         for line in proc.stderr:
             lines.append(line.rstrip())
-            if trigger in line:
+            armed = armed or after in line
+            if armed and trigger in line:
                 hit.set()
 
     t = threading.Thread(target=pump, daemon=True)

@@ -148,58 +148,19 @@ def test_live_segments_agree_with_a_batch_assign_over_the_same_events(spark, str
     assert {r["model_run_id"] for r in live.values()} == {"m1"}
 
 
-def _kill_after(cmd: list[str], first: str, then: str, delay: float = 0.3, timeout: float = 900) -> list[str]:
-    """Run ``cmd`` in its own process group; SIGKILL the group ``delay`` s after a stderr line
-    with ``then`` that follows a line with ``first``. Returns the stderr lines seen."""
-    import signal
-    import subprocess
-    import threading
-    import time
-
-    from test_crash import _env
-
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(), start_new_session=True)
-    lines: list[str] = []
-    hit = threading.Event()
-
-    def pump() -> None:
-        seen_first = False
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line.rstrip())
-            seen_first = seen_first or first in line
-            if seen_first and then in line:
-                hit.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not hit.wait(0.2):
-            assert proc.poll() is None and time.monotonic() < deadline, f"never saw {then!r} after {first!r}:\n" + "\n".join(lines[-30:])
-        time.sleep(delay)
-        assert proc.poll() is None, "the stream ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
-    return lines
-
-
 def test_a_stream_killed_mid_merge_resumes_from_its_checkpoint_exactly_once(spark, streamed):
     """SIGKILL the whole stream process while a micro-batch's live_segments MERGE runs (its
     live_sessions are committed, its Spark batch is not); the restarted stream re-runs that
     batch: nothing counted twice or lost, the tables equal the uninterrupted stream's."""
     import sys
 
-    from test_crash import _env
+    from test_crash import _env, _run_and_kill
 
     root, out, _ = streamed
     base = [sys.executable, "-m", "seqclust.cli", *_stream_args(root, out, "live-k", "ck-k"), "--conf", str(REPO / "conf" / "local.yaml")]
     base += [x for s in SMALL for x in ("--set", s)]
-    lines = _kill_after([*base, "--available-now"], "stream: batch 1:", "table live_segments: merging recomputed rows into run live-k")
+    trigger = "table live_segments: merging recomputed rows into run live-k"
+    lines = _run_and_kill([*base, "--available-now"], trigger, 0.3, timeout=900, after="stream: batch 1:")
     assert any("stream: batch 1:" in x for x in lines)  # killed in a later batch, two whole ones before it
     import subprocess
 
