@@ -118,6 +118,33 @@ def test_journeys_lifts_match_a_plain_python_count(spark, ctx, small_run):
         assert all(re.fullmatch(r"[0-9a-f]{10}", e["session"]) for e in exs)
 
 
+def test_journeys_count_n_grams_over_a_seeded_user_sample(spark, ctx, small_run):
+    """With ``sample_users`` below the users there are, the n-grams are those of the sampled
+    users' sessions only (the same hash sample as evaluate's), about that many users."""
+    from seqclust.explain import journeys
+    from seqclust.metrics import in_user_sample
+
+    sessions, clusters, _ = small_run
+    j_all = journeys(spark, ctx, top=20, examples=0, neighbourhood=5, seed=1, min_count=1)
+    j = journeys(spark, ctx, top=20, examples=0, neighbourhood=5, seed=1, min_count=1, sample_users=50)
+    assert j is not None and j_all is not None
+    users = spark.createDataFrame([(f"u{u}",) for u in range(150)], "user_id string")
+    kept = {r[0] for r in users.where(in_user_sample("user_id", 50 / 150, 1)).collect()}
+    assert 25 <= len(kept) <= 75
+    seg = {c["entity_id"]: c["cluster_id"] for c in clusters}
+    per: dict[int, Counter] = {}
+    for s in sessions:
+        if s["user_id"] in kept:
+            ev = s["event_types"]
+            per.setdefault(seg[s["user_id"]], Counter()).update(" > ".join(ev[i : i + 2]) for i in range(len(ev) - 1))
+    for c, grams in j.ngrams.items():
+        for g, _, count in grams:
+            if g.count(">") == 1:
+                assert count == per[c][g], (c, g)
+    total = sum(cnt for v in j.ngrams.values() for _, _, cnt in v)
+    assert 0 < total < sum(cnt for v in j_all.ngrams.values() for _, _, cnt in v)
+
+
 def test_map_samples_projects_and_marks_one_session_users(spark, ctx, small_run):
     from sklearn.decomposition import PCA
 

@@ -510,8 +510,12 @@ class ReportConfig:
     top_ngrams: int = 5
     examples: int = 3
     neighbourhood: int = 50
+    # the n-grams are counted over the sessions of a seeded hash sample of about this many users
+    # (at 100M events, every session's n-grams took most of the report's ten minutes)
+    journey_users: int = 50000
 
     def __post_init__(self) -> None:
+        _check(self.journey_users >= 100, "report.journey_users", "must be >= 100")
         _check(100 <= self.map_users <= 200000, "report.map_users", "must be in [100, 200000]")
         _check(0 <= self.tsne_users <= 20000, "report.tsne_users", "must be in [0, 20000] (0 = no t-SNE)")
         _check(self.top_ngrams >= 1, "report.top_ngrams", "must be >= 1")

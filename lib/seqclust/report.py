@@ -15,6 +15,7 @@ import html
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,8 +97,11 @@ def _journey(events: list[str], gaps: list[float]) -> str:
 
 def _section(name: str, build: Callable[[], list[str]]) -> list[str]:
     """One picture section; if drawing it fails the report still appears, saying so."""
+    t0 = time.monotonic()
     try:
-        return build()
+        out = build()
+        log.info("report: %s in %.1fs", name, time.monotonic() - t0)
+        return out
     except Exception as e:  # a chart is not worth the run's report
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         log.warning("report: %s not drawn: %s", name, first)
@@ -146,7 +150,9 @@ def _journeys_section(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig)
     from seqclust.explain import MIN_NGRAM_COUNT, journeys
 
     r = cfg.report
-    j = journeys(spark, ctx, top=r.top_ngrams, examples=r.examples, neighbourhood=r.neighbourhood, seed=cfg.run.seed)
+    j = journeys(
+        spark, ctx, top=r.top_ngrams, examples=r.examples, neighbourhood=r.neighbourhood, seed=cfg.run.seed, sample_users=r.journey_users
+    )
     if j is None or not (j.ngrams or j.examples):
         return []
     out = [
