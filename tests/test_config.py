@@ -130,3 +130,33 @@ def test_the_demo_conf_is_local_with_only_its_documented_trims():
     readme = (REPO / "README.md").read_text()
     assert all(k in readme for k in changed)  # the README says what the demo trims
     assert "conf/demo.yaml" in (REPO / "Makefile").read_text()
+
+
+def test_a_kafka_source_needs_its_broker_and_topic_and_only_streams(tmp_path, capsys):
+    """source.format kafka: both source.kafka keys or a ConfigError naming them; the batch reader
+    refuses it; `stream` takes it without --input, and refuses --input with it (no Spark)."""
+    import pyspark
+
+    from seqclust.cli import main
+    from seqclust.errors import InputError
+    from seqclust.io import read_source
+    from seqclust.spark import kafka_package
+
+    base = ["source.format=kafka"]
+    with pytest.raises(ConfigError, match="source.kafka.bootstrap_servers and source.kafka.topic"):
+        load_config(None, overrides=[*base, "source.kafka.topic=t"])
+    with pytest.raises(ConfigError, match="starting_offsets"):
+        load_config(None, overrides=["source.kafka.starting_offsets=middle"])
+    with pytest.raises(ConfigError, match="kafka.options.subscribe"):
+        load_config(None, overrides=['source.kafka.options={"subscribe": "x"}'])
+    cfg = load_config(None, overrides=[*base, "source.kafka.bootstrap_servers=h:9092", "source.kafka.topic=t"])
+    assert cfg.source.kafka.bootstrap_servers == "h:9092" and cfg.source.kafka.starting_offsets == "earliest"
+    with pytest.raises(InputError, match="only `seqclust stream` reads Kafka"):
+        read_source(None, "anything", cfg.source)  # type: ignore[arg-type]
+    assert kafka_package().startswith("org.apache.spark:spark-sql-kafka-0-10_2.1") and kafka_package().endswith(pyspark.__version__)
+    common = ["--checkpoint", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]
+    kafka = ["--set", "source.kafka.bootstrap_servers=h:9092", "--set", "source.kafka.topic=t"]
+    assert main(["stream", "--model", "m", "--format", "kafka", "--input", "x", *common, *kafka]) != 0
+    assert "a Kafka topic is source.kafka.topic" in capsys.readouterr().err
+    assert main(["stream", "--model", "m", *common]) != 0
+    assert "pass --input PATH" in capsys.readouterr().err

@@ -63,9 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--model", required=True, metavar="RUN_ID", help="the run whose encoder and segments to use")
     st.add_argument(
-        "--input", required=True, help="a folder the producer drops event files into (JSON lines, CSV, Parquet) or a Delta table"
+        "--input",
+        help="a folder the producer drops event files into (JSON lines, CSV, Parquet) or a Delta table "
+        "(not with --format kafka: source.kafka names the topic)",
     )
-    st.add_argument("--format", choices=["auto", "parquet", "csv", "json", "delta"], help="source format (default: source.format)")
+    st.add_argument(
+        "--format",
+        choices=["auto", "parquet", "csv", "json", "delta", "kafka"],
+        help="source format (default: source.format); kafka: --set source.kafka.bootstrap_servers=H:P --set source.kafka.topic=T",
+    )
     st.add_argument("--checkpoint", required=True, help="the stream's checkpoint folder (restart from it: nothing is counted twice)")
     how = st.add_mutually_exclusive_group()
     how.add_argument("--trigger-seconds", type=float, help="micro-batch interval (default: stream.trigger_seconds)")
@@ -226,7 +232,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_stream(args: argparse.Namespace) -> int:
     from seqclust import pipeline, stream
     from seqclust.config import load_config, validate_run_id
-    from seqclust.spark import get_spark
+    from seqclust.spark import get_spark, kafka_package
 
     validate_run_id(args.model)
     cfg = load_config(args.conf, overrides=_overrides(args), env=args.env, preset=args.preset)
@@ -234,8 +240,13 @@ def cmd_stream(args: argparse.Namespace) -> int:
         raise ConfigError("--trigger-seconds: must be > 0")
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout: must be > 0")
-    ctx = pipeline.make_context(cfg, args.input, None, args.run_id or f"live-{args.model}")
-    spark = get_spark(cfg.spark)
+    kafka = cfg.source.format == "kafka"
+    if kafka and args.input:
+        raise ConfigError("stream: --input is for files and Delta tables; a Kafka topic is source.kafka.topic")
+    if not kafka and not args.input:
+        raise ConfigError("stream: pass --input PATH (a folder the producer drops files into, or a Delta table), or --format kafka")
+    ctx = pipeline.make_context(cfg, stream.kafka_input(cfg) if kafka else args.input, None, args.run_id or f"live-{args.model}")
+    spark = get_spark(cfg.spark, packages=[kafka_package()] if kafka else ())
     ctx.store.check_schema(spark)
     cfg = pipeline.with_model_run_encoder(spark, cfg)
     r = stream.run(spark, cfg, ctx, args.checkpoint, args.trigger_seconds, args.available_now, args.flush, args.timeout)

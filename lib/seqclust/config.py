@@ -85,9 +85,29 @@ class ColumnsConfig:
 
 
 @dataclass(frozen=True)
+class KafkaConfig:
+    """``source.format: kafka`` (``seqclust stream`` only): each message's value is one event as a
+    JSON object, read with the same column mapping as JSON lines."""
+
+    bootstrap_servers: str | None = None  # host:port[,host:port...]
+    topic: str | None = None  # one topic, or several separated by commas
+    starting_offsets: str = "earliest"  # where a new stream (no checkpoint yet) starts: earliest | latest
+    max_offsets_per_trigger: int | None = None  # at most this many messages per micro-batch (null: all there are)
+    # further options of Spark's Kafka source as is, e.g. {"kafka.security.protocol": "SASL_SSL"}
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.starting_offsets in ("earliest", "latest"), "kafka.starting_offsets", "must be earliest or latest")
+        _check(self.max_offsets_per_trigger is None or self.max_offsets_per_trigger >= 1, "kafka.max_offsets_per_trigger", "must be >= 1")
+        for key in ("subscribe", "subscribePattern", "assign", "kafka.bootstrap.servers", "startingOffsets"):
+            _check(key not in self.options, f"kafka.options.{key}", "is set by source.kafka's own keys")
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     path: str | None = None
-    format: Literal["auto", "parquet", "csv", "json", "delta"] = "auto"
+    # kafka: seqclust stream only (source.kafka)
+    format: Literal["auto", "parquet", "csv", "json", "delta", "kafka"] = "auto"
     delimiter: str = ","
     header: bool = True
     encoding: str = "UTF-8"  # of CSV / JSON files; bytes that do not decode are quarantined as bad_encoding
@@ -101,6 +121,7 @@ class SourceConfig:
     # CSV/JSON (parsed once)
     cache: Literal["auto", "none", "disk", "memory"] = "auto"
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
     # auto: native timestamps as is, strings as ISO-8601, numbers as epoch seconds
     ts_format: str = "auto"
     timezone: str = "UTC"
@@ -120,6 +141,11 @@ class SourceConfig:
         _check(self.default_event_type in CANONICAL_EVENT_TYPES, "default_event_type", f"must be one of {', '.join(CANONICAL_EVENT_TYPES)}")
         _check(self.max_clock_skew_hours >= 0, "max_clock_skew_hours", "must be >= 0")
         _check(self.delta_version is None or self.delta_version >= 0, "delta_version", "must be >= 0 or null")
+        _check(
+            self.format != "kafka" or bool(self.kafka.bootstrap_servers and self.kafka.topic),
+            "format",
+            "kafka needs source.kafka.bootstrap_servers and source.kafka.topic",
+        )
         _check(
             self.ts_format in TS_KEYWORDS or _is_datetime_pattern(self.ts_format),
             "ts_format",
@@ -406,6 +432,7 @@ class TablesConfig:
     live_segments: str = "live_segments"  # seqclust stream: each user's current segment
     live_sessions: str = "live_sessions"  # seqclust stream: each closed session, its vector and segment
     live_progress: str = "live_progress"  # seqclust stream: one row per micro-batch
+    live_user_state: str = "live_user_state"  # seqclust stream: each user's pooling state (sums and counts)
     # Set ``schema`` (and on Unity Catalog ``catalog``) to keep the tables in the metastore as
     # <catalog>.<schema>.<name> instead of folders under run.output (Databricks).
     catalog: str | None = None

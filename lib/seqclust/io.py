@@ -130,6 +130,8 @@ def read_source(spark: SparkSession, path: str, cfg: SourceConfig) -> DataFrame:
     validation, so a bad value quarantines one row instead of failing the job) and in
     PERMISSIVE mode so that malformed lines are kept, not dropped.
     """
+    if cfg.format == "kafka":
+        raise InputError("source.format kafka: only `seqclust stream` reads Kafka; a batch stage reads files or a Delta table")
     _check_path(path)
     fmt = source_format(path, cfg)
     glob = {"pathGlobFilter": cfg.file_glob} if cfg.file_glob else {}

@@ -6,12 +6,15 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from pyspark import StorageLevel
+from pyspark.errors import PySparkRuntimeError
 from pyspark.sql import SparkSession
 
 from seqclust.config import SparkConfig
+from seqclust.errors import SeqclustError
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +67,16 @@ def _remember_jars(spark: SparkSession, package: str) -> None:
         log.debug("could not record Delta's jars in %s: %s", f, e)
 
 
-def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
+def get_spark(cfg: SparkConfig | None = None, packages: Sequence[str] = ()) -> SparkSession:
     """Return the active session, or build one.
 
     An existing session (Databricks, a notebook, a test fixture, spark-submit with its own
     conf) is reused as is. Otherwise a session is built with Delta's extension and catalog;
     Delta's jars are added through ``configure_spark_with_delta_pip`` unless the JVM already
     has them (spark-submit ``--packages``). For a local master the workers are pinned to this
-    interpreter and the driver is bound to loopback.
+    interpreter and the driver is bound to loopback. ``packages``: more Maven coordinates for
+    a session this process starts (the Kafka source); under spark-submit they are the submit's
+    ``--packages``.
     """
     cfg = cfg or SparkConfig()
     active = SparkSession.getActiveSession()
@@ -123,18 +128,43 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
         jars = None if own_jars else cached_delta_jars()
         if jars:
             builder = builder.config("spark.jars", ",".join(jars))
+            if packages:
+                builder = builder.config("spark.jars.packages", ",".join(packages))
         else:
             from delta import configure_spark_with_delta_pip
 
-            builder = configure_spark_with_delta_pip(builder)
-            package = None if own_jars else delta_package()
+            builder = configure_spark_with_delta_pip(builder, extra_packages=list(packages) or None)
+            package = None if own_jars or packages else delta_package()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log.info("starting Spark (master=%s)", master or "from spark-submit")
-    spark = builder.getOrCreate()
+    spark = _start(builder, packages)
     spark.sparkContext.setLogLevel(cfg.log_level)
     if package:
         _remember_jars(spark, package)
     return spark
+
+
+def _start(builder: SparkSession.Builder, packages: Sequence[str]) -> SparkSession:
+    """``builder.getOrCreate()``; a JVM that died resolving ``packages`` is one clear error."""
+    try:
+        return builder.getOrCreate()
+    except PySparkRuntimeError as e:
+        if not packages or "JAVA_GATEWAY_EXITED" not in str(e):
+            raise
+        raise SeqclustError(
+            f"Spark did not start: it could not resolve {', '.join(packages)} (the resolver's lines above say which jar; "
+            "a module whose POM is in ~/.m2 without its jar stops Ivy: run `mvn dependency:get -Dartifact=<that module>` "
+            "or remove its folder there)"
+        ) from None
+
+
+def kafka_package() -> str:
+    """The Maven coordinate of Spark's Kafka source for the installed pyspark (its Scala line
+    read from Delta's coordinate: ``_2.12`` for Spark 3.5, ``_2.13`` for Spark 4)."""
+    import pyspark
+
+    scala = re.search(r"_(2\.1[23])(?=:|$)", delta_package().split(":")[1])
+    return f"org.apache.spark:spark-sql-kafka-0-10_{scala.group(1) if scala else '2.13'}:{pyspark.__version__}"
 
 
 def delta_package() -> str:
