@@ -172,6 +172,10 @@ def test_a_stream_killed_mid_merge_resumes_from_its_checkpoint_exactly_once(spar
 
     seg = ["user_id", "cluster_id", "sessions_counted", "last_session_id", "model_run_id"]
     assert rows("live_segments", "live-k", seg) == rows("live_segments", "live-m1", seg)
+    # the killed batch had committed its users' state: the re-run started from the state before it
+    state = ["user_id", "sessions", "last_session_id", "token_counts"]
+    killed_state = rows("live_user_state", "live-k", state)
+    assert killed_state == rows("live_user_state", "live-m1", state) and len(killed_state) == 120
     sess = ["session_id", "user_id", "cluster_id", "n_events"]
     killed, whole = rows("live_sessions", "live-k", sess), rows("live_sessions", "live-m1", sess)
     assert killed == whole and len({r[0] for r in killed}) == len(killed)  # each session once
@@ -191,3 +195,48 @@ def test_stream_refuses_a_missing_model_and_an_unwritable_checkpoint(model, tmp_
         "stream", "--model", "m1", "--input", str(root / "gen" / "events"), "--checkpoint", str(blocker / "ck"), "--output", str(out)
     )
     assert code != 0 and "--checkpoint" in capsys.readouterr().err
+
+
+def test_a_kafka_topic_streams_into_the_same_live_segments_as_the_files(spark, streamed, tmp_path):
+    """A real broker (Kafka's own jars from Maven Central, KRaft mode) holds the drops' rows as
+    JSON messages, keyed by user over two partitions, plus one message that is not JSON;
+    ``seqclust stream --format kafka --available-now --flush`` gives the file stream's sessions
+    and segments, and quarantines the bad message with its topic/partition@offset."""
+    import datetime as dt
+    import json
+    import subprocess
+    import sys
+
+    from kafka_broker import Broker, kafka_jars
+    from test_crash import _env
+
+    root, out, every = streamed
+    rows = every.to_pylist()
+
+    def value(r: dict) -> str:
+        return json.dumps({k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in r.items()})
+
+    messages = [(r["user_id"], value(r)) for r in rows]
+    messages.insert(len(messages) // 2, ("u-bad", "{this is not json"))
+    with Broker(tmp_path / "kafka", kafka_jars()) as broker:
+        broker.produce("events", messages)
+        cmd = [sys.executable, "-m", "seqclust.cli", "stream", "--model", "m1", "--format", "kafka"]
+        cmd += ["--checkpoint", str(tmp_path / "ck"), "--output", str(out), "--run-id", "live-kafka", "--available-now", "--flush"]
+        cmd += ["--conf", str(REPO / "conf" / "local.yaml")] + [x for s in SMALL for x in ("--set", s)]
+        cmd += ["--set", f"source.kafka.bootstrap_servers={broker.bootstrap}", "--set", "source.kafka.topic=events"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{len(messages)} input rows" in done.stdout
+
+    def rows_of(name, run_id, cols):
+        return sorted(tuple(r) for r in _table(spark, out, name, run_id).select(*cols).collect())
+
+    seg = ["user_id", "cluster_id", "sessions_counted", "last_session_id", "model_run_id"]
+    assert rows_of("live_segments", "live-kafka", seg) == rows_of("live_segments", "live-m1", seg)
+    sess = ["session_id", "user_id", "n_events", "tokens"]
+    assert rows_of("sessions", "live-kafka", sess) == rows_of("sessions", "live-m1", sess)
+    q = _table(spark, out, "quarantine", "live-kafka").collect()
+    assert [r["reason"] for r in q] == ["malformed"]
+    assert q[0]["raw"] == "{this is not json" and q[0]["source_file"].startswith("kafka:events/")
+    prog = _table(spark, out, "live_progress", "live-kafka").where("batch_id >= 0").collect()
+    assert sum(r["input_rows"] for r in prog) == len(messages) and all(r["source"].startswith("kafka://") for r in prog)

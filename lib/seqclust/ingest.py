@@ -253,6 +253,7 @@ def ingest_rows(
     level: StorageLevel | None = None,
     salt: str | None = None,
     late_before: dt.datetime | None = None,
+    skip_empty: bool = False,
 ) -> IngestResult:
     """Validate ``raw_df`` (``n_input`` rows, as ``read_source`` gives them), write its bad rows
     to ``quarantine`` and its clean ones to ``events``, and reconcile the counts.
@@ -301,7 +302,9 @@ def ingest_rows(
             window_start.alias("window_start"),
         )
         window_pred = f"window_start = TIMESTAMP '{ctx.window_start.isoformat()}'" if ctx.incremental else None
-        n_q_written = ctx.write(quarantine, "quarantine", extra_predicate=window_pred)
+        # a stream's micro-batch (skip_empty) owns its window key and re-runs with the same rows:
+        # nothing quarantined needs no commit (a batch window is replaced, stale rows and all)
+        n_q_written = 0 if skip_empty and n_quar == 0 else ctx.write(quarantine, "quarantine", extra_predicate=window_pred)
         clean = dedup(validated.where(F.col("reason").isNull())).withColumn("window_start", window_start)
         if ctx.incremental and ctx.store.exists(ctx.tables.events):
             n_clean = ctx.wrote(

@@ -230,7 +230,11 @@ class SessionizeResult:
     quarantined_sessions: int = 0
 
 
-def _run_incremental(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig, events: DataFrame) -> SessionizeResult:
+def _run_incremental(
+    spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig, events: DataFrame, stats: bool = True
+) -> SessionizeResult | None:
+    """Sessionize the window's users again and MERGE; ``stats``: count the run's sessions after
+    (a stream's micro-batch does not: a scan of every session per batch for a log line)."""
     new = events.where(F.col("window_start") == F.lit(ctx.window_start))
     parts = []
     if ctx.store.exists(ctx.tables.sessions):
@@ -251,9 +255,12 @@ def _run_incremental(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig
         stale = state.join(points, "user_id").where(F.col("root_start_ts") >= F.col("recompute_from")).select("session_id")
         out = sessions.persist(StorageLevel.MEMORY_AND_DISK)
         bots = runaway.persist(StorageLevel.MEMORY_AND_DISK)
-        n_bot, _ = ctx.store.merge_replace(
-            conform(bots, "session_quarantine"), stale, ctx.tables.session_quarantine, ctx.run_id, "session_id"
-        )
+        if bots.isEmpty() and ctx.store.exists(ctx.tables.session_quarantine) and _none_of_run(spark, ctx, ctx.tables.session_quarantine):
+            n_bot = 0  # nothing to insert and nothing of the run's to replace: no MERGE (a commit and a scan)
+        else:
+            n_bot, _ = ctx.store.merge_replace(
+                conform(bots, "session_quarantine"), stale, ctx.tables.session_quarantine, ctx.run_id, "session_id"
+            )
         n, n_del = ctx.store.merge_replace(conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id")
         ctx.wrote(ctx.tables.session_quarantine, n_bot)
         ctx.wrote(ctx.tables.sessions, n)
@@ -262,12 +269,19 @@ def _run_incremental(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig
             df.unpersist()
     finally:
         state.unpersist()
-    stats = one_row(
+    if not stats:
+        return None
+    row = one_row(
         ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).agg(
             F.count("*").alias("n"), F.sum(F.col("is_modelled").cast("int")).alias("m"), F.countDistinct("user_id").alias("u")
         )
     )
-    return SessionizeResult(int(stats["n"]), int(stats["m"] or 0), int(stats["u"]), n_bot)
+    return SessionizeResult(int(row["n"]), int(row["m"] or 0), int(row["u"]), n_bot)
+
+
+def _none_of_run(spark: SparkSession, ctx: RunContext, name: str) -> bool:
+    """True when table ``name`` holds no row of this run."""
+    return ctx.store.read(spark, name, ctx.run_id).isEmpty()
 
 
 def run(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig) -> SessionizeResult:
@@ -280,7 +294,9 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig) -> Sessioni
     if ctx.incremental:
         if "window_start" not in events.columns:
             raise InputError(f"run {ctx.run_id}: its events were not ingested in incremental mode; ingest with --since/--until first")
-        return _run_incremental(spark, ctx, cfg, events)
+        res = _run_incremental(spark, ctx, cfg, events)
+        assert res is not None
+        return res
     # computed once for the two writes (arrow: sessions, ~10x fewer rows than events)
     out = _engine_base(events, cfg).persist(ROWS_CACHE)
     sessions, runaway = _split(out, cfg)

@@ -15,22 +15,26 @@ Each micro-batch (``foreachBatch``) runs the batch pipeline's own code on what a
    would be older than the watermark, so it is quarantined as ``late``: closed sessions are
    final. ``--flush`` closes every session at the end (the end of the log, as a batch run sees it).
 4. **embed and assign**: the newly closed modelled sessions are embedded with the model run's
-   encoder (the batch Arrow path); each touched user's vector is pooled again from all their
-   closed sessions exactly as ``embed`` does, and placed as ``cluster`` places users of
+   encoder (the batch Arrow path) and added to their user's pooling state
+   (``live_user_state``: the sum and count of the session vectors, the behaviour-token counts,
+   the latest session: ``embed``'s mean pooling and token vector are functions of these
+   sums); the user's vector made from it is placed as ``cluster`` places users of
    ``seqclust assign --model`` (nearest centre, then the model run's token segments).
 
 Exactly once: every write of a micro-batch is keyed so that running the batch again (a crash
 after some of its writes, before Spark's commit) rewrites the same rows: quarantine by the
 batch's window key, events by event key (MERGE insert), sessions by recomputation, closed
 sessions by session id (MERGE insert; the set "newly closed in batch b" excludes sessions
-emitted by earlier batches only), segments by user (MERGE upsert), progress by batch id. The
-watermark a batch uses is read from the progress rows of the batches before it.
+emitted by earlier batches only), user state and segments by user (MERGE upsert; a state row
+keeps the state before the batch that wrote it, ``prev_*``, and a re-run of that batch starts
+from it), progress by batch id. The watermark a batch uses is read from the progress rows of
+the batches before it; each ``--flush`` has its own negative batch id.
 
-State: the stream run's ``sessions`` and ``live_sessions`` (one row per closed session with its
-vector). A user's vector is re-pooled from their closed sessions when one closes: exact (equal
-to a batch run), at a cost that grows with the user's history; keep it bounded by deleting old
-``live_sessions``/``sessions`` rows of the stream run (a retention job), which makes a vector
-the pool of the retained sessions.
+State: per user one ``live_user_state`` row (bounded by the vector size and the vocabulary, not
+by the user's history: exact, equal to a batch run's pooling). The stream run's ``events`` and
+``sessions`` still grow with the log: each batch's incremental sessionize and its search for
+open sessions (anti-join with ``live_sessions``) read them, so a micro-batch's cost grows
+slowly over a long-running stream.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from seqclust.config import PipelineConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError
 from seqclust.io import CORRUPT_COL, FILE_COL, mapped_columns, one_row, source_format
-from seqclust.tables import conform
+from seqclust.tables import LIVE_USER_STATE, conform
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,8 @@ def read_stream(spark: SparkSession, path: str, cfg: PipelineConfig) -> DataFram
     from seqclust.io import read_source
 
     src = cfg.source
+    if src.format == "kafka":
+        return read_kafka(spark, cfg)
     fmt = source_format(path, src)
     opts: dict[str, Any] = {}
     if cfg.stream.max_files_per_trigger:
@@ -124,6 +130,50 @@ def read_stream(spark: SparkSession, path: str, cfg: PipelineConfig) -> DataFram
             opts.update(header=src.header, sep=src.delimiter)
         reader = spark.readStream.schema(schema).options(**opts).format(fmt)
     return reader.load(path).withColumn(FILE_COL, F.col("_metadata.file_path"))
+
+
+def kafka_input(cfg: PipelineConfig) -> str:
+    """How a Kafka source is named where a path would be (run records, progress rows)."""
+    k = cfg.source.kafka
+    return f"kafka://{k.bootstrap_servers}/{k.topic}"
+
+
+def read_kafka(spark: SparkSession, cfg: PipelineConfig) -> DataFrame:
+    """``source.kafka``'s topic as a stream: each message's value parsed as one JSON event with
+    the mapping's columns as text (the JSON-lines path: a value that is not a JSON object is
+    kept whole in the corrupt-record column and quarantined as malformed); the message's
+    topic, partition and offset stand where a file's path does (``kafka:topic/partition@offset``)."""
+    k, src = cfg.source.kafka, cfg.source
+    opts: dict[str, Any] = {
+        "kafka.bootstrap.servers": k.bootstrap_servers,
+        "subscribe": k.topic,
+        "startingOffsets": k.starting_offsets,
+        **k.options,
+    }
+    if k.max_offsets_per_trigger:
+        opts["maxOffsetsPerTrigger"] = k.max_offsets_per_trigger
+    fields = [T.StructField(n, T.StringType()) for n in mapped_columns(src)]
+    schema = T.StructType([*fields, T.StructField(CORRUPT_COL, T.StringType())])
+    try:
+        raw = spark.readStream.format("kafka").options(**opts).load()
+    except Exception as e:  # the Kafka source is not on the classpath
+        from seqclust.spark import kafka_package
+
+        raise InputError(
+            f"source.format kafka: Spark has no Kafka source ({str(e).strip().splitlines()[0][:200]}); "
+            f"under spark-submit add --packages {kafka_package()}"
+        ) from None
+    value = F.from_json(F.col("value").cast("string"), schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COL})
+    where = F.concat(
+        F.lit("kafka:"), F.col("topic"), F.lit("/"), F.col("partition").cast("string"), F.lit("@"), F.col("offset").cast("string")
+    )
+    parsed = raw.select(value.alias("_v"), where.alias(FILE_COL))
+    # a null value (a tombstone) parses to null: kept as a corrupt record, not silently dropped
+    return parsed.select(
+        *[F.col(f"_v.{f.name}").alias(f.name) for f in fields],
+        F.when(F.col("_v").isNull(), F.lit("")).otherwise(F.col(f"_v.{CORRUPT_COL}")).alias(CORRUPT_COL),
+        FILE_COL,
+    )
 
 
 @dataclass(frozen=True)
@@ -177,7 +227,9 @@ class LiveScorer:
             n_input = raw.count()
             res = None
             if n_input:
-                res = ingest.ingest_rows(self.spark, ctx, raw, self.cfg.source, n_input, None, self.cfg.privacy.salt(), late_before)
+                res = ingest.ingest_rows(
+                    self.spark, ctx, raw, self.cfg.source, n_input, None, self.cfg.privacy.salt(), late_before, skip_empty=True
+                )
         finally:
             raw.unpersist()
         new_events = res.clean_rows if res else 0
@@ -186,7 +238,7 @@ class LiveScorer:
             events = ctx.store.read(self.spark, ctx.tables.events, ctx.run_id).drop("run_id")
             batch_max = one_row(events.where(F.col("window_start") == F.lit(ctx.window_start)).agg(F.max("ts")))[0]
             if batch_max is not None:
-                sessionize._run_incremental(self.spark, ctx, self.cfg.sessionize, events)
+                sessionize._run_incremental(self.spark, ctx, self.cfg.sessionize, events, stats=False)
         seen_now = max([t for t in (seen, batch_max) if t is not None], default=None)
         watermark = seen_now - self.lateness if seen_now is not None else None
         closed, users = self.close_and_assign(batch_id, watermark)
@@ -217,9 +269,15 @@ class LiveScorer:
         )
         return r
 
-    def flush(self, batch_id: int = FLUSH_BATCH) -> BatchResult:
-        """Close every open session (the end of the log) and assign their users."""
+    def flush(self, batch_id: int | None = None) -> BatchResult:
+        """Close every open session (the end of the log) and assign their users. Each flush has
+        its own negative batch id (-1, -2, ...: one more than the flushes that completed), so a
+        flush re-run after a crash is the same batch and a later flush is not."""
         t0 = time.monotonic()
+        if batch_id is None:
+            prog = self._read("live_progress")
+            done = prog.where(F.col("batch_id") < 0).select("batch_id").distinct().count() if prog is not None else 0
+            batch_id = FLUSH_BATCH - done
         closed, users = self.close_and_assign(batch_id, None, everything=True)
         r = BatchResult(batch_id, 0, 0, 0, 0, closed, users, None, time.monotonic() - t0)
         self._progress(r, None)
@@ -232,18 +290,18 @@ class LiveScorer:
         if sessions is None or (watermark is None and not everything):
             return 0, 0
         sessions = sessions.drop("run_id")
-        # the pieces of one cut session close together: the chain's last piece decides
-        chain_end = sessions.groupBy("user_id", "root_start_ts").agg(F.max("end_ts").alias("_chain_end"))
-        sessions = sessions.where("is_modelled")
-        closed = sessions.join(chain_end, ["user_id", "root_start_ts"])
-        if not everything:
-            cut = F.unix_micros(F.lit(watermark)) - self.gap_us
-            closed = closed.where(F.unix_micros("_chain_end") < cut)
-        closed = closed.drop("_chain_end")
         live = self._read("live_sessions")
         earlier = live.where(F.col("batch_id") != batch_id).select("session_id") if live is not None else None
-        fresh = closed.join(earlier, "session_id", "left_anti") if earlier is not None else closed
-        fresh = fresh.persist(StorageLevel.MEMORY_AND_DISK)
+        # the open sessions: a chain closes whole (below), so no piece of an open chain was
+        # closed by an earlier batch and the chains' ends are taken over the open ones only
+        open_ = sessions.join(earlier, "session_id", "left_anti") if earlier is not None else sessions
+        # the pieces of one cut session close together: the chain's last piece decides
+        chain_end = open_.groupBy("user_id", "root_start_ts").agg(F.max("end_ts").alias("_chain_end"))
+        fresh = open_.where("is_modelled").join(chain_end, ["user_id", "root_start_ts"])
+        if not everything:
+            cut = F.unix_micros(F.lit(watermark)) - self.gap_us
+            fresh = fresh.where(F.unix_micros("_chain_end") < cut)
+        fresh = fresh.drop("_chain_end").persist(StorageLevel.MEMORY_AND_DISK)
         try:
             n_closed = fresh.count()
             if n_closed == 0:
@@ -251,41 +309,85 @@ class LiveScorer:
             art = self.model.artifact
             fresh_emb = embed.embed_sessions(self.spark, fresh, art, keep=("session_id", "user_id", "start_ts", "end_ts", "n_events"))
             fresh_emb = fresh_emb.persist(StorageLevel.MEMORY_AND_DISK)
-            touched = fresh.select("user_id").distinct()
-            # every closed session of the touched users: their earlier vectors and the new ones
-            emb = fresh_emb.select("session_id", "user_id", "end_ts", "embedding")
-            if live is not None:
-                old = live.where(F.col("batch_id") != batch_id).join(touched, "user_id")
-                emb = emb.unionByName(old.select("session_id", "user_id", "end_ts", "embedding"))
-            user_sessions = sessions.join(emb.select("session_id"), "session_id")
-            labels = self._assign(user_sessions, emb).persist(StorageLevel.MEMORY_AND_DISK)
+            state = self._state(batch_id, fresh, fresh_emb).persist(StorageLevel.MEMORY_AND_DISK)
+            labels = self._assign(state).persist(StorageLevel.MEMORY_AND_DISK)
             n_users = labels.count()
-            self._write(batch_id, fresh_emb, labels)
-            for df in (fresh_emb, labels):
+            self._write(batch_id, fresh_emb, labels, state)
+            for df in (fresh_emb, state, labels):
                 df.unpersist()
             return n_closed, n_users
         finally:
             fresh.unpersist()
 
-    def _assign(self, user_sessions: DataFrame, emb: DataFrame) -> DataFrame:
+    def _state(self, batch_id: int, fresh: DataFrame, fresh_emb: DataFrame) -> DataFrame:
+        """The pooling state (``live_user_state``) of the users with sessions closed by this batch:
+        their state before it (``prev_*`` when the row is this batch's own: a re-run) plus the
+        new sessions' sums — the session vectors' sum and count (mean pooling, up to the L2
+        normalisation), the behaviour-token counts, the latest session."""
+        art = self.model.artifact
+        dim = int(art.model_cfg["embedding_dim"])
+        delta = fresh_emb.groupBy("user_id").agg(
+            F.array(*[F.sum(F.col("embedding")[i].cast("double")) for i in range(dim)]).alias("d_vec"),
+            F.count("*").alias("d_sessions"),
+            F.max(F.struct("end_ts", "session_id")).alias("d_last"),
+        )
+        empty_map = F.create_map().cast(T.MapType(T.StringType(), T.LongType()))
+        if art.token_model is not None:
+            counts = behaviour.token_counts(fresh, art.vocab, art.token_model.interest)
+            tok = counts.groupBy("user_id").agg(F.map_from_entries(F.collect_list(F.struct("token", "n"))).alias("d_tok"))
+            delta = delta.join(tok, "user_id", "left")
+        else:
+            delta = delta.withColumn("d_tok", empty_map)
+        names = [f.name for f in LIVE_USER_STATE.fields if f.name not in ("user_id", "batch_id") and not f.name.startswith("prev_")]
+        old = self._read("live_user_state")
+        if old is not None:
+            mine = F.col("batch_id") == F.lit(batch_id)
+            base = old.join(delta.select("user_id"), "user_id").select(
+                "user_id", *[F.when(mine, F.col(f"prev_{c}")).otherwise(F.col(c)).alias(f"b_{c}") for c in names]
+            )
+            j = delta.join(base, "user_id", "left")
+        else:
+            j = delta.select("*", *[F.lit(None).cast(LIVE_USER_STATE[c].dataType).alias(f"b_{c}") for c in names])
+        had = F.col("b_sessions").isNotNull()
+        tok_sum = F.map_zip_with(
+            "b_token_counts", F.coalesce("d_tok", empty_map), lambda _k, x, y: F.coalesce(x, F.lit(0)) + F.coalesce(y, F.lit(0))
+        )
+        last = F.when(
+            had, F.greatest(F.struct(F.col("b_last_end_ts").alias("end_ts"), F.col("b_last_session_id").alias("session_id")), "d_last")
+        )
+        last = last.otherwise(F.col("d_last"))
+        return j.select(
+            "user_id",
+            F.lit(batch_id).cast("long").alias("batch_id"),
+            (F.coalesce("b_sessions", F.lit(0)) + F.col("d_sessions")).alias("sessions"),
+            F.when(had, F.zip_with("b_vector_sum", "d_vec", lambda x, y: x + y)).otherwise(F.col("d_vec")).alias("vector_sum"),
+            F.when(had, tok_sum).otherwise(F.coalesce("d_tok", empty_map)).alias("token_counts"),
+            last["end_ts"].alias("last_end_ts"),
+            last["session_id"].alias("last_session_id"),
+            *[F.col(f"b_{c}").alias(f"prev_{c}") for c in names],
+        )
+
+    def _assign(self, state: DataFrame) -> DataFrame:
         """``(user_id, cluster_id, distance_to_centroid, sessions_counted, last_session_id)``
-        for the users of ``user_sessions``, made as ``seqclust assign`` makes them."""
+        for the users of ``state``, made as ``seqclust assign`` makes them (the same vectors
+        from the sums: pooling and token counts are additive over sessions)."""
         m, cfg = self.model, self.cfg
-        vecs = embed.user_vectors(user_sessions, emb.select("user_id", "end_ts", "embedding"), m.artifact, cfg.embed)
+        pooled = state.select(
+            F.col("user_id").alias("entity_id"),
+            embed.l2_normalize(F.col("vector_sum")).alias("embedding"),
+            F.col("sessions").alias("n_sessions"),
+        )
+        counts = state.select("user_id", F.explode("token_counts").alias("token", "n"))
+        vecs = embed.user_vectors(None, None, m.artifact, cfg.embed, counts=counts, pooled=pooled)
         users = vecs.select("entity_id", F.col("embedding").alias("emb"), "n_sessions")
         labels0 = cluster.assign_nearest(users, m.centers)
         if m.token_segments is not None:
-            tm = m.artifact.token_model
-            lists = refine.token_lists(behaviour.token_counts(user_sessions, m.artifact.vocab, tm.interest), tm.tokens)
+            lists = refine.token_lists(counts, m.artifact.token_model.tokens)
             lab = refine.assign(refine.with_tokens(labels0.select("entity_id", "cluster_id"), lists), m.token_segments)
             labels = cluster.distance_to_own(users.join(lab.select("entity_id", "cluster_id"), "entity_id"), m.centers)
         else:
             labels = labels0
-        last = (
-            emb.groupBy("user_id")
-            .agg(F.max_by("session_id", F.struct("end_ts", "session_id")).alias("last_session_id"))
-            .withColumnRenamed("user_id", "entity_id")
-        )
+        last = state.select(F.col("user_id").alias("entity_id"), "last_session_id")
         return labels.join(last, "entity_id").select(
             F.col("entity_id").alias("user_id"),
             F.col("cluster_id").cast("int").alias("cluster_id"),
@@ -294,7 +396,7 @@ class LiveScorer:
             "last_session_id",
         )
 
-    def _write(self, batch_id: int, fresh_emb: DataFrame, labels: DataFrame) -> None:
+    def _write(self, batch_id: int, fresh_emb: DataFrame, labels: DataFrame, state: DataFrame) -> None:
         store, rid = self.ctx.store, self.ctx.run_id
         now = dt.datetime.now(dt.timezone.utc)
         sess = fresh_emb.join(labels.select("user_id", "cluster_id"), "user_id").select(
@@ -326,10 +428,11 @@ class LiveScorer:
         else:
             n = store.write_run(conform(sess, "live_sessions"), name, rid)
         self.ctx.wrote(name, n)
-        name = self._table("live_segments")
         empty = self.spark.createDataFrame([], T.StructType([T.StructField("user_id", T.StringType())]))
-        n, _ = store.merge_replace(conform(seg, "live_segments"), empty, name, rid, "user_id")
-        self.ctx.wrote(name, n)
+        for key, df in (("live_user_state", state), ("live_segments", seg)):
+            name = self._table(key)
+            n, _ = store.merge_replace(conform(df, key), empty, name, rid, "user_id")
+            self.ctx.wrote(name, n)
 
     def _progress(self, r: BatchResult, max_ts: dt.datetime | None) -> None:
         row = (

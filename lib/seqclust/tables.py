@@ -148,6 +148,22 @@ LIVE_SEGMENTS = _schema(
     ("updated_at", TS),
     ("batch_id", LONG),
 )
+# a stream user's pooling state (the sufficient statistics of batch pooling: exact, bounded by
+# the vocabulary and the vector size, not by the user's history); prev_* is the state before
+# the batch that wrote the row, so a re-run of that batch starts from it again
+_STATE = (
+    ("sessions", LONG),
+    ("vector_sum", T.ArrayType(DBL)),
+    ("token_counts", T.MapType(STR, LONG)),
+    ("last_end_ts", TS),
+    ("last_session_id", STR),
+)
+LIVE_USER_STATE = _schema(
+    ("user_id", STR),
+    ("batch_id", LONG),
+    *_STATE,
+    *((f"prev_{name}", t) for name, t in _STATE),
+)
 LIVE_SESSIONS = _schema(
     ("session_id", STR),
     ("user_id", STR),
@@ -356,6 +372,7 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("live_segments", LIVE_SEGMENTS, doc="seqclust stream: each user's current segment"),
         TableSpec("live_sessions", LIVE_SESSIONS, doc="seqclust stream: each closed session, its vector and the user's segment"),
         TableSpec("live_progress", LIVE_PROGRESS, doc="seqclust stream: one row per micro-batch"),
+        TableSpec("live_user_state", LIVE_USER_STATE, doc="seqclust stream: each user's pooling state (sums and counts)"),
     )
 }
 
