@@ -149,16 +149,11 @@ def require_token_model(artifact: Any, cfg: EmbedConfig) -> Any:
     return artifact.token_model
 
 
-def history_vectors(spark: SparkSession, ctx: RunContext, artifact: Any, cfg: EmbedConfig) -> Callable[[DataFrame], DataFrame]:
-    """sessions -> ``(entity_id, embedding)``: user vectors from only those sessions (their
-    stored session vectors for the encoder block), made as the run made its user vectors."""
-    stored = (
-        ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id)
-        .where(F.col("entity_type") == "session")
-        .select(F.col("entity_id").alias("session_id"), "embedding")
-    )
+def history_vectors(artifact: Any, cfg: EmbedConfig) -> Callable[[DataFrame, DataFrame], DataFrame]:
+    """(sessions, their stored vectors ``session_id, embedding``) -> ``(entity_id, embedding)``:
+    user vectors from only those sessions, made as the run made its user vectors."""
 
-    def fn(sessions: DataFrame) -> DataFrame:
+    def fn(sessions: DataFrame, stored: DataFrame) -> DataFrame:
         emb = sessions.select("session_id", "user_id", "end_ts").join(stored, "session_id")
         return user_vectors(sessions, emb, artifact, cfg).select("entity_id", "embedding")
 
@@ -166,7 +161,12 @@ def history_vectors(spark: SparkSession, ctx: RunContext, artifact: Any, cfg: Em
 
 
 def user_vectors(
-    sessions: DataFrame, session_emb: DataFrame, artifact: Any, cfg: EmbedConfig, counts: DataFrame | None = None
+    sessions: DataFrame | None,
+    session_emb: DataFrame | None,
+    artifact: Any,
+    cfg: EmbedConfig,
+    counts: DataFrame | None = None,
+    pooled: DataFrame | None = None,
 ) -> DataFrame:
     """``(entity_id, embedding, n_sessions)`` per user of ``sessions``, as ``cfg.representation``
     says: the encoder's session vectors pooled (``session_emb``: user_id, end_ts, embedding),
@@ -174,13 +174,20 @@ def user_vectors(
     with weights sqrt(hybrid_weight) and sqrt(1 - hybrid_weight) (unit norm, so squared
     Euclidean distances are that mix of the two blocks' distances). Used for the run's users
     and, in the next-session evaluation, for their history alone. ``counts``: the behaviour-token
-    counts of exactly ``sessions`` when already counted (``behaviour.token_counts``)."""
+    counts of exactly ``sessions`` when already counted (``behaviour.token_counts``); ``pooled``:
+    the pooled session vectors (``entity_id, embedding, n_sessions``) when already pooled (a
+    stream's running sums): then neither ``sessions`` nor ``session_emb`` is read."""
     dim = int(artifact.model_cfg["embedding_dim"])
-    enc = pool_users(session_emb, cfg.pooling, cfg.recency_half_life_days, dim=dim)
+    if pooled is None:
+        assert session_emb is not None
+        enc = pool_users(session_emb, cfg.pooling, cfg.recency_half_life_days, dim=dim)
+    else:
+        enc = pooled
     if cfg.representation == "encoder":
         return enc
     tm = require_token_model(artifact, cfg)
     if counts is None:
+        assert sessions is not None
         counts = behaviour.token_counts(sessions, artifact.vocab, tm.interest)
     tok = behaviour.user_vectors(counts, tm)
     zeros = F.array_repeat(F.lit(0.0).cast("float"), tm.dim)

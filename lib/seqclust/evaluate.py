@@ -290,7 +290,7 @@ def _usefulness_rows(
     ev: EvaluateConfig,
     cluster_cfg: ClusterConfig,
     baseline: BaselineConfig,
-    history_vectors: Callable[[DataFrame], DataFrame] | None,
+    history_vectors: Callable[[DataFrame, DataFrame], DataFrame] | None,
 ) -> list[MetricRow]:
     """Families ``downstream`` (next session: items, categories, conversion; return within N
     days) and ``temporal`` (first half vs second half of each user's history)."""
@@ -300,15 +300,24 @@ def _usefulness_rows(
         r["centroid"]
         for r in ctx.store.read(spark, ctx.tables.centroids, ctx.run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
     ]
+    # the evaluated users' stored session vectors, read once: every family below pools history
+    # vectors from them (joined to the whole embeddings table, each family scanned it: ~1-2 min
+    # apiece at 100M events)
+    stored = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "session")
+    stored = stored.select(F.col("entity_id").alias("session_id"), "embedding").join(sessions.select("session_id"), "session_id")
+    stored = stored.persist(StorageLevel.MEMORY_AND_DISK)
     if history_vectors is None:  # the encoder's vectors pooled, as embed.representation=encoder does
         from seqclust.embed import pool_users
 
-        stored = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "session")
-        stored = stored.select(F.col("entity_id").alias("session_id"), "embedding")
-
-        def history_vectors(hist: DataFrame) -> DataFrame:
+        def hv(hist: DataFrame) -> DataFrame:
             emb = hist.select("session_id", "user_id", "end_ts").join(stored, "session_id")
             return pool_users(emb).select("entity_id", "embedding")
+
+    else:
+        full = history_vectors
+
+        def hv(hist: DataFrame) -> DataFrame:
+            return full(hist, stored)
 
     fine_cents = model_run_centers(spark, ctx, ctx.run_id, "fine")
     boe_assign = None
@@ -317,20 +326,15 @@ def _usefulness_rows(
         def boe_assign(hist: DataFrame) -> DataFrame:
             return boe_clusters(hist, k, n_eval, seed, baseline, cluster_cfg, vectors=False, id_col="user_id")
 
-    rows = evaluate_downstream(
-        sessions,
-        history_vectors,
-        cents,
-        shares,
-        seed,
-        ev.top_n,
-        replicates=ev.bootstrap,
-        baseline_assign=boe_assign,
-        fine_centroids=fine_cents,
-    )
-    rows += temporal_stability_rows(sessions, history_vectors, cents, shares, seed, ev.bootstrap)
-    if ev.return_days > 0:
-        rows += return_rows(sessions, history_vectors, cents, shares, seed, ev.return_days, ev.bootstrap, fine_centroids=fine_cents)
+    try:
+        rows = evaluate_downstream(
+            sessions, hv, cents, shares, seed, ev.top_n, replicates=ev.bootstrap, baseline_assign=boe_assign, fine_centroids=fine_cents
+        )
+        rows += temporal_stability_rows(sessions, hv, cents, shares, seed, ev.bootstrap)
+        if ev.return_days > 0:
+            rows += return_rows(sessions, hv, cents, shares, seed, ev.return_days, ev.bootstrap, fine_centroids=fine_cents)
+    finally:
+        stored.unpersist()
     return [r.with_k(k) for r in rows]
 
 
@@ -343,7 +347,7 @@ def run(
     baseline: BaselineConfig,
     salt: str | None = None,
     evaluate_cfg: EvaluateConfig | None = None,
-    history_vectors: Callable[[DataFrame], DataFrame] | None = None,
+    history_vectors: Callable[[DataFrame, DataFrame], DataFrame] | None = None,
 ) -> EvaluateResult:
     """Evaluate this run's user clusters beside a random baseline (same cluster sizes) and the
     bag-of-events baseline (KMeans at the same k); write ``metrics``.
@@ -351,9 +355,10 @@ def run(
     Internal indices are computed in each method's own space (``details.space``); external
     agreement is comparable across methods as is. Above ``evaluate.sample_users`` clustered
     users, every family is measured on the same seeded hash sample of about that many users
-    (metric ``evaluated_users`` says how many). ``history_vectors`` (sessions -> entity_id,
-    embedding) makes a user's vector from their history for the next-session evaluation, the
-    way the run made its user vectors (default: the encoder's session vectors pooled).
+    (metric ``evaluated_users`` says how many). ``history_vectors`` ((sessions, their stored
+    vectors) -> entity_id, embedding) makes a user's vector from their history for the
+    next-session evaluation, the way the run made its user vectors (default: the encoder's
+    session vectors pooled).
     """
     ev = evaluate_cfg if evaluate_cfg is not None else EvaluateConfig()  # the configuration's defaults
     emb = (

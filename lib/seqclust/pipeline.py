@@ -195,7 +195,7 @@ def _evaluate(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: Ru
         from seqclust.encoder import load_artifact
 
         art = load_artifact(rec.encoder_path)
-    hv = embed_stage.history_vectors(spark, ctx, art, cfg.embed) if art is not None else None
+    hv = embed_stage.history_vectors(art, cfg.embed) if art is not None else None
     e = evaluate_stage.run(
         spark,
         ctx,
