@@ -6,16 +6,20 @@ trigger, and the delay from a file's arrival to the live_segments update of the 
 1. generates ``--users`` users' events, trains a model run on them (small encoder settings:
    this bench measures the stream, not the model);
 2. cuts the same events by time into ``--drops`` files and starts `seqclust stream --trigger-seconds
-   T` on an empty landing folder (one file per micro-batch: ``stream.max_files_per_trigger=1``);
+   T` on a landing folder holding the first one (as in production, a micro-batch takes every
+   file that arrived since the last one: a stream that falls behind catches up in bigger
+   batches; ``--max-files N`` caps it, ``stream.max_files_per_trigger``);
 3. moves one file into the landing folder every ``--interval`` seconds (an atomic rename) and
    records when;
-4. when every row has been processed, stops the stream and reads ``live_progress``: per
-   micro-batch its input rows, processing seconds and finish time.
+4. when every row has been processed, stops the stream and reads ``live_progress`` (per
+   micro-batch its input rows, processing seconds and finish time) and the checkpoint's file
+   log (which files each micro-batch read).
 
 Figures: events/s **sustained** (input rows over the wall time from the first file's arrival to
-the last batch's end) and **processing** (input rows over the batches' own seconds: the rate the
-stream could keep with back-to-back files); the delay of each closed session (its batch's finish
-time minus the arrival of the batch's file), p50/p95 weighted by sessions closed. JSON last line.
+the last batch's end) and **processing** (input rows over the batches' own seconds); the delay
+of each closed session: its batch's finish time minus the arrival of the newest file that batch
+read (the file whose events moved the watermark that closed it), p50/p95 weighted by sessions
+closed. JSON last line.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def main() -> None:
     ap.add_argument("--drops", type=int, default=8)
     ap.add_argument("--trigger", type=float, default=10.0)
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between two files")
+    ap.add_argument("--max-files", type=int, help="at most this many files per micro-batch (default: every file there)")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--work", help="working folder (default: a temporary one, removed)")
     args = ap.parse_args()
@@ -76,30 +81,35 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-stream-"))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     try:
-        write_dataset(work / "gen", users=args.users, seed=21)
-        events = pq.read_table(work / "gen" / "events")
         out = work / "out"
-        t0 = time.monotonic()
-        subprocess.run(
-            _seqclust("run", "--input", str(work / "gen" / "events"), "--output", str(out), "--run-id", "m", conf=MODEL),
-            check=True,
-            env=env,
-            capture_output=True,
-        )
-        print(f"model run on {events.num_rows:,} events: {time.monotonic() - t0:.0f} s", flush=True)
+        if not (out / "centroids").is_dir():  # a --work folder of an earlier invocation keeps its model run
+            write_dataset(work / "gen", users=args.users, seed=21)
+            t0 = time.monotonic()
+            subprocess.run(
+                _seqclust("run", "--input", str(work / "gen" / "events"), "--output", str(out), "--run-id", "m", conf=MODEL),
+                check=True,
+                env=env,
+                capture_output=True,
+            )
+            print(f"model run: {time.monotonic() - t0:.0f} s", flush=True)
+        events = pq.read_table(work / "gen" / "events")
+        for old in ("staged", "landing", "ck"):
+            shutil.rmtree(work / old, ignore_errors=True)
         _drops(events, work / "staged", n=args.drops)
         landing = work / "landing"
         landing.mkdir()
-        conf = [*MODEL, "stream.max_files_per_trigger=1"]
+        conf = [*MODEL, *([f"stream.max_files_per_trigger={args.max_files}"] if args.max_files else [])]
+        live = f"live-{int(time.time())}"  # its own tables' rows: a reused --work folder keeps earlier streams'
         cmd = _seqclust(
-            "stream", "--model", "m", "--input", str(landing), "--checkpoint", str(work / "ck"), "--output", str(out),
+            "stream", "--model", "m", "--run-id", live, "--input", str(landing), "--checkpoint", str(work / "ck"), "--output", str(out),
             "--trigger-seconds", str(args.trigger), "--format", "parquet", "--timeout", str(args.timeout), conf=conf,
         )  # fmt: skip
         # the stream learns the Parquet schema from the files there at start: the first drop
         staged = sorted((work / "staged").glob("drop-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
-        arrivals = []
+        arrivals: dict[str, float] = {}
         shutil.move(str(staged[0]), landing / staged[0].name)
-        arrivals.append(time.time())
+        os.utime(landing / staged[0].name)  # arrival time = now: the file source takes files oldest first
+        arrivals[staged[0].name] = time.time()
         log = open(work / "stream.log", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         for f in staged[1:]:
@@ -107,14 +117,14 @@ def main() -> None:
             tmp = landing / f".{f.name}.tmp"  # hidden while copied, then one rename
             shutil.copy(f, tmp)
             os.rename(tmp, landing / f.name)
-            arrivals.append(time.time())
+            arrivals[f.name] = time.time()
         total = sum(pq.read_metadata(landing / f.name).num_rows for f in staged)
         deadline = time.monotonic() + args.timeout
         prog = None
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(2)
             try:
-                t = DeltaTable(str(out / "live_progress")).to_pyarrow_table()
+                t = DeltaTable(str(out / "live_progress")).to_pyarrow_table(filters=[("run_id", "=", live)])
             except Exception:
                 continue
             done = sum(r for r, b in zip(t.column("input_rows").to_pylist(), t.column("batch_id").to_pylist()) if b >= 0)
@@ -139,10 +149,15 @@ def main() -> None:
             )
             if b >= 0
         )
+        files: dict[int, list[str]] = {}  # micro-batch -> the files it read (the file source's own log)
+        for log_file in (work / "ck" / "sources" / "0").glob("[0-9]*"):
+            for line in log_file.read_text().splitlines()[1:]:
+                entry = json.loads(line)
+                files.setdefault(int(entry["batchId"]), []).append(Path(entry["path"]).name)
         delays, weights = [], []
         for b, _n, _s, closed, finished in rows:
-            if b < len(arrivals) and closed:
-                delays.append(finished - arrivals[b])
+            if closed and files.get(b):
+                delays.append(finished - max(arrivals[f] for f in files[b]))
                 weights.append(closed)
         order = np.argsort(delays)
         d, w = np.asarray(delays)[order], np.cumsum(np.asarray(weights)[order])
@@ -150,13 +165,14 @@ def main() -> None:
         def pct(q: float) -> float | None:
             return float(d[np.searchsorted(w, q * w[-1])]) if len(d) else None
 
-        wall = rows[-1][4] - arrivals[0]
+        wall = rows[-1][4] - min(arrivals.values())
         result = {
             "bench": "stream",
             "events": int(total),
             "batches": len(rows),
             "trigger_s": args.trigger,
             "interval_s": args.interval,
+            "max_files_per_batch": args.max_files,
             "events_per_s_sustained": round(total / wall, 1),
             "events_per_s_processing": round(total / sum(r[2] for r in rows), 1),
             "batch_seconds_p50": round(float(np.median([r[2] for r in rows])), 2),
@@ -167,7 +183,7 @@ def main() -> None:
             "goal_delay_s_p95": 2 * args.trigger,
         }
         for b, n, s, c, _ in rows:
-            print(f"batch {b}: {n} rows, {s:.1f} s, {c} sessions closed", flush=True)
+            print(f"batch {b}: {n} rows ({len(files.get(b, []))} files), {s:.1f} s, {c} sessions closed", flush=True)
         print(json.dumps(result))
     finally:
         if not args.work:
