@@ -244,3 +244,16 @@ def test_a_kafka_topic_streams_into_the_same_live_segments_as_the_files(spark, s
     assert q[0]["raw"] == "{this is not json" and q[0]["source_file"].startswith("kafka:events/")
     prog = _table(spark, out, "live_progress", "live-kafka").where("batch_id >= 0").collect()
     assert sum(r["input_rows"] for r in prog) == len(messages) and all(r["source"].startswith("kafka://") for r in prog)
+
+
+def test_kafka_without_spark_s_kafka_source_says_which_package_to_add(spark):
+    """The suite's session has no Kafka jar: reading a topic is one error naming the package."""
+    from seqclust.config import load_config
+    from seqclust.errors import InputError
+    from seqclust.spark import kafka_package
+    from seqclust.stream import read_kafka
+
+    cfg = load_config(None, overrides=["source.format=kafka", "source.kafka.bootstrap_servers=127.0.0.1:9", "source.kafka.topic=t"])
+    with pytest.raises(InputError, match="Spark has no Kafka source") as e:
+        read_kafka(spark, cfg)
+    assert kafka_package() in str(e.value)

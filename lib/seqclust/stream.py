@@ -156,12 +156,14 @@ def read_kafka(spark: SparkSession, cfg: PipelineConfig) -> DataFrame:
     schema = T.StructType([*fields, T.StructField(CORRUPT_COL, T.StringType())])
     try:
         raw = spark.readStream.format("kafka").options(**opts).load()
-    except Exception as e:  # the Kafka source is not on the classpath
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "DATA_SOURCE_NOT_FOUND" not in str(e) and "Failed to find data source" not in str(e):
+            raise InputError(f"source.format kafka: the Kafka source refused its options ({first})") from None
         from seqclust.spark import kafka_package
 
         raise InputError(
-            f"source.format kafka: Spark has no Kafka source ({str(e).strip().splitlines()[0][:200]}); "
-            f"under spark-submit add --packages {kafka_package()}"
+            f"source.format kafka: Spark has no Kafka source ({first}); under spark-submit add --packages {kafka_package()}"
         ) from None
     value = F.from_json(F.col("value").cast("string"), schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_COL})
     where = F.concat(
