@@ -92,6 +92,28 @@ def test_session_tokens_match_the_plain_python_definition(interest):
     assert set(EVENT_TYPES) >= {"view", "cart"}
 
 
+def test_token_counts_are_one_row_per_user_whatever_the_batches(spark):
+    """A user's sessions spread over Arrow batches and partitions (3 rows a batch, 4 shuffled
+    partitions) are merged into one row whose counts are the plain-Python oracle's sums."""
+    t = random_sessions(120, seed=11)
+    df = spark.createDataFrame(t.to_pandas()).repartition(4)
+    oracle: dict[str, Counter] = {}
+    for u, c in zip(t.column("user_id").to_pylist(), oracle_tokens(t, VOCAB, "item")):
+        oracle.setdefault(u, Counter()).update(c)
+    old = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "3")
+    try:
+        rows = behaviour.token_counts(df, VOCAB, "item").collect()
+        long = {(r["user_id"], r["token"]): r["n"] for r in behaviour.long_counts(behaviour.token_counts(df, VOCAB, "item")).collect()}
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", old)
+    assert sorted(r["user_id"] for r in rows) == sorted(oracle)  # one row per user
+    for r in rows:
+        assert len(r["tokens"]) == len(set(r["tokens"]))
+        assert dict(zip(r["tokens"], r["n"])) == dict(oracle[r["user_id"]])
+    assert long == {(u, tok): n for u, c in oracle.items() for tok, n in c.items()}
+
+
 def test_tfidf_and_projection_match_scikit_learn(spark):
     from scipy import sparse
     from sklearn.feature_extraction.text import TfidfVectorizer

@@ -95,8 +95,15 @@ def test_spark_refinement_equals_the_in_memory_oracle_and_assign_reproduces_it(s
     X = X.tocsr()
     ids = [f"u{i:04d}" for i in range(X.shape[0])]
     coo = X.tocoo()
+    per_user: dict[str, tuple[list, list]] = {}
+    for r, c, v in zip(coo.row, coo.col, coo.data):
+        per_user.setdefault(ids[r], ([], []))
+        per_user[ids[r]][0].append(TOKENS[c])
+        per_user[ids[r]][1].append(int(v))
+    per_user[ids[1]][0].append("zz:not-in-the-vocabulary")  # dropped
+    per_user[ids[1]][1].append(3)
     counts = spark.createDataFrame(
-        [(ids[r], TOKENS[c], int(v)) for r, c, v in zip(coo.row, coo.col, coo.data)], "user_id string, token string, n long"
+        [(u, t, n) for u, (t, n) in per_user.items()], "user_id string, tokens array<string>, n array<long>"
     ).repartition(3)
     labels0 = spark.createDataFrame([(u, int(c)) for u, c in zip(ids, start)], "entity_id string, cluster_id int").repartition(2)
     lists = refine.token_lists(counts, TOKENS)

@@ -45,8 +45,12 @@ SESSION_COLUMNS = ("user_id", "start_ts", "event_types", "categories", "items", 
 LEN_EDGES = (1, 3, 7, 15)  # events per session: 1 | 2-3 | 4-7 | 8-15 | 16+
 PACE_EDGES = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)  # seconds per event within a session
 INTERESTS = ("category", "item", "none")
-COUNTS_SCHEMA = T.StructType(
-    [T.StructField("user_id", T.StringType()), T.StructField("token", T.StringType()), T.StructField("n", T.LongType())]
+USER_COUNTS_SCHEMA = T.StructType(
+    [
+        T.StructField("user_id", T.StringType()),
+        T.StructField("tokens", T.ArrayType(T.StringType(), False)),
+        T.StructField("n", T.ArrayType(T.LongType(), False)),
+    ]
 )
 
 
@@ -178,9 +182,35 @@ def interest_field(sessions: DataFrame) -> str:
     return "none"
 
 
+def _group_by_user(users: pa.Array, tokens: pa.Array, n: pa.Array | None = None) -> pa.RecordBatch:
+    """``(user_id, tokens, n)`` with one row per user of ``users`` (aligned with ``tokens`` and
+    their counts ``n``, 1 each when None): each user's distinct tokens and their summed counts."""
+    t = pa.table({"u": users, "t": tokens, "n": n if n is not None else pa.array(np.ones(len(tokens), np.int64))})
+    g = t.group_by(["u", "t"], use_threads=False).aggregate([("n", "sum")])
+    codes = pc.dictionary_encode(g.column("u").combine_chunks())
+    idx = codes.indices.to_numpy(zero_copy_only=False)
+    order = np.argsort(idx, kind="stable")
+    first = np.r_[0, np.flatnonzero(np.diff(idx[order])) + 1, len(order)].astype(np.int32)
+    take = pa.array(order)
+    toks = g.column("t").combine_chunks().take(take)
+    sums = g.column("n_sum").combine_chunks().take(take).cast(pa.int64())
+    offs = pa.array(first)
+    return pa.RecordBatch.from_arrays(
+        [
+            codes.dictionary.take(pa.array(idx[order][first[:-1]])).cast(pa.string()),
+            pa.ListArray.from_arrays(offs, toks),
+            pa.ListArray.from_arrays(offs, sums),
+        ],
+        names=["user_id", "tokens", "n"],
+    )
+
+
 def token_counts(sessions: DataFrame, vocab: Vocab, interest: str) -> DataFrame:
-    """``(user_id, token, n)``: each user's behaviour-token counts over ``sessions``, counted per
-    Arrow batch on the executors and summed in Spark."""
+    """``(user_id, tokens array<string>, n array<long>)``: one row per user with their distinct
+    behaviour tokens over ``sessions`` and how often each occurs (``long_counts`` gives them a
+    row per token). Counted per Arrow batch on the executors; only users whose sessions span
+    batches are merged in Spark, so the shuffle carries one row per user and batch, not one
+    per token (at 100M events: 2.1M rows instead of 250M, see docs/SCALING.md)."""
     cols = [c for c in SESSION_COLUMNS if c in sessions.columns]
     vocab_json = vocab.to_json()
 
@@ -192,18 +222,39 @@ def token_counts(sessions: DataFrame, vocab: Vocab, interest: str) -> DataFrame:
             row, tok = session_tokens(b, v, interest)
             if len(tok) == 0:
                 continue
-            users = b.column("user_id").take(pa.array(row))
-            t = pa.table({"user_id": users, "token": tok}).group_by(["user_id", "token"]).aggregate([([], "count_all")])
-            yield pa.RecordBatch.from_arrays(
-                [
-                    t.column("user_id").combine_chunks(),
-                    t.column("token").combine_chunks(),
-                    t.column("count_all").combine_chunks().cast(pa.int64()),
-                ],
-                names=["user_id", "token", "n"],
-            )
+            yield _group_by_user(b.column("user_id").take(pa.array(row)), tok)
 
-    return sessions.select(*cols).mapInArrow(count, COUNTS_SCHEMA).groupBy("user_id", "token").agg(F.sum("n").alias("n"))
+    def merge(batches):
+        for b in batches:
+            if b.num_rows == 0:
+                continue
+            parts = b.column("parts")
+            if pc.max(pc.list_value_length(parts)).as_py() == 1:  # every user counted in one batch
+                tokens, ns = pc.list_flatten(parts).flatten()  # flatten(): the children as sliced
+                # the same Arrow types as _group_by_user's (one schema per task's stream)
+                yield pa.RecordBatch.from_arrays(
+                    [b.column("user_id"), tokens.cast(pa.list_(pa.string())), ns.cast(pa.list_(pa.int64()))],
+                    names=["user_id", "tokens", "n"],
+                )
+                continue
+            offs, flat = _list_parts(parts)
+            tokens, ns = flat.flatten()
+            toffs, toks = _list_parts(tokens)
+            _, ns = _list_parts(ns)
+            part_user = np.repeat(np.arange(b.num_rows), np.diff(offs))
+            tok_user = np.repeat(part_user, np.diff(toffs))
+            yield _group_by_user(b.column("user_id").take(pa.array(tok_user)), toks, ns)
+
+    per_batch = sessions.select(*cols).mapInArrow(count, USER_COUNTS_SCHEMA)
+    merged = per_batch.groupBy("user_id").agg(F.collect_list(F.struct("tokens", "n")).alias("parts"))
+    return merged.mapInArrow(merge, USER_COUNTS_SCHEMA)
+
+
+def long_counts(counts: DataFrame) -> DataFrame:
+    """``(user_id, token, n)``: ``token_counts`` with a row per user and token."""
+    return counts.select("user_id", F.explode(F.arrays_zip("tokens", "n")).alias("e")).select(
+        "user_id", F.col("e.tokens").alias("token"), F.col("e.n").alias("n")
+    )
 
 
 def _weights(counts: np.ndarray, idf: np.ndarray) -> np.ndarray:
@@ -232,9 +283,10 @@ def fit(counts: DataFrame, vocab_size: int, min_df: int, dim: int, fit_users: in
 
     from seqclust.metrics import user_sample
 
-    n_users = counts.select("user_id").distinct().count()
+    n_users = counts.count()  # a row per user
     ranked = (
-        counts.groupBy("token")
+        counts.select(F.explode("tokens").alias("token"))
+        .groupBy("token")
         .agg(F.count("*").alias("df"))
         .where(F.col("df") >= min_df)
         .orderBy(F.desc("df"), "token")
@@ -248,7 +300,9 @@ def fit(counts: DataFrame, vocab_size: int, min_df: int, dim: int, fit_users: in
     idf = np.log((1.0 + n_users) / (1.0 + df)) + 1.0  # scikit-learn's smooth idf
     spark = counts.sparkSession
     vdf = spark.createDataFrame([(t, i) for i, t in enumerate(tokens)], "token string, col int")
-    sample = user_sample(n_users, fit_users, seed)(counts, "user_id").join(F.broadcast(vdf), "token").select("user_id", "col", "n")
+    sample = (
+        long_counts(user_sample(n_users, fit_users, seed)(counts, "user_id")).join(F.broadcast(vdf), "token").select("user_id", "col", "n")
+    )
     # sorted: the matrix, so the SVD and the artifact's hash, must not depend on partitioning
     t = to_arrow(sample).sort_by([("user_id", "ascending"), ("col", "ascending")])
     uid = pc.dictionary_encode(t.column("user_id").combine_chunks())
@@ -279,7 +333,6 @@ def user_vectors(counts: DataFrame, model: TokenModel) -> DataFrame:
     """``(user_id, tokens_vec array<float>)`` for every user of ``counts`` (on the executors;
     the model's arrays are shipped once per task as npz bytes, nothing pickled)."""
     meta, npz = model.to_json(), model.arrays_npz()
-    per_user = counts.groupBy("user_id").agg(F.collect_list(F.struct("token", "n")).alias("tc"))
     out = T.StructType([T.StructField("user_id", T.StringType()), T.StructField("tokens_vec", T.ArrayType(T.FloatType(), False))])
 
     def vectors(batches):
@@ -288,14 +341,13 @@ def user_vectors(counts: DataFrame, model: TokenModel) -> DataFrame:
         for b in batches:
             if b.num_rows == 0:
                 continue
-            tc = b.column("tc")
-            offs, flat = _list_parts(tc)
-            toks = flat.field("token")
+            offs, toks = _list_parts(b.column("tokens"))
+            _, ns = _list_parts(b.column("n"))
             found = pc.index_in(toks, value_set=value_set)
             ok = pc.is_valid(found).to_numpy(zero_copy_only=False)
             idx = pc.fill_null(found, 0).to_numpy(zero_copy_only=False).astype(np.int64)
             rows = np.repeat(np.arange(b.num_rows), np.diff(offs))
-            counts_ = flat.field("n").to_numpy(zero_copy_only=False).astype(np.float64)
+            counts_ = ns.to_numpy(zero_copy_only=False).astype(np.float64)
             Z = project(rows[ok], idx[ok], counts_[ok], b.num_rows, m)
             d = Z.shape[1]
             vec = pa.ListArray.from_arrays(
@@ -303,4 +355,4 @@ def user_vectors(counts: DataFrame, model: TokenModel) -> DataFrame:
             )
             yield pa.RecordBatch.from_arrays([b.column("user_id"), vec], names=["user_id", "tokens_vec"])
 
-    return per_user.mapInArrow(vectors, out)
+    return counts.select("user_id", "tokens", "n").mapInArrow(vectors, out)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -160,14 +161,41 @@ def _segments_of(X, labels: np.ndarray, k: int, fields: np.ndarray, alpha: float
 
 def token_lists(counts: DataFrame, tokens: tuple[str, ...]) -> DataFrame:
     """``(user_id, tc array<struct<col int, n double>>)``: each user's counts of the vocabulary's
-    tokens (``counts`` as ``behaviour.token_counts`` gives them; other tokens dropped)."""
-    spark = counts.sparkSession
-    vdf = spark.createDataFrame([(t, i) for i, t in enumerate(tokens)], "token string, col int")
-    return (
-        counts.join(F.broadcast(vdf), "token")
-        .groupBy("user_id")
-        .agg(F.collect_list(F.struct("col", F.col("n").cast("double").alias("n"))).alias("tc"))
+    tokens (``counts`` as ``behaviour.token_counts`` gives them, a row per user; other tokens
+    dropped, users with none of the vocabulary's tokens left out). On the executors, no shuffle."""
+    out = T.StructType(
+        [
+            T.StructField("user_id", T.StringType()),
+            T.StructField(
+                "tc",
+                T.ArrayType(T.StructType([T.StructField("col", T.IntegerType(), False), T.StructField("n", T.DoubleType(), False)]), False),
+            ),
+        ]
     )
+    vocab = list(tokens)
+
+    def lists(batches):
+        value_set = pa.array(vocab, pa.string())
+        for b in batches:
+            if b.num_rows == 0:
+                continue
+            offs, toks = _list_parts(b.column("tokens"))
+            _, ns = _list_parts(b.column("n"))
+            found = pc.index_in(toks, value_set=value_set)
+            ok = pc.is_valid(found).to_numpy(zero_copy_only=False)
+            row = np.repeat(np.arange(b.num_rows), np.diff(offs))[ok]
+            cols = pc.fill_null(found, 0).to_numpy(zero_copy_only=False)[ok].astype(np.int32)
+            vals = ns.to_numpy(zero_copy_only=False)[ok].astype(np.float64)
+            per_row = np.bincount(row, minlength=b.num_rows)
+            keep = np.flatnonzero(per_row > 0)
+            new_offs = np.r_[0, np.cumsum(per_row[keep])].astype(np.int32)
+            tc = pa.ListArray.from_arrays(
+                pa.array(new_offs),
+                pa.StructArray.from_arrays([pa.array(cols, pa.int32()), pa.array(vals, pa.float64())], names=["col", "n"]),
+            )
+            yield pa.RecordBatch.from_arrays([b.column("user_id").take(pa.array(keep)), tc], names=["user_id", "tc"])
+
+    return counts.select("user_id", "tokens", "n").mapInArrow(lists, out)
 
 
 def _coo(b: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

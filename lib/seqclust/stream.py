@@ -336,7 +336,7 @@ class LiveScorer:
         empty_map = F.create_map().cast(T.MapType(T.StringType(), T.LongType()))
         if art.token_model is not None:
             counts = behaviour.token_counts(fresh, art.vocab, art.token_model.interest)
-            tok = counts.groupBy("user_id").agg(F.map_from_entries(F.collect_list(F.struct("token", "n"))).alias("d_tok"))
+            tok = counts.select("user_id", F.map_from_arrays("tokens", "n").alias("d_tok"))
             delta = delta.join(tok, "user_id", "left")
         else:
             delta = delta.withColumn("d_tok", empty_map)
@@ -379,7 +379,7 @@ class LiveScorer:
             embed.l2_normalize(F.col("vector_sum")).alias("embedding"),
             F.col("sessions").alias("n_sessions"),
         )
-        counts = state.select("user_id", F.explode("token_counts").alias("token", "n"))
+        counts = state.select("user_id", F.map_keys("token_counts").alias("tokens"), F.map_values("token_counts").alias("n"))
         vecs = embed.user_vectors(None, None, m.artifact, cfg.embed, counts=counts, pooled=pooled)
         users = vecs.select("entity_id", F.col("embedding").alias("emb"), "n_sessions")
         labels0 = cluster.assign_nearest(users, m.centers)

@@ -41,7 +41,7 @@ class TrainResult:
     path: str
     trained: bool
     sample_sessions: int
-    # with keep_counts: each user's behaviour-token counts (user_id, token, n), cached
+    # with keep_counts: each user's behaviour-token counts (a row per user: user_id, tokens, n), cached
     token_counts: DataFrame | None = field(default=None, compare=False, repr=False)
 
 
