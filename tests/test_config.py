@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seqclust.config import PipelineConfig, load_config, validate_run_id
+from seqclust.config import PipelineConfig, SparkConfig, load_config, validate_run_id
 from seqclust.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,3 +160,28 @@ def test_a_kafka_source_needs_its_broker_and_topic_and_only_streams(tmp_path, ca
     assert "a Kafka topic is source.kafka.topic" in capsys.readouterr().err
     assert main(["stream", "--model", "m", *common]) != 0
     assert "pass --input PATH" in capsys.readouterr().err
+
+
+def test_shuffle_partitions_grow_with_the_rows_and_never_below_the_configured_floor():
+    from seqclust.spark import MIN_PARTITIONS_KEY, ROWS_PER_PARTITION_KEY, scale_shuffle
+
+    class Conf(dict):
+        def get(self, k, default=None):
+            return super().get(k, default)
+
+        def set(self, k, v):
+            self[k] = v
+
+    class Session:
+        conf = Conf({"spark.sql.shuffle.partitions": "4", MIN_PARTITIONS_KEY: "4", ROWS_PER_PARTITION_KEY: "2500000"})
+
+    s = Session()
+    assert scale_shuffle(s, 100_000_000) == 40 and s.conf["spark.sql.shuffle.partitions"] == "40"
+    assert scale_shuffle(s, 10_000_001) == 5
+    assert scale_shuffle(s, 1_000_000) == 4 and s.conf["spark.sql.shuffle.partitions"] == "4"  # back to the floor
+    assert scale_shuffle(s, None) == 4
+    s.conf[ROWS_PER_PARTITION_KEY] = "0"
+    assert scale_shuffle(s, 100_000_000) == 4  # 0: never more
+    assert SparkConfig(rows_per_partition=0).rows_per_partition == 0
+    with pytest.raises(ConfigError, match="rows_per_partition"):
+        SparkConfig(rows_per_partition=-1)

@@ -255,3 +255,19 @@ def test_a_delta_source_is_read_at_the_version_its_fingerprint_records(spark, st
     r = ingest.run(spark, _ctx(store, src), SourceConfig(columns=cols))
     assert r.input_version == 1 and (r.input_rows, r.clean_rows) == (2, 2)
     assert seen[-1] == 1  # the DataFrame every pass reads is pinned to version 1
+
+
+def test_rows_written_are_found_behind_more_commits_than_the_history_window(spark, store):
+    """Our commit's row count is read from the last commits of the log, the whole history only
+    when more commits than the window came after it (a stream's tables gain one a batch)."""
+    from seqclust.io import HISTORY_WINDOW
+
+    df = spark.createDataFrame([(i,) for i in range(7)], "x long")
+    store.write_run(df, "t", "a")
+    before = store._version("t")
+    store.write_run(df.limit(5), "t", "b", count=False)
+    for i in range(HISTORY_WINDOW + 2):  # more commits than the window after ours
+        store.write_run(df.limit(1), "t", f"c{i}", count=False)
+    assert store._rows_written("t", before, "run_id = 'b'") == 5
+    assert store._rows_written("t", store._version("t") - 3, "run_id = 'b'") == 0  # not among the commits after that
+    assert store._rows_written("t", before - 1, "run_id = 'a'") == 7

@@ -55,12 +55,17 @@ class SparkConfig:
     master: str | None = None  # None: leave it to spark-submit / an existing session
     app_name: str = "seqclust"
     shuffle_partitions: int = 8
+    # a run of more rows than shuffle_partitions x this gets one shuffle partition per this many
+    # input rows (set per stage from the run's row count; 0: always shuffle_partitions). At 100M
+    # events four partitions spilled ~40 GB to disk (docs/SCALING.md)
+    rows_per_partition: int = 2_500_000
     log_level: str = "WARN"
     driver_memory: str | None = None  # only honoured when this process starts the JVM
     conf: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.shuffle_partitions >= 1, "shuffle_partitions", "must be >= 1")
+        _check(self.rows_per_partition >= 0, "rows_per_partition", "must be >= 0 (0: never more than shuffle_partitions)")
         _check(self.log_level in ("ERROR", "WARN", "INFO", "DEBUG"), "log_level", "must be ERROR, WARN, INFO or DEBUG")
 
 

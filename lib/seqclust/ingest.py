@@ -26,6 +26,7 @@ from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError, ReconciliationError
 from seqclust.io import CORRUPT_COL, FILE_COL, mapped_columns, read_failure, read_source, source_fingerprint, source_format
 from seqclust.privacy import pseudonym, redacted
+from seqclust.spark import scale_shuffle
 from seqclust.tables import conform
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SourceConfig, salt: str | Non
     if n_input == 0:
         raise InputError(f"--input {ctx.input_path}: no rows to ingest")
     log.info("ingest: %d input rows from %s%s", n_input, ctx.input_path, _window_text(ctx))
+    scale_shuffle(spark, n_input)
     r = ingest_rows(spark, ctx, raw_df, cfg, n_input, _cache_level(cfg.cache, fmt), salt=salt)
     return dataclasses.replace(r, input_fingerprint=fingerprint, input_version=version, input_files=n_files)
 

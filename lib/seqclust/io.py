@@ -14,7 +14,7 @@ from typing import Any
 
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException, PySparkException
-from pyspark.sql import DataFrame, Row, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CORRUPT_COL = "_corrupt_record"
 FILE_COL = "_source_file"
+HISTORY_WINDOW = 16  # commits read back to find our own (the whole log only when more were made since)
 
 
 # ---------------------------------------------------------------------------------------
@@ -558,15 +559,24 @@ class TableStore:
 
     def _merge_metrics(self, name: str, before: int) -> dict[str, str]:
         """The operation metrics of the newest MERGE commit after version ``before``."""
-        row = (
-            self.delta_table(self._spark(), name)
-            .history()
-            .where((F.col("version") > before) & (F.col("operation") == "MERGE"))
-            .orderBy(F.desc("version"))
-            .select("operationMetrics")
-            .first()
-        )
+        row = self._newest_commit(name, before, F.col("operation") == "MERGE")
         return dict((row["operationMetrics"] if row else None) or {})
+
+    def _newest_commit(self, name: str, before: int, where: Column) -> Row | None:
+        """The newest commit after version ``before`` that matches ``where`` (its operation
+        metrics). Reads the last few commits of the log, the whole history only when more than
+        that were committed since ``before`` (a stream's tables gain a commit per micro-batch:
+        reading every commit made each MERGE slower than the last)."""
+        table = self.delta_table(self._spark(), name)
+        for limit in (HISTORY_WINDOW, None):
+            h = table.history(limit) if limit else table.history()
+            rows = h.where(F.col("version") > before).select("version", "operationMetrics", where.alias("_ours")).collect()
+            mine = [r for r in rows if r["_ours"]]
+            if mine:
+                return max(mine, key=lambda r: r["version"])
+            if limit is not None and len(rows) < limit:  # the window reached back to ``before``: nothing else
+                return None
+        return None
 
     def _version(self, name: str) -> int:
         if not self.exists(name):
@@ -578,15 +588,7 @@ class TableStore:
         """Rows added by our commit after version ``before``: found by its predicate, so a
         concurrent writer's commit is not mistaken for ours. 0 when Delta made no commit (an
         empty write into a partition that did not exist changes nothing)."""
-        ours = (
-            self.delta_table(self._spark(), name)
-            .history()
-            .where(F.col("version") > before)
-            .where(F.col("operationParameters")["predicate"] == predicate)
-            .orderBy(F.desc("version"))
-            .select("operationMetrics")
-            .first()
-        )
+        ours = self._newest_commit(name, before, F.col("operationParameters")["predicate"] == predicate)
         if ours is None:
             return 0
         return int((ours["operationMetrics"] or {}).get("numOutputRows", 0))

@@ -31,6 +31,7 @@ from seqclust.config import PipelineConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError, SeqclustError
 from seqclust.io import TableStore
+from seqclust.spark import scale_shuffle
 from seqclust.stages import STAGES
 from seqclust.tables import RUNS, RunRecord
 
@@ -264,6 +265,8 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             current = name
             log.info("stage %s: start (run %s)", name, ctx.run_id)
             t0 = time.perf_counter()
+            if rec.rows_clean is not None and name != "ingest":  # ingest sets it from its input's rows
+                scale_shuffle(spark, rec.rows_clean)
             RUNNERS[name](spark, cfg, ctx, rec, state)
             rec.stage_seconds = {**rec.stage_seconds, name: round(time.perf_counter() - t0, 3)}
             rec.stages_completed = [s for s in rec.stages_completed if s != name] + [name]

@@ -31,6 +31,11 @@ DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 LOG4J_CONF = Path(__file__).with_name("log4j2.properties")
 
 
+# the configured shuffle partitions and rows per partition, kept on the session for scale_shuffle
+MIN_PARTITIONS_KEY = "spark.seqclust.shufflePartitions"
+ROWS_PER_PARTITION_KEY = "spark.seqclust.rowsPerPartition"
+
+
 def _on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
@@ -108,6 +113,8 @@ def get_spark(cfg: SparkConfig | None = None, packages: Sequence[str] = ()) -> S
         builder.config("spark.sql.extensions", DELTA_EXTENSION)
         .config("spark.sql.catalog.spark_catalog", DELTA_CATALOG)
         .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
+        .config(MIN_PARTITIONS_KEY, str(cfg.shuffle_partitions))
+        .config(ROWS_PER_PARTITION_KEY, str(cfg.rows_per_partition))
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -142,6 +149,19 @@ def get_spark(cfg: SparkConfig | None = None, packages: Sequence[str] = ()) -> S
     if package:
         _remember_jars(spark, package)
     return spark
+
+
+def scale_shuffle(spark: SparkSession, rows: int | None) -> int:
+    """Shuffle partitions for a stage over ``rows`` input rows: ``spark.shuffle_partitions``, or
+    one per ``spark.rows_per_partition`` rows when that is more (set on the session; returned)."""
+    conf = spark.conf
+    floor = int(conf.get(MIN_PARTITIONS_KEY, None) or conf.get("spark.sql.shuffle.partitions") or 200)
+    per = int(conf.get(ROWS_PER_PARTITION_KEY, None) or 0)
+    n = max(floor, -(-int(rows) // per)) if per > 0 and rows else floor
+    if str(n) != conf.get("spark.sql.shuffle.partitions"):
+        log.info("shuffle partitions: %d (%s rows, one partition per %d beyond %d)", n, f"{rows:,}" if rows else "?", per, floor)
+        conf.set("spark.sql.shuffle.partitions", str(n))
+    return n
 
 
 def _start(builder: SparkSession.Builder, packages: Sequence[str]) -> SparkSession:
