@@ -265,8 +265,7 @@ def run(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, stages: tuple
             current = name
             log.info("stage %s: start (run %s)", name, ctx.run_id)
             t0 = time.perf_counter()
-            if rec.rows_clean is not None and name != "ingest":  # ingest sets it from its input's rows
-                scale_shuffle(spark, rec.rows_clean)
+            scale_shuffle(spark, rec.rows_clean)  # from the run's clean rows (ingest: from its input's, once counted)
             RUNNERS[name](spark, cfg, ctx, rec, state)
             rec.stage_seconds = {**rec.stage_seconds, name: round(time.perf_counter() - t0, 3)}
             rec.stages_completed = [s for s in rec.stages_completed if s != name] + [name]
