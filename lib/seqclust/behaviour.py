@@ -323,6 +323,18 @@ def fit(counts: DataFrame, vocab_size: int, min_df: int, dim: int, fit_users: in
     return TokenModel(tokens, idf, np.asarray(comp, dtype=np.float32), interest, int(n_users))
 
 
+def vocab_coo(b: pa.RecordBatch, value_set: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, vocabulary index, count) of each token of a batch of ``token_counts`` rows that
+    ``value_set`` (the vocabulary) holds; other tokens dropped."""
+    offs, toks = _list_parts(b.column("tokens"))
+    _, ns = _list_parts(b.column("n"))
+    found = pc.index_in(toks, value_set=value_set)
+    ok = pc.is_valid(found).to_numpy(zero_copy_only=False)
+    idx = pc.fill_null(found, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = np.repeat(np.arange(b.num_rows), np.diff(offs))
+    return rows[ok], idx[ok], ns.to_numpy(zero_copy_only=False).astype(np.float64)[ok]
+
+
 def user_vectors(counts: DataFrame, model: TokenModel) -> DataFrame:
     """``(user_id, tokens_vec array<float>)`` for every user of ``counts`` (on the executors;
     the model's arrays are shipped once per task as npz bytes, nothing pickled)."""
@@ -335,14 +347,8 @@ def user_vectors(counts: DataFrame, model: TokenModel) -> DataFrame:
         for b in batches:
             if b.num_rows == 0:
                 continue
-            offs, toks = _list_parts(b.column("tokens"))
-            _, ns = _list_parts(b.column("n"))
-            found = pc.index_in(toks, value_set=value_set)
-            ok = pc.is_valid(found).to_numpy(zero_copy_only=False)
-            idx = pc.fill_null(found, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-            rows = np.repeat(np.arange(b.num_rows), np.diff(offs))
-            counts_ = ns.to_numpy(zero_copy_only=False).astype(np.float64)
-            Z = project(rows[ok], idx[ok], counts_[ok], b.num_rows, m)
+            rows, idx, counts_ = vocab_coo(b, value_set)
+            Z = project(rows, idx, counts_, b.num_rows, m)
             d = Z.shape[1]
             vec = pa.ListArray.from_arrays(
                 pa.array(np.arange(0, b.num_rows * d + 1, d, dtype=np.int32)), pa.array(Z.reshape(-1), pa.float32())

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from seqclust.behaviour import vocab_coo
 from seqclust.features import _list_parts
 from seqclust.spark import ROWS_CACHE
 
@@ -179,19 +179,13 @@ def token_lists(counts: DataFrame, tokens: tuple[str, ...]) -> DataFrame:
         for b in batches:
             if b.num_rows == 0:
                 continue
-            offs, toks = _list_parts(b.column("tokens"))
-            _, ns = _list_parts(b.column("n"))
-            found = pc.index_in(toks, value_set=value_set)
-            ok = pc.is_valid(found).to_numpy(zero_copy_only=False)
-            row = np.repeat(np.arange(b.num_rows), np.diff(offs))[ok]
-            cols = pc.fill_null(found, 0).to_numpy(zero_copy_only=False)[ok].astype(np.int32)
-            vals = ns.to_numpy(zero_copy_only=False)[ok].astype(np.float64)
+            row, cols, vals = vocab_coo(b, value_set)
             per_row = np.bincount(row, minlength=b.num_rows)
             keep = np.flatnonzero(per_row > 0)
             new_offs = np.r_[0, np.cumsum(per_row[keep])].astype(np.int32)
             tc = pa.ListArray.from_arrays(
                 pa.array(new_offs),
-                pa.StructArray.from_arrays([pa.array(cols, pa.int32()), pa.array(vals, pa.float64())], names=["col", "n"]),
+                pa.StructArray.from_arrays([pa.array(cols.astype(np.int32), pa.int32()), pa.array(vals, pa.float64())], names=["col", "n"]),
             )
             yield pa.RecordBatch.from_arrays([b.column("user_id").take(pa.array(keep)), tc], names=["user_id", "tc"])
 
