@@ -40,3 +40,20 @@ def test_missing_schema_and_bad_names_are_config_errors(spark, tmp_path):
         TablesConfig(schema="bad-name; DROP")
     with pytest.raises(ConfigError, match="needs tables.schema"):
         TablesConfig(catalog="main")
+
+
+def test_merge_row_counts_from_the_result_and_from_the_log_agree(spark, tmp_path, monkeypatch):
+    """Delta 4 returns a MERGE's counts (no job); older Delta leaves them in the log only."""
+    from seqclust import io
+
+    got = {}
+    for flag in (True, False):
+        monkeypatch.setattr(io, "MERGE_RETURNS_METRICS", flag and io._merge_returns_metrics())
+        store = TableStore(str(tmp_path / f"art-{flag}"))
+        df = spark.range(5).withColumn("x", F.lit(1))
+        store.write_run(df, "events", "a")
+        store.write_run(df, "events", "b")  # another run's rows: not counted
+        ins = store.merge_insert(spark.range(3, 8).withColumn("x", F.lit(2)), "events", "a", "t.id", "s.id")
+        rep = store.merge_replace(spark.range(2).withColumn("x", F.lit(9)), spark.range(4).select("id"), "events", "a", "id")
+        got[flag] = (ins, rep)
+    assert got[True] == got[False] == (3, (2, 2))

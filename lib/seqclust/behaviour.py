@@ -211,20 +211,7 @@ def token_counts(sessions: DataFrame, vocab: Vocab, interest: str) -> DataFrame:
     row per token). Counted per Arrow batch on the executors; only users whose sessions span
     batches are merged in Spark, so the shuffle carries one row per user and batch, not one
     per token (at 100M events: 2.1M rows instead of 250M, see docs/SCALING.md)."""
-    cols = [c for c in SESSION_COLUMNS if c in sessions.columns]
-    vocab_json = vocab.to_json()
-
-    def count(batches):
-        v = Vocab.from_json(vocab_json)
-        for b in batches:
-            if b.num_rows == 0:
-                continue
-            row, tok = session_tokens(b, v, interest)
-            if len(tok) == 0:
-                continue
-            yield _group_by_user(b.column("user_id").take(pa.array(row)), tok)
-
-    per_batch = sessions.select(*cols).mapInArrow(count, USER_COUNTS_SCHEMA)
+    per_batch = token_count_parts(sessions, vocab, interest)
     # a user counted in several batches: the parts summed token by token (in SQL, not a second
     # Python pass: a mapInArrow over these nested lists hung once at 10M events, not reproduced)
     parts = per_batch.groupBy("user_id").agg(F.collect_list(F.struct("tokens", "n")).alias("parts"))
@@ -242,6 +229,25 @@ def token_counts(sessions: DataFrame, vocab: Vocab, interest: str) -> DataFrame:
         F.when(F.col("_m").isNull(), one["tokens"]).otherwise(F.map_keys("_m")).alias("tokens"),
         F.when(F.col("_m").isNull(), one["n"]).otherwise(F.map_values("_m")).alias("n"),
     )
+
+
+def token_count_parts(sessions: DataFrame, vocab: Vocab, interest: str) -> DataFrame:
+    """``token_counts`` before its merge: a row per user and Arrow batch of ``sessions`` (a user
+    whose sessions span batches has several rows, to be summed)."""
+    cols = [c for c in SESSION_COLUMNS if c in sessions.columns]
+    vocab_json = vocab.to_json()
+
+    def count(batches):
+        v = Vocab.from_json(vocab_json)
+        for b in batches:
+            if b.num_rows == 0:
+                continue
+            row, tok = session_tokens(b, v, interest)
+            if len(tok) == 0:
+                continue
+            yield _group_by_user(b.column("user_id").take(pa.array(row)), tok)
+
+    return sessions.select(*cols).mapInArrow(count, USER_COUNTS_SCHEMA)
 
 
 def long_counts(counts: DataFrame) -> DataFrame:

@@ -32,6 +32,19 @@ HISTORY_WINDOW = 16  # commits read back to find our own (the whole log only whe
 # Sources
 
 
+def _merge_returns_metrics() -> bool:
+    """Whether Delta's ``DeltaMergeBuilder.execute`` returns the MERGE's row counts (Delta 4:
+    a one-row DataFrame); older versions return nothing and the counts come from the log."""
+    try:
+        from delta.tables import DeltaMergeBuilder
+    except ImportError:  # pragma: no cover - delta-spark is a dependency
+        return False
+    return "DataFrame" in str(DeltaMergeBuilder.execute.__annotations__.get("return", ""))
+
+
+MERGE_RETURNS_METRICS = _merge_returns_metrics()
+
+
 def spark_error_line(e: BaseException) -> str:
     """The first meaningful line of a Spark/Py4J error (the Java message, not the Py4J frame)."""
     if isinstance(e, Py4JJavaError):
@@ -506,11 +519,11 @@ class TableStore:
         is not there yet (keys are SQL expressions from code); return the rows inserted."""
         validate_run_id(run_id)
         spark = df.sparkSession
-        before = self._version(name)
+        before = -1 if MERGE_RETURNS_METRICS else self._version(name)
         log.info("table %s: merging new rows into run %s", name, run_id)
         src = df.withColumn("run_id", F.lit(run_id))
         try:
-            (
+            out = (
                 self.delta_table(spark, name)
                 .alias("t")
                 .merge(src.alias("s"), f"t.run_id = '{run_id}' AND {target_key} = {source_key}")
@@ -519,7 +532,7 @@ class TableStore:
             )
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
             raise SeqclustError(f"table {name} at {self.path(name)}: merge failed ({spark_error_line(e)[:300]})") from None
-        n = int(self._merge_metrics(name, before).get("numTargetRowsInserted", 0))
+        n = int(self._merge_metrics(name, before, out).get("numTargetRowsInserted", 0))
         log.info("table %s: merged %d new rows into run %s", name, n, run_id)
         return n
 
@@ -531,7 +544,7 @@ class TableStore:
         if not self.exists(name):
             return self.write_run(new, name, run_id), 0
         spark = new.sparkSession
-        before = self._version(name)
+        before = -1 if MERGE_RETURNS_METRICS else self._version(name)
         cols = [c for c in new.columns if c != "run_id"]
         gone = stale_keys.select(key).distinct().join(new.select(key), key, "left_anti")
         src = new.withColumn("_op", F.lit("upsert")).withColumn("run_id", F.lit(run_id))
@@ -540,7 +553,7 @@ class TableStore:
         values = {c: f"s.`{c}`" for c in [*cols, "run_id"]}
         log.info("table %s: merging recomputed rows into run %s", name, run_id)
         try:
-            (
+            out = (
                 self.delta_table(spark, name)
                 .alias("t")
                 .merge(src.alias("s"), f"t.run_id = '{run_id}' AND t.`{key}` = s.`{key}`")
@@ -551,14 +564,26 @@ class TableStore:
             )
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
             raise SeqclustError(f"table {name} at {self.path(name)}: merge failed ({spark_error_line(e)[:300]})") from None
-        m = self._merge_metrics(name, before)
+        m = self._merge_metrics(name, before, out)
         ins = int(m.get("numTargetRowsInserted", 0)) + int(m.get("numTargetRowsUpdated", 0))
         deleted = int(m.get("numTargetRowsDeleted", 0))
         log.info("table %s: run %s: %d rows inserted or replaced, %d deleted", name, run_id, ins, deleted)
         return ins, deleted
 
-    def _merge_metrics(self, name: str, before: int) -> dict[str, str]:
-        """The operation metrics of the newest MERGE commit after version ``before``."""
+    def _merge_metrics(self, name: str, before: int, result: Any = None) -> dict[str, Any]:
+        """The MERGE's row counts: from its result (Delta 4: a one-row DataFrame, no job), else
+        the operation metrics of the newest MERGE commit after version ``before`` (the log)."""
+        if MERGE_RETURNS_METRICS and isinstance(result, DataFrame):
+            r = result.first()
+            if r is not None:
+                d = r.asDict()
+                return {
+                    "numTargetRowsInserted": d.get("num_inserted_rows", 0),
+                    "numTargetRowsUpdated": d.get("num_updated_rows", 0),
+                    "numTargetRowsDeleted": d.get("num_deleted_rows", 0),
+                }
+        if before < 0 and MERGE_RETURNS_METRICS:
+            before = 0  # no result to read (not expected): the log's newest MERGE
         row = self._newest_commit(name, before, F.col("operation") == "MERGE")
         return dict((row["operationMetrics"] if row else None) or {})
 

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -58,8 +59,9 @@ from seqclust import behaviour, cluster, embed, ingest, refine, sessionize
 from seqclust.config import EmbedConfig, PipelineConfig
 from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError
+from seqclust.features import _list_parts
 from seqclust.io import CORRUPT_COL, FILE_COL, mapped_columns, one_row, source_format
-from seqclust.tables import LIVE_USER_STATE, conform
+from seqclust.tables import conform
 
 log = logging.getLogger(__name__)
 
@@ -323,15 +325,14 @@ class LiveScorer:
                 fresh_emb = embed.embed_sessions(self.spark, fresh, art, keep=("session_id", "user_id", "start_ts", "end_ts", "n_events"))
                 fresh_emb = _materialised(fresh_emb, done)
                 t1 = time.monotonic()
-                state = _materialised(self._state(batch_id, fresh, fresh_emb), done)
+                out = _materialised(self._update(batch_id, fresh, fresh_emb), done)
+                n_users = out.count()
                 t2 = time.monotonic()
-                labels = _materialised(self._assign(state), done)
-                n_users = labels.count()
-                t3 = time.monotonic()
                 log.info(
-                    "stream: batch %d: %d sessions closed (found in %.1fs), embedded in %.1fs, %d users' state in %.1fs, assigned in %.1fs",
-                    batch_id, n_closed, t - t0, t1 - t, n_users, t2 - t1, t3 - t2,
+                    "stream: batch %d: %d sessions closed (found in %.1fs), embedded in %.1fs, %d users' state and segment in %.1fs",
+                    batch_id, n_closed, t - t0, t1 - t, n_users, t2 - t1,
                 )  # fmt: skip
+                state, labels = self._split(batch_id, out)
                 self._write(batch_id, fresh_emb, labels, state)
             finally:
                 _release(done)
@@ -339,72 +340,86 @@ class LiveScorer:
         finally:
             fresh.unpersist()
 
-    def _state(self, batch_id: int, fresh: DataFrame, fresh_emb: DataFrame) -> DataFrame:
-        """The pooling state (``live_user_state``) of the users with sessions closed by this batch:
-        their state before it (``prev_*`` when the row is this batch's own: a re-run) plus the
-        new sessions' sums — the session vectors' sum and count (mean pooling, up to the L2
-        normalisation), the behaviour-token counts, the latest session."""
+    def _update(self, batch_id: int, fresh: DataFrame, fresh_emb: DataFrame) -> DataFrame:
+        """The new pooling state of the users with sessions closed by this batch and their
+        segment (``UPDATED``): their state before it (``prev_*`` when the row is this batch's
+        own: a re-run) plus the new sessions' sums — the session vectors' sum and count (mean
+        pooling, up to the L2 normalisation), the behaviour-token counts, the latest session.
+
+        A few rows per user (the stored state, the new sessions' vector sums, their token counts
+        per Arrow batch) are brought together by user in one shuffle and combined and placed in
+        one Arrow pass (``live_updater``). The DataFrame form (three joins, a map merge per user
+        in interpreted SQL, five Python stages to place users) took 12-30 s of a 2-core
+        micro-batch for 14-18k users, measured."""
         art = self.model.artifact
         dim = int(art.model_cfg["embedding_dim"])
-        delta = fresh_emb.groupBy("user_id").agg(
-            F.array(*[F.sum(F.col("embedding")[i].cast("double")) for i in range(dim)]).alias("d_vec"),
-            F.count("*").alias("d_sessions"),
-            F.max(F.struct("end_ts", "session_id")).alias("d_last"),
+        no_tokens = [F.array().cast("array<string>").alias("tokens"), F.array().cast("array<bigint>").alias("n")]
+        no_last = [F.lit(None).cast("timestamp").alias("last_end_ts"), F.lit(None).cast("string").alias("last_session_id")]
+        d = fresh_emb.groupBy("user_id").agg(
+            F.array(*[F.sum(F.col("embedding")[i].cast("double")) for i in range(dim)]).alias("vec"),
+            F.count("*").alias("sessions"),
+            F.max(F.struct("end_ts", "session_id")).alias("last"),
         )
-        empty_map = F.create_map().cast(T.MapType(T.StringType(), T.LongType()))
+        parts = [
+            d.select(
+                "user_id",
+                F.lit(1).alias("kind"),
+                "sessions",
+                "vec",
+                *no_tokens,
+                F.col("last.end_ts").alias("last_end_ts"),
+                F.col("last.session_id").alias("last_session_id"),
+            )
+        ]
         if art.token_model is not None:
-            counts = behaviour.token_counts(fresh, art.vocab, art.token_model.interest)
-            tok = counts.select("user_id", F.map_from_arrays("tokens", "n").alias("d_tok"))
-            delta = delta.join(tok, "user_id", "left")
-        else:
-            delta = delta.withColumn("d_tok", empty_map)
-        names = [f.name for f in LIVE_USER_STATE.fields if f.name not in ("user_id", "batch_id") and not f.name.startswith("prev_")]
+            tok = behaviour.token_count_parts(fresh, art.vocab, art.token_model.interest)
+            none = [F.lit(0).cast("long").alias("sessions"), F.lit(None).cast("array<double>").alias("vec")]
+            parts.append(tok.select("user_id", F.lit(2).alias("kind"), *none, "tokens", "n", *no_last))
         old = self._read("live_user_state")
         if old is not None:
             mine = F.col("batch_id") == F.lit(batch_id)
-            base = old.join(delta.select("user_id"), "user_id").select(
-                "user_id", *[F.when(mine, F.col(f"prev_{c}")).otherwise(F.col(c)).alias(f"b_{c}") for c in names]
+
+            def base(c: str) -> Any:
+                return F.when(mine, F.col(f"prev_{c}")).otherwise(F.col(c))
+
+            before = old.join(d.select("user_id"), "user_id", "left_semi").select(
+                "user_id",
+                F.lit(0).alias("kind"),
+                base("sessions").alias("sessions"),
+                base("vector_sum").alias("vec"),
+                F.map_keys(base("token_counts")).alias("tokens"),
+                F.map_values(base("token_counts")).alias("n"),
+                base("last_end_ts").alias("last_end_ts"),
+                base("last_session_id").alias("last_session_id"),
             )
-            j = delta.join(base, "user_id", "left")
-        else:
-            j = delta.select("*", *[F.lit(None).cast(LIVE_USER_STATE[c].dataType).alias(f"b_{c}") for c in names])
-        had = F.col("b_sessions").isNotNull()
-        tok_sum = F.map_zip_with(
-            "b_token_counts", F.coalesce("d_tok", empty_map), lambda _k, x, y: F.coalesce(x, F.lit(0)) + F.coalesce(y, F.lit(0))
-        )
-        last = F.when(
-            had, F.greatest(F.struct(F.col("b_last_end_ts").alias("end_ts"), F.col("b_last_session_id").alias("session_id")), "d_last")
-        )
-        last = last.otherwise(F.col("d_last"))
-        return j.select(
+            parts.insert(0, before.where(F.col("sessions").isNotNull()))  # a re-run of a user's first batch: no state before
+        rows = parts[0]
+        for p in parts[1:]:
+            rows = rows.unionByName(p)
+        n = int(self.spark.conf.get("spark.sql.shuffle.partitions") or 4)
+        rows = rows.repartition(n, "user_id").sortWithinPartitions("user_id", "kind")
+        return rows.mapInArrow(live_updater(self.model, self.cfg.embed), UPDATED)
+
+    def _split(self, batch_id: int, out: DataFrame) -> tuple[DataFrame, DataFrame]:
+        """(``live_user_state`` rows, labels) of ``_update``'s rows."""
+        tok = F.map_from_arrays("tokens", "n")
+        prev_tok = F.when(F.col("prev_tokens").isNotNull(), F.map_from_arrays("prev_tokens", "prev_n"))
+        state = out.select(
             "user_id",
             F.lit(batch_id).cast("long").alias("batch_id"),
-            (F.coalesce("b_sessions", F.lit(0)) + F.col("d_sessions")).alias("sessions"),
-            F.when(had, F.zip_with("b_vector_sum", "d_vec", lambda x, y: x + y)).otherwise(F.col("d_vec")).alias("vector_sum"),
-            F.when(had, tok_sum).otherwise(F.coalesce("d_tok", empty_map)).alias("token_counts"),
-            last["end_ts"].alias("last_end_ts"),
-            last["session_id"].alias("last_session_id"),
-            *[F.col(f"b_{c}").alias(f"prev_{c}") for c in names],
-        )
-
-    def _assign(self, state: DataFrame) -> DataFrame:
-        """``(user_id, cluster_id, distance_to_centroid, sessions_counted, last_session_id)``
-        for the users of ``state``, made as ``seqclust assign`` makes them (the same vectors
-        from the sums: pooling and token counts are additive over sessions). One pass over
-        Arrow batches (``live_assigner``): the user vector, the nearest centre, the token
-        segments and the distance to the user's own centre in numpy — the same functions as
-        batch, without the five Python stages and three joins of the DataFrame form (17 s of
-        a 2-core micro-batch for 14k users, measured; this: under a second)."""
-        fn = live_assigner(self.model, self.cfg.embed)
-        src = state.select(
-            "user_id",
-            "vector_sum",
             "sessions",
-            F.map_keys("token_counts").alias("tokens"),
-            F.map_values("token_counts").alias("n"),
+            "vector_sum",
+            tok.alias("token_counts"),
+            "last_end_ts",
             "last_session_id",
+            "prev_sessions",
+            "prev_vector_sum",
+            prev_tok.alias("prev_token_counts"),
+            "prev_last_end_ts",
+            "prev_last_session_id",
         )
-        return src.mapInArrow(fn, LIVE_LABELS)
+        labels = out.select("user_id", "cluster_id", "distance_to_centroid", F.col("sessions").alias("sessions_counted"), "last_session_id")
+        return state, labels
 
     def _write(self, batch_id: int, fresh_emb: DataFrame, labels: DataFrame, state: DataFrame) -> None:
         store, rid = self.ctx.store, self.ctx.run_id
@@ -485,78 +500,169 @@ def _release(done: list[DataFrame]) -> None:
     done.clear()
 
 
-LIVE_LABELS = T.StructType(
+_STR, _LONG, _TS = T.StringType(), T.LongType(), T.TimestampType()
+_VEC, _TOKS, _NS = T.ArrayType(T.DoubleType()), T.ArrayType(T.StringType()), T.ArrayType(T.LongType())
+_STATE_COLS = (
+    ("sessions", _LONG),
+    ("vector_sum", _VEC),
+    ("tokens", _TOKS),
+    ("n", _NS),
+    ("last_end_ts", _TS),
+    ("last_session_id", _STR),
+)
+UPDATED = T.StructType(
     [
-        T.StructField("user_id", T.StringType()),
+        T.StructField("user_id", _STR),
+        *[T.StructField(c, t) for c, t in _STATE_COLS],
+        *[T.StructField(f"prev_{c}", t) for c, t in _STATE_COLS],
         T.StructField("cluster_id", T.IntegerType()),
         T.StructField("distance_to_centroid", T.DoubleType()),
-        T.StructField("sessions_counted", T.LongType()),
-        T.StructField("last_session_id", T.StringType()),
     ]
 )
 
 
-def live_assigner(model: Model, cfg: EmbedConfig) -> Any:
-    """A ``mapInArrow`` function from pooling-state rows (``user_id, vector_sum, sessions,
-    tokens, n, last_session_id``) to ``LIVE_LABELS``: the user vector as ``embed.user_vectors``
-    makes it (the L2-normalised session-vector sum, the token model's projection of the counts,
-    or both weighted), the nearest of the model run's centres, the token segments' most likely
-    one for a user with known tokens (``refine.assign``) and the distance to the chosen centre.
+def live_updater(model: Model, cfg: EmbedConfig) -> Any:
+    """A ``mapInArrow`` function over rows sorted by user (within a partition holding all of a
+    user's rows) to ``UPDATED``: per user, the stored state (``kind`` 0) plus the new sessions'
+    vector sum, count and latest session (1) and token counts (2, several rows when counted
+    in several batches) — ``_combine`` — then the user's segment as ``seqclust assign`` places
+    users (``_place``). A user whose rows straddle two Arrow batches is held back to the next.
     The model's arrays travel as npz bytes and JSON, nothing pickled."""
-    from seqclust.behaviour import TokenModel, project, vocab_coo
-    from seqclust.cluster import nearest_np
-    from seqclust.refine import TokenSegments, score
+    from seqclust.behaviour import TokenModel
+    from seqclust.refine import TokenSegments
 
-    rep = cfg.representation
     art = model.artifact
-    tm = art.token_model if (rep != "encoder" or model.token_segments is not None) else None
+    tm = art.token_model if (cfg.representation != "encoder" or model.token_segments is not None) else None
     meta, npz = (tm.to_json(), tm.arrays_npz()) if tm is not None else (None, None)
     segs_npz = model.token_segments.to_npz() if model.token_segments is not None else None
-    C = np.asarray(model.centers, dtype=np.float64)
-    wa, wb = math.sqrt(cfg.hybrid_weight), math.sqrt(1.0 - cfg.hybrid_weight)
+    centers = np.asarray(model.centers, dtype=np.float64)
 
     def run(batches: Any) -> Any:
         tmodel = TokenModel.load(meta, npz) if meta is not None and npz is not None else None
         segs = TokenSegments.from_npz(segs_npz) if segs_npz is not None else None
-        value_set = pa.array(tmodel.tokens, pa.string()) if tmodel is not None else None
+        place = _placer(cfg, tmodel, segs, centers)
+        carry: pa.Table | None = None
         for b in batches:
             if b.num_rows == 0:
                 continue
-            n = b.num_rows
-            flat = b.column("vector_sum").flatten().to_numpy(zero_copy_only=False).astype(np.float64)
-            vs = flat.reshape(n, len(flat) // n)
-            sq = np.zeros(n)
-            for j in range(vs.shape[1]):  # summed in the order of embed.l2_normalize's SQL aggregate
-                sq = sq + vs[:, j] * vs[:, j]
-            enc = (vs / np.maximum(np.sqrt(sq), 1e-12)[:, None]).astype(np.float32)
-            coo = vocab_coo(b, value_set) if value_set is not None else None
-            if rep == "encoder":
-                X = enc
-            else:
-                assert coo is not None and tmodel is not None
-                Z = project(coo[0], coo[1], coo[2], n, tmodel)
-                if rep == "tokens":
-                    X = Z
-                else:
-                    X = np.concatenate(
-                        [(enc.astype(np.float64) * wa).astype(np.float32), (Z.astype(np.float64) * wb).astype(np.float32)], axis=1
-                    )
-            X64 = X.astype(np.float64)
-            ids, dist = nearest_np(X64, C)
-            if segs is not None and coo is not None:
-                best, has = score(coo[1], coo[2], coo[0], n, segs)
-                ids = np.where(has, best, ids).astype(np.int32)
-                dist = nearest_np(X64, C, ids)[1]
-            cols = [
-                b.column("user_id"),
-                pa.array(ids, pa.int32()),
-                pa.array(dist),
-                b.column("sessions").cast(pa.int64()),
-                b.column("last_session_id"),
-            ]
-            yield pa.RecordBatch.from_arrays(cols, names=LIVE_LABELS.fieldNames())
+            t = pa.Table.from_batches([b])
+            t = pa.concat_tables([carry, t]) if carry is not None else t
+            users = t.column("user_id").to_numpy(zero_copy_only=False)
+            other = np.flatnonzero(users != users[-1])
+            cut = int(other[-1]) + 1 if len(other) else 0  # the last user's rows may go on in the next batch
+            if cut:
+                yield place(_combine(t.slice(0, cut)))
+            carry = t.slice(cut)
+        if carry is not None and carry.num_rows:
+            yield place(_combine(carry))
 
     return run
+
+
+def _combine(t: pa.Table) -> dict[str, Any]:
+    """Each user's new state from rows sorted by (user, kind): sums of sessions, vectors (the
+    stored sum first, then the new sessions': the order of the SQL form) and token counts, the
+    latest (end time, session id); ``prev_*``: the stored row."""
+    t = t.combine_chunks()
+    users = t.column("user_id").to_numpy(zero_copy_only=False)
+    start = np.r_[True, users[1:] != users[:-1]]
+    g = np.cumsum(start) - 1
+    n_users = int(g[-1]) + 1
+    kind = t.column("kind").to_numpy(zero_copy_only=False)
+    sessions = np.zeros(n_users, np.int64)
+    np.add.at(sessions, g, t.column("sessions").to_numpy(zero_copy_only=False).astype(np.int64))
+    vec = t.column("vec").chunk(0)
+    has_vec = pc.is_valid(vec).to_numpy(zero_copy_only=False)
+    flat = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    dim = len(flat) // max(int(has_vec.sum()), 1)
+    sums = np.zeros((n_users, dim))
+    np.add.at(sums, g[has_vec], flat.reshape(-1, dim))
+    # token counts: (user, token) summed, then one list per user (empty when none)
+    offs, toks = _list_parts(t.column("tokens"))
+    _, ns = _list_parts(t.column("n"))
+    owner = g[np.repeat(np.arange(t.num_rows), np.diff(offs))]
+    agg = pa.table({"g": owner, "t": toks, "n": ns}).group_by(["g", "t"], use_threads=False).aggregate([("n", "sum")])
+    gg = agg.column("g").to_numpy()
+    order = np.argsort(gg, kind="stable")
+    tok_offs = np.r_[0, np.cumsum(np.bincount(gg, minlength=n_users))].astype(np.int32)
+    tokens = pa.ListArray.from_arrays(pa.array(tok_offs), agg.column("t").combine_chunks().take(pa.array(order)))
+    counts = pa.ListArray.from_arrays(pa.array(tok_offs), agg.column("n_sum").combine_chunks().take(pa.array(order)).cast(pa.int64()))
+    # the latest session: the largest (end time, session id) of a user's rows
+    last = pa.table({"g": g, "e": t.column("last_end_ts"), "s": t.column("last_session_id"), "i": np.arange(t.num_rows)})
+    last = last.filter(pc.is_valid(last.column("e"))).sort_by([("g", "ascending"), ("e", "ascending"), ("s", "ascending")])
+    lg = last.column("g").to_numpy()
+    final = np.r_[lg[1:] != lg[:-1], True] if len(lg) else np.zeros(0, bool)
+    pick = np.full(n_users, -1, np.int64)
+    pick[lg[final]] = last.column("i").to_numpy()[final]
+    stored = np.full(n_users, -1, np.int64)
+    old = np.flatnonzero(kind == 0)
+    stored[g[old]] = old
+
+    def at(col: str, idx: np.ndarray) -> pa.Array:
+        return t.column(col).chunk(0).take(pa.array(idx, mask=idx < 0))
+
+    first = np.flatnonzero(start)
+    out = {
+        "user_id": t.column("user_id").chunk(0).take(pa.array(first)),
+        "sessions": sessions,
+        "vector_sum": sums,
+        "tokens": tokens,
+        "n": counts,
+        "last_end_ts": at("last_end_ts", pick),
+        "last_session_id": at("last_session_id", pick),
+    }
+    prev = {"vec": "vector_sum", "sessions": "sessions", "tokens": "tokens", "n": "n", "last_end_ts": "last_end_ts"}
+    for col, name in prev.items():
+        out[f"prev_{name}"] = at(col, stored)
+    out["prev_last_session_id"] = at("last_session_id", stored)
+    return out
+
+
+def _placer(cfg: EmbedConfig, tmodel: Any, segs: Any, centers: np.ndarray) -> Any:
+    """``_combine``'s users -> an ``UPDATED`` batch: the user vector as ``embed.user_vectors``
+    makes it (the L2-normalised vector sum, the token model's projection of the counts, or both
+    weighted), the nearest centre, the token segments' most likely one for a user with known
+    tokens (``refine.assign``) and the distance to the chosen centre."""
+    from seqclust.behaviour import project, vocab_coo
+    from seqclust.cluster import nearest_np
+    from seqclust.refine import score
+
+    rep = cfg.representation
+    wa, wb = math.sqrt(cfg.hybrid_weight), math.sqrt(1.0 - cfg.hybrid_weight)
+    value_set = pa.array(tmodel.tokens, pa.string()) if tmodel is not None else None
+
+    def place(u: dict[str, Any]) -> pa.RecordBatch:
+        vs = u["vector_sum"]
+        n, dim = vs.shape
+        sq = np.zeros(n)
+        for j in range(dim):  # summed in the order of embed.l2_normalize's SQL aggregate
+            sq = sq + vs[:, j] * vs[:, j]
+        enc = (vs / np.maximum(np.sqrt(sq), 1e-12)[:, None]).astype(np.float32)
+        toks = pa.RecordBatch.from_arrays([u["tokens"], u["n"]], names=["tokens", "n"])
+        coo = vocab_coo(toks, value_set) if value_set is not None else None
+        X = enc
+        if rep != "encoder":
+            assert coo is not None
+            Z = project(coo[0], coo[1], coo[2], n, tmodel)
+            a, b = (enc.astype(np.float64) * wa).astype(np.float32), (Z.astype(np.float64) * wb).astype(np.float32)
+            X = Z if rep == "tokens" else np.concatenate([a, b], axis=1)
+        X64 = X.astype(np.float64)
+        ids, dist = nearest_np(X64, centers)
+        if segs is not None and coo is not None:
+            best, has = score(coo[1], coo[2], coo[0], n, segs)
+            ids = np.where(has, best, ids).astype(np.int32)
+            dist = nearest_np(X64, centers, ids)[1]
+        vec = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vs.reshape(-1)))
+        cols = {
+            **u,
+            "sessions": pa.array(u["sessions"]),
+            "vector_sum": vec,
+            "cluster_id": pa.array(ids, pa.int32()),
+            "distance_to_centroid": pa.array(dist),
+        }
+        return pa.RecordBatch.from_arrays([cols[f.name] for f in UPDATED.fields], names=UPDATED.fieldNames())
+
+    return place
 
 
 @dataclass(frozen=True)
