@@ -309,9 +309,12 @@ def ingest_rows(
         n_q_written = 0 if skip_empty and n_quar == 0 else ctx.write(quarantine, "quarantine", extra_predicate=window_pred)
         clean = dedup(validated.where(F.col("reason").isNull())).withColumn("window_start", window_start)
         if ctx.incremental and ctx.store.exists(ctx.tables.events):
+            # a stream's copy of an event older than its watermark is quarantined as late above:
+            # the stored events a new one can duplicate are the ones from the watermark on
+            recent = F.col("t.ts") >= F.lit(late_before) if late_before is not None else None
             n_clean = ctx.wrote(
                 ctx.tables.events,
-                ctx.store.merge_insert(conform(clean, "events"), ctx.tables.events, ctx.run_id, event_key("t."), event_key("s.")),
+                ctx.store.merge_insert(conform(clean, "events"), ctx.tables.events, ctx.run_id, event_key("t."), event_key("s."), recent),
             )
         else:
             n_clean = ctx.write(clean, "events")

@@ -514,19 +514,24 @@ class TableStore:
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
             raise _write_error(name, path, e) from None
 
-    def merge_insert(self, df: DataFrame, name: str, run_id: str, target_key: str, source_key: str) -> int:
+    def merge_insert(
+        self, df: DataFrame, name: str, run_id: str, target_key: str, source_key: str, target_filter: Column | None = None
+    ) -> int:
         """MERGE ``df`` into ``run_id``'s rows of table ``name``, inserting only rows whose key
-        is not there yet (keys are SQL expressions from code); return the rows inserted."""
+        is not there yet (keys are SQL expressions from code); return the rows inserted.
+        ``target_filter``: a condition on the target rows (``t.``) a match must meet: Delta
+        reads only the files whose statistics allow it."""
         validate_run_id(run_id)
         spark = df.sparkSession
         before = -1 if MERGE_RETURNS_METRICS else self._version(name)
         log.info("table %s: merging new rows into run %s", name, run_id)
         src = df.withColumn("run_id", F.lit(run_id))
+        cond = f"t.run_id = '{run_id}' AND {target_key} = {source_key}"
         try:
             out = (
                 self.delta_table(spark, name)
                 .alias("t")
-                .merge(src.alias("s"), f"t.run_id = '{run_id}' AND {target_key} = {source_key}")
+                .merge(src.alias("s"), cond if target_filter is None else F.expr(cond) & target_filter)
                 .whenNotMatchedInsertAll()
                 .execute()
             )

@@ -217,9 +217,16 @@ def incremental_sessions(
     ``state`` of the same users with ``root_start_ts >= recompute_from`` are the stale ones.
     """
     points = recompute_points(new_events, state, cfg.gap_minutes)
-    redo = events.join(points, "user_id").where(F.col("ts") >= F.col("recompute_from")).drop("recompute_from")
-    sessions, runaway = sessions_and_runaways(redo, cfg)
+    sessions, runaway = sessions_and_runaways(_redo(events, points), cfg)
     return sessions, runaway, points
+
+
+def _redo(events: DataFrame, points: DataFrame, since: Any = None) -> DataFrame:
+    """The events to sessionize again: each touched user's from their recompute point on.
+    ``since``: the earliest recompute point (a bound Delta's file statistics skip files by)."""
+    if since is not None:
+        events = events.where(F.col("ts") >= F.lit(since))
+    return events.join(points, "user_id").where(F.col("ts") >= F.col("recompute_from")).drop("recompute_from")
 
 
 @dataclass(frozen=True)
@@ -246,16 +253,30 @@ def _run_incremental(
     state = parts[0] if parts else spark.createDataFrame([], schema)
     for p in parts[1:]:
         state = state.unionByName(p)
-    state = state.persist(StorageLevel.MEMORY_AND_DISK)
+    # only sessions ending less than a gap before the window's first event can absorb one, and
+    # only those from the earliest recompute point on are replaced: two bounded reads (Delta
+    # skips files by their time statistics), not the run's whole history in every window
+    first_new = one_row(new.agg(F.min("ts")))[0]
+    near = state
+    if first_new is not None:
+        near = state.where(F.unix_micros("end_ts") >= F.unix_micros(F.lit(first_new)) - int(cfg.gap_minutes * 60 * 1_000_000))
+    points = recompute_points(new, near, cfg.gap_minutes).persist(StorageLevel.MEMORY_AND_DISK)
+    touched = one_row(points.agg(F.count("*").alias("n"), F.min("recompute_from").alias("since")))
+    since = touched["since"]
+    log.info("sessionize (incremental): %d users touched by the window's events; their sessions are recomputed", touched["n"])
+    stale = state.where(F.col("root_start_ts") >= F.lit(since)) if since is not None else state.limit(0)
+    stale = stale.join(points, "user_id").where(F.col("root_start_ts") >= F.col("recompute_from")).select("session_id")
+    stale = stale.persist(StorageLevel.MEMORY_AND_DISK)
+    stale.count()  # read before the MERGEs below change the tables it comes from
     try:
-        sessions, runaway, points = incremental_sessions(events, new, state, cfg)
-        points = points.persist(StorageLevel.MEMORY_AND_DISK)
-        n_users = points.count()
-        log.info("sessionize (incremental): %d users touched by the window's events; their sessions are recomputed", n_users)
-        stale = state.join(points, "user_id").where(F.col("root_start_ts") >= F.col("recompute_from")).select("session_id")
-        out = sessions.persist(StorageLevel.MEMORY_AND_DISK)
-        bots = runaway.persist(StorageLevel.MEMORY_AND_DISK)
-        if bots.isEmpty() and ctx.store.exists(ctx.tables.session_quarantine) and _none_of_run(spark, ctx, ctx.tables.session_quarantine):
+        # computed once for both outputs (each read it again before: the sessionization twice)
+        base = _engine_base(_redo(events, points, since), cfg).persist(StorageLevel.MEMORY_AND_DISK)
+        out, bots = _split(base, cfg)
+        if (
+            bots.count() == 0
+            and ctx.store.exists(ctx.tables.session_quarantine)
+            and _none_of_run(spark, ctx, ctx.tables.session_quarantine)
+        ):
             n_bot = 0  # nothing to insert and nothing of the run's to replace: no MERGE (a commit and a scan)
         else:
             n_bot, _ = ctx.store.merge_replace(
@@ -265,10 +286,10 @@ def _run_incremental(
         ctx.wrote(ctx.tables.session_quarantine, n_bot)
         ctx.wrote(ctx.tables.sessions, n)
         log.info("sessionize (incremental): %d sessions written, %d stale sessions removed", n, n_del)
-        for df in (out, bots, points):
+        for df in (base, points):
             df.unpersist()
     finally:
-        state.unpersist()
+        stale.unpersist()
     if not stats:
         return None
     row = one_row(

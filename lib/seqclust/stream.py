@@ -248,7 +248,8 @@ class LiveScorer:
                 sessionize._run_incremental(self.spark, ctx, self.cfg.sessionize, events, stats=False)
         seen_now = max([t for t in (seen, batch_max) if t is not None], default=None)
         watermark = seen_now - self.lateness if seen_now is not None else None
-        closed, users = self.close_and_assign(batch_id, watermark)
+        closed_before = seen - self.lateness - dt.timedelta(microseconds=self.gap_us) if seen is not None else None
+        closed, users = self.close_and_assign(batch_id, watermark, closed_before=closed_before)
         r = BatchResult(
             batch_id,
             n_input,
@@ -291,13 +292,26 @@ class LiveScorer:
         log.info("stream: flush: %d sessions closed, %d users updated, %.1fs", closed, users, r.seconds)
         return r
 
-    def close_and_assign(self, batch_id: int, watermark: dt.datetime | None, everything: bool = False) -> tuple[int, int]:
-        """(sessions closed, users updated) by micro-batch ``batch_id`` under ``watermark``."""
+    def close_and_assign(
+        self, batch_id: int, watermark: dt.datetime | None, everything: bool = False, closed_before: dt.datetime | None = None
+    ) -> tuple[int, int]:
+        """(sessions closed, users updated) by micro-batch ``batch_id`` under ``watermark``.
+        ``closed_before``: the cut of the batch before (its watermark minus a gap): every chain
+        an earlier batch closed ended before it, so only chains with a piece ending after it are
+        looked at (bounded reads: Delta skips files by their time statistics)."""
         sessions = self._read("sessions")
         if sessions is None or (watermark is None and not everything):
             return 0, 0
         sessions = sessions.drop("run_id")
         live = self._read("live_sessions")
+        if closed_before is not None:
+            chains = sessions.where(F.col("end_ts") >= F.lit(closed_before)).select("user_id", "root_start_ts")
+            first = one_row(chains.agg(F.min("root_start_ts")))[0]
+            if first is None:
+                return 0, 0
+            sessions = sessions.where(F.col("root_start_ts") >= F.lit(first)).join(chains, ["user_id", "root_start_ts"], "left_semi")
+            # a piece ends after its chain's start: the stored pieces of these chains end after ``first``
+            live = live.where(F.col("end_ts") >= F.lit(first)) if live is not None else None
         earlier = live.where(F.col("batch_id") != batch_id).select("session_id") if live is not None else None
         # the open sessions: a chain closes whole (below), so no piece of an open chain was
         # closed by an earlier batch and the chains' ends are taken over the open ones only
