@@ -541,10 +541,14 @@ class TableStore:
         log.info("table %s: merged %d new rows into run %s", name, n, run_id)
         return n
 
-    def merge_replace(self, new: DataFrame, stale_keys: DataFrame, name: str, run_id: str, key: str) -> tuple[int, int]:
+    def merge_replace(
+        self, new: DataFrame, stale_keys: DataFrame, name: str, run_id: str, key: str, target_filter: Column | None = None
+    ) -> tuple[int, int]:
         """One atomic MERGE into ``run_id``'s rows of ``name``: rows of ``new`` replace or join
         the rows with the same ``key``; rows keyed in ``stale_keys`` and absent from ``new`` are
-        deleted. Returns (rows inserted or updated, rows deleted). Creates the table if needed."""
+        deleted. Returns (rows inserted or updated, rows deleted). Creates the table if needed.
+        ``target_filter``: a condition every target row with one of those keys meets (``t.``):
+        Delta reads only the files whose statistics allow it."""
         validate_run_id(run_id)
         if not self.exists(name):
             return self.write_run(new, name, run_id), 0
@@ -556,12 +560,13 @@ class TableStore:
         empty = [F.lit(None).cast(new.schema[c].dataType).alias(c) for c in cols if c != key]
         src = src.unionByName(gone.select(key, *empty, F.lit("delete").alias("_op"), F.lit(run_id).alias("run_id")))
         values = {c: f"s.`{c}`" for c in [*cols, "run_id"]}
+        cond = f"t.run_id = '{run_id}' AND t.`{key}` = s.`{key}`"
         log.info("table %s: merging recomputed rows into run %s", name, run_id)
         try:
             out = (
                 self.delta_table(spark, name)
                 .alias("t")
-                .merge(src.alias("s"), f"t.run_id = '{run_id}' AND t.`{key}` = s.`{key}`")
+                .merge(src.alias("s"), cond if target_filter is None else F.expr(cond) & target_filter)
                 .whenMatchedDelete(condition="s._op = 'delete'")
                 .whenMatchedUpdate(set=values)
                 .whenNotMatchedInsert(condition="s._op = 'upsert'", values=values)

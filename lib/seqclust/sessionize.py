@@ -272,6 +272,11 @@ def _run_incremental(
         # computed once for both outputs (each read it again before: the sessionization twice)
         base = _engine_base(_redo(events, points, since), cfg).persist(StorageLevel.MEMORY_AND_DISK)
         out, bots = _split(base, cfg)
+
+        # every row these MERGEs can touch starts at or after the earliest recompute point: a
+        # stale one's chain does, and a recomputed one's id is made from its own start
+        after = F.col("t.start_ts") >= F.lit(since) if since is not None else None
+
         if (
             bots.count() == 0
             and ctx.store.exists(ctx.tables.session_quarantine)
@@ -280,9 +285,9 @@ def _run_incremental(
             n_bot = 0  # nothing to insert and nothing of the run's to replace: no MERGE (a commit and a scan)
         else:
             n_bot, _ = ctx.store.merge_replace(
-                conform(bots, "session_quarantine"), stale, ctx.tables.session_quarantine, ctx.run_id, "session_id"
+                conform(bots, "session_quarantine"), stale, ctx.tables.session_quarantine, ctx.run_id, "session_id", after
             )
-        n, n_del = ctx.store.merge_replace(conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id")
+        n, n_del = ctx.store.merge_replace(conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id", after)
         ctx.wrote(ctx.tables.session_quarantine, n_bot)
         ctx.wrote(ctx.tables.sessions, n)
         log.info("sessionize (incremental): %d sessions written, %d stale sessions removed", n, n_del)

@@ -32,9 +32,13 @@ the batches before it; each ``--flush`` has its own negative batch id.
 
 State: per user one ``live_user_state`` row (bounded by the vector size and the vocabulary, not
 by the user's history: exact, equal to a batch run's pooling). The stream run's ``events`` and
-``sessions`` still grow with the log: each batch's incremental sessionize and its search for
-open sessions (anti-join with ``live_sessions``) read them, so a micro-batch's cost grows
-slowly over a long-running stream.
+``sessions`` grow with the log, but a micro-batch reads only their recent part, bounded by
+event time (Delta skips files by their min/max statistics): duplicates are looked for among
+the events from the watermark on (an older copy is quarantined as ``late``; a copy that reuses
+an ``event_id`` with a different, newer time than a stored event older than the watermark is
+therefore kept, where a batch run would drop it), sessions near the batch's first event, open
+chains after the previous batch's cut. The users' state and segments are MERGEd by user: their
+cost grows with the number of users, not with the log.
 """
 
 from __future__ import annotations
@@ -463,7 +467,11 @@ class LiveScorer:
         # rerun recomputes from the same sessions (it excludes only earlier batches' rows)
         name = self._table("live_sessions")
         if store.exists(name):
-            n = store.merge_insert(conform(sess, "live_sessions"), name, rid, "t.session_id", "s.session_id")
+            # a stored copy of one of these sessions (this batch's, written before a crash)
+            # starts when it does: Delta reads only the files that can hold one
+            first = one_row(fresh_emb.agg(F.min("start_ts")))[0]
+            copies = F.col("t.start_ts") >= F.lit(first)
+            n = store.merge_insert(conform(sess, "live_sessions"), name, rid, "t.session_id", "s.session_id", copies)
         else:
             n = store.write_run(conform(sess, "live_sessions"), name, rid)
         self.ctx.wrote(name, n)
