@@ -36,7 +36,9 @@ def _rows(seed: int = 3):
         uid = f"u{u:03d}"
         ts = lambda h: t0 + dt.timedelta(hours=int(h))  # noqa: E731
         if u % 3:  # stored state (kind 0)
-            rows.append((uid, 0, int(rng.integers(1, 5)), rng.normal(size=3).tolist(), ["a", "b"], [2, 1], ts(rng.integers(0, 50)), f"s{u}-old"))
+            rows.append(
+                (uid, 0, int(rng.integers(1, 5)), rng.normal(size=3).tolist(), ["a", "b"], [2, 1], ts(rng.integers(0, 50)), f"s{u}-old")
+            )
         rows.append((uid, 1, int(rng.integers(1, 4)), rng.normal(size=3).tolist(), [], [], ts(rng.integers(0, 100)), f"s{u}-new"))
         for _ in range(int(rng.integers(0, 3))):  # token counts of several Arrow batches (kind 2)
             toks = list(rng.choice(["a", "b", "c", "d"], size=int(rng.integers(1, 4)), replace=False))
