@@ -238,10 +238,16 @@ class SessionizeResult:
 
 
 def _run_incremental(
-    spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig, events: DataFrame, stats: bool = True
+    spark: SparkSession,
+    ctx: RunContext,
+    cfg: SessionizeConfig,
+    events: DataFrame,
+    stats: bool = True,
+    first_new: Any = None,
 ) -> SessionizeResult | None:
     """Sessionize the window's users again and MERGE; ``stats``: count the run's sessions after
-    (a stream's micro-batch does not: a scan of every session per batch for a log line)."""
+    (a stream's micro-batch does not: a scan of every session per batch for a log line);
+    ``first_new``: the window's earliest event time when the caller has it (else read here)."""
     new = events.where(F.col("window_start") == F.lit(ctx.window_start))
     parts = []
     if ctx.store.exists(ctx.tables.sessions):
@@ -256,7 +262,8 @@ def _run_incremental(
     # only sessions ending less than a gap before the window's first event can absorb one, and
     # only those from the earliest recompute point on are replaced: two bounded reads (Delta
     # skips files by their time statistics), not the run's whole history in every window
-    first_new = one_row(new.agg(F.min("ts")))[0]
+    if first_new is None:
+        first_new = one_row(new.agg(F.min("ts")))[0]
     near = state
     if first_new is not None:
         near = state.where(F.unix_micros("end_ts") >= F.unix_micros(F.lit(first_new)) - int(cfg.gap_minutes * 60 * 1_000_000))
@@ -267,10 +274,12 @@ def _run_incremental(
     stale = state.where(F.col("root_start_ts") >= F.lit(since)) if since is not None else state.limit(0)
     stale = stale.join(points, "user_id").where(F.col("root_start_ts") >= F.col("recompute_from")).select("session_id")
     stale = stale.persist(StorageLevel.MEMORY_AND_DISK)
-    stale.count()  # read before the MERGEs below change the tables it comes from
+    cached = [points, stale]
     try:
+        stale.count()  # read before the MERGEs below change the tables it comes from
         # computed once for both outputs (each read it again before: the sessionization twice)
         base = _engine_base(_redo(events, points, since), cfg).persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(base)
         out, bots = _split(base, cfg)
 
         # every row these MERGEs can touch starts at or after the earliest recompute point: a
@@ -291,10 +300,9 @@ def _run_incremental(
         ctx.wrote(ctx.tables.session_quarantine, n_bot)
         ctx.wrote(ctx.tables.sessions, n)
         log.info("sessionize (incremental): %d sessions written, %d stale sessions removed", n, n_del)
-        for df in (base, points):
-            df.unpersist()
     finally:
-        stale.unpersist()
+        for df in cached:
+            df.unpersist()
     if not stats:
         return None
     row = one_row(

@@ -247,9 +247,10 @@ class LiveScorer:
         batch_max = None
         if res is not None and ctx.store.exists(ctx.tables.events):
             events = ctx.store.read(self.spark, ctx.tables.events, ctx.run_id).drop("run_id")
-            batch_max = one_row(events.where(F.col("window_start") == F.lit(ctx.window_start)).agg(F.max("ts")))[0]
+            span = one_row(events.where(F.col("window_start") == F.lit(ctx.window_start)).agg(F.min("ts"), F.max("ts")))
+            batch_max = span[1]
             if batch_max is not None:
-                sessionize._run_incremental(self.spark, ctx, self.cfg.sessionize, events, stats=False)
+                sessionize._run_incremental(self.spark, ctx, self.cfg.sessionize, events, stats=False, first_new=span[0])
         seen_now = max([t for t in (seen, batch_max) if t is not None], default=None)
         watermark = seen_now - self.lateness if seen_now is not None else None
         closed_before = seen - self.lateness - dt.timedelta(microseconds=self.gap_us) if seen is not None else None
@@ -329,7 +330,8 @@ class LiveScorer:
         fresh = fresh.drop("_chain_end").persist(StorageLevel.MEMORY_AND_DISK)
         t0 = time.monotonic()
         try:
-            n_closed = fresh.count()
+            row = one_row(fresh.agg(F.count("*").alias("n"), F.min("start_ts").alias("first")))  # also fills the cache
+            n_closed = int(row["n"])
             if n_closed == 0:
                 return 0, 0
             art = self.model.artifact
@@ -351,7 +353,7 @@ class LiveScorer:
                     batch_id, n_closed, t - t0, t1 - t, n_users, t2 - t1,
                 )  # fmt: skip
                 state, labels = self._split(batch_id, out)
-                self._write(batch_id, fresh_emb, labels, state)
+                self._write(batch_id, fresh_emb, labels, state, row["first"])
             finally:
                 _release(done)
             return n_closed, n_users
@@ -439,7 +441,7 @@ class LiveScorer:
         labels = out.select("user_id", "cluster_id", "distance_to_centroid", F.col("sessions").alias("sessions_counted"), "last_session_id")
         return state, labels
 
-    def _write(self, batch_id: int, fresh_emb: DataFrame, labels: DataFrame, state: DataFrame) -> None:
+    def _write(self, batch_id: int, fresh_emb: DataFrame, labels: DataFrame, state: DataFrame, first_start: dt.datetime) -> None:
         store, rid = self.ctx.store, self.ctx.run_id
         now = dt.datetime.now(dt.timezone.utc)
         sess = fresh_emb.join(labels.select("user_id", "cluster_id"), "user_id").select(
@@ -469,8 +471,7 @@ class LiveScorer:
         if store.exists(name):
             # a stored copy of one of these sessions (this batch's, written before a crash)
             # starts when it does: Delta reads only the files that can hold one
-            first = one_row(fresh_emb.agg(F.min("start_ts")))[0]
-            copies = F.col("t.start_ts") >= F.lit(first)
+            copies = F.col("t.start_ts") >= F.lit(first_start)
             n = store.merge_insert(conform(sess, "live_sessions"), name, rid, "t.session_id", "s.session_id", copies)
         else:
             n = store.write_run(conform(sess, "live_sessions"), name, rid)
@@ -633,10 +634,8 @@ def _combine(t: pa.Table) -> dict[str, Any]:
         "last_end_ts": at("last_end_ts", pick),
         "last_session_id": at("last_session_id", pick),
     }
-    prev = {"vec": "vector_sum", "sessions": "sessions", "tokens": "tokens", "n": "n", "last_end_ts": "last_end_ts"}
-    for col, name in prev.items():
-        out[f"prev_{name}"] = at(col, stored)
-    out["prev_last_session_id"] = at("last_session_id", stored)
+    for col in ("sessions", "vec", "tokens", "n", "last_end_ts", "last_session_id"):
+        out[f"prev_{'vector_sum' if col == 'vec' else col}"] = at(col, stored)
     return out
 
 
