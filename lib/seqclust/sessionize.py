@@ -19,7 +19,7 @@ from seqclust.config import SessionizeConfig
 from seqclust.context import RunContext
 from seqclust.errors import InputError
 from seqclust.io import one_row
-from seqclust.spark import ROWS_CACHE
+from seqclust.spark import ROWS_CACHE, concurrently, materialised, release
 from seqclust.tables import conform
 
 log = logging.getLogger(__name__)
@@ -267,42 +267,49 @@ def _run_incremental(
     near = state
     if first_new is not None:
         near = state.where(F.unix_micros("end_ts") >= F.unix_micros(F.lit(first_new)) - int(cfg.gap_minutes * 60 * 1_000_000))
-    points = recompute_points(new, near, cfg.gap_minutes).persist(StorageLevel.MEMORY_AND_DISK)
-    touched = one_row(points.agg(F.count("*").alias("n"), F.min("recompute_from").alias("since")))
-    since = touched["since"]
-    log.info("sessionize (incremental): %d users touched by the window's events; their sessions are recomputed", touched["n"])
-    stale = state.where(F.col("root_start_ts") >= F.lit(since)) if since is not None else state.limit(0)
-    stale = stale.join(points, "user_id").where(F.col("root_start_ts") >= F.col("recompute_from")).select("session_id")
-    stale = stale.persist(StorageLevel.MEMORY_AND_DISK)
-    cached = [points, stale]
+    # materialised, not cached: the lineage cut keeps the MERGEs below from resolving the
+    # Delta tables behind them again each time they plan their source (see ``materialised``)
+    done: list[DataFrame] = []
     try:
-        stale.count()  # read before the MERGEs below change the tables it comes from
+        points = materialised(recompute_points(new, near, cfg.gap_minutes), done)
+        touched = one_row(points.agg(F.count("*").alias("n"), F.min("recompute_from").alias("since")))
+        since = touched["since"]
+        log.info("sessionize (incremental): %d users touched by the window's events; their sessions are recomputed", touched["n"])
+        stale = state.where(F.col("root_start_ts") >= F.lit(since)) if since is not None else state.limit(0)
+        stale = stale.join(points, "user_id").where(F.col("root_start_ts") >= F.col("recompute_from")).select("session_id")
+        stale = materialised(stale, done)  # read before the MERGEs below change the tables it comes from
         # computed once for both outputs (each read it again before: the sessionization twice)
-        base = _engine_base(_redo(events, points, since), cfg).persist(StorageLevel.MEMORY_AND_DISK)
-        cached.append(base)
+        base = materialised(_engine_base(_redo(events, points, since), cfg), done, StorageLevel.MEMORY_AND_DISK)
         out, bots = _split(base, cfg)
 
         # every row these MERGEs can touch starts at or after the earliest recompute point: a
         # stale one's chain does, and a recomputed one's id is made from its own start
         after = F.col("t.start_ts") >= F.lit(since) if since is not None else None
 
-        if (
-            bots.count() == 0
-            and ctx.store.exists(ctx.tables.session_quarantine)
-            and _none_of_run(spark, ctx, ctx.tables.session_quarantine)
-        ):
-            n_bot = 0  # nothing to insert and nothing of the run's to replace: no MERGE (a commit and a scan)
-        else:
-            n_bot, _ = ctx.store.merge_replace(
+        def runaways() -> tuple[int, int]:
+            if (
+                bots.count() == 0
+                and ctx.store.exists(ctx.tables.session_quarantine)
+                and _none_of_run(spark, ctx, ctx.tables.session_quarantine)
+            ):
+                return 0, 0  # nothing to insert and nothing of the run's to replace: no MERGE (a commit and a scan)
+            return ctx.store.merge_replace(
                 conform(bots, "session_quarantine"), stale, ctx.tables.session_quarantine, ctx.run_id, "session_id", after
             )
-        n, n_del = ctx.store.merge_replace(conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id", after)
+
+        def sessions() -> tuple[int, int]:
+            return ctx.store.merge_replace(conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id", after)
+
+        # two tables at once (both from the materialised base; a crash between their commits
+        # is a window the re-run recomputes whole: each MERGE replaces the same keys again)
+        merged = concurrently({"session_quarantine": runaways, "sessions": sessions})
+        n_bot, _ = merged["session_quarantine"]
+        n, n_del = merged["sessions"]
         ctx.wrote(ctx.tables.session_quarantine, n_bot)
         ctx.wrote(ctx.tables.sessions, n)
         log.info("sessionize (incremental): %d sessions written, %d stale sessions removed", n, n_del)
     finally:
-        for df in cached:
-            df.unpersist()
+        release(done)
     if not stats:
         return None
     row = one_row(

@@ -6,17 +6,20 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from pyspark import StorageLevel
 from pyspark.errors import PySparkRuntimeError
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from seqclust.config import SparkConfig
 from seqclust.errors import SeqclustError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Row-level caches (sessions, per-user token lists and vectors) are kept on local disk, not in
 # the JVM heap: at 100M events a MEMORY_AND_DISK cache of them filled the 4 GB local heap while
@@ -209,3 +212,53 @@ def warm_up(tmp_dir: str) -> str:
     spark.range(1).write.format("delta").mode("overwrite").save(path)
     assert spark.read.format("delta").load(path).count() == 1
     return spark.version
+
+
+def concurrently(tasks: dict[str, Callable[[], T]]) -> dict[str, T]:
+    """Run independent Spark actions (writes to different tables, say) on threads at once and
+    return their results by name. Each runs with the caller's local properties (job group,
+    description: ``inheritable_thread_target``). Every task finishes before this returns; the
+    first failure (in ``tasks``' order) is then raised.
+
+    Why: a micro-batch's small Delta commits are mostly driver-side latency (planning, the log,
+    many sub-second jobs), so on 2 cores two or three of them overlap well."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyspark import inheritable_thread_target
+
+    if len(tasks) <= 1:
+        return {k: f() for k, f in tasks.items()}
+    with ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="seqclust-write") as pool:
+        futures = {k: pool.submit(inheritable_thread_target(f)) for k, f in tasks.items()}
+    errors = [(k, fut.exception()) for k, fut in futures.items() if fut.exception() is not None]
+    if errors:
+        raise errors[0][1]  # type: ignore[misc]
+    return {k: fut.result() for k, fut in futures.items()}
+
+
+def materialised(df: DataFrame, done: list[DataFrame], level: StorageLevel | None = None) -> DataFrame:
+    """``df`` computed once into the executors' block stores with its lineage cut (a local
+    checkpoint; appended to ``done`` for ``release``).
+
+    Why not ``persist``: a cached frame keeps its plan, and every later plan over it (a MERGE
+    plans its source several times, AQE re-plans) resolves the Delta tables it read again — a
+    data-skipping job per table each time: 20-30 sub-second jobs in one 2-core micro-batch,
+    measured. The price: an executor lost with the blocks fails the job that needed them (a
+    stream re-runs its micro-batch, a batch run resumes)."""
+    try:
+        out = df.localCheckpoint(eager=True, storageLevel=level) if level is not None else df.localCheckpoint(eager=True)
+    except TypeError:  # PySpark 3.5: no storage level (memory and disk)
+        out = df.localCheckpoint(eager=True)
+    done.append(out)
+    return out
+
+
+def release(done: list[DataFrame]) -> None:
+    """Free the blocks of ``materialised`` frames now, not when the JVM's garbage collector
+    finds them (a long-running stream makes a set per micro-batch)."""
+    for df in done:
+        try:
+            df._jdf.queryExecution().analyzed().rdd().unpersist(False)
+        except Exception:  # noqa: BLE001 - best effort: the context cleaner frees them later
+            log.debug("could not free a local checkpoint", exc_info=True)
+    done.clear()

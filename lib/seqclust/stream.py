@@ -65,6 +65,7 @@ from seqclust.context import RunContext
 from seqclust.errors import ConfigError, InputError
 from seqclust.features import _list_parts
 from seqclust.io import CORRUPT_COL, FILE_COL, mapped_columns, one_row, source_format
+from seqclust.spark import concurrently, materialised, release
 from seqclust.tables import conform
 
 log = logging.getLogger(__name__)
@@ -327,38 +328,37 @@ class LiveScorer:
         if not everything:
             cut = F.unix_micros(F.lit(watermark)) - self.gap_us
             fresh = fresh.where(F.unix_micros("_chain_end") < cut)
-        fresh = fresh.drop("_chain_end").persist(StorageLevel.MEMORY_AND_DISK)
         t0 = time.monotonic()
+        # materialised with their lineage cut (local checkpoints), not cached: the closed
+        # sessions (a cached plan over sessions and live_sessions made every later plan over
+        # it resolve those tables again, a job each time), and the state, which reads
+        # live_user_state — once the batch's MERGE committed a new version of it the later
+        # MERGEs no longer matched the cached plan and recomputed the state, the vectors and
+        # the assignment from the session vectors (26-33 s of a 2-core micro-batch, measured)
+        done: list[DataFrame] = []
         try:
-            row = one_row(fresh.agg(F.count("*").alias("n"), F.min("start_ts").alias("first")))  # also fills the cache
+            fresh = materialised(fresh.drop("_chain_end"), done)
+            row = one_row(fresh.agg(F.count("*").alias("n"), F.min("start_ts").alias("first")))
             n_closed = int(row["n"])
             if n_closed == 0:
                 return 0, 0
             art = self.model.artifact
-            # materialised with their lineage cut (local checkpoints), not cached: the state reads
-            # live_user_state, and once the batch's MERGE commits a new version of it the later
-            # MERGEs no longer matched the cached plan and recomputed the state, the vectors and
-            # the assignment from the session vectors (26-33 s of a 2-core micro-batch, measured)
-            done: list[DataFrame] = []
-            try:
-                t = time.monotonic()
-                fresh_emb = embed.embed_sessions(self.spark, fresh, art, keep=("session_id", "user_id", "start_ts", "end_ts", "n_events"))
-                fresh_emb = _materialised(fresh_emb, done)
-                t1 = time.monotonic()
-                out = _materialised(self._update(batch_id, fresh, fresh_emb), done)
-                n_users = out.count()
-                t2 = time.monotonic()
-                log.info(
-                    "stream: batch %d: %d sessions closed (found in %.1fs), embedded in %.1fs, %d users' state and segment in %.1fs",
-                    batch_id, n_closed, t - t0, t1 - t, n_users, t2 - t1,
-                )  # fmt: skip
-                state, labels = self._split(batch_id, out)
-                self._write(batch_id, fresh_emb, labels, state, row["first"])
-            finally:
-                _release(done)
+            t = time.monotonic()
+            fresh_emb = embed.embed_sessions(self.spark, fresh, art, keep=("session_id", "user_id", "start_ts", "end_ts", "n_events"))
+            fresh_emb = materialised(fresh_emb, done)
+            t1 = time.monotonic()
+            out = materialised(self._update(batch_id, fresh, fresh_emb), done)
+            n_users = out.count()
+            t2 = time.monotonic()
+            log.info(
+                "stream: batch %d: %d sessions closed (found in %.1fs), embedded in %.1fs, %d users' state and segment in %.1fs",
+                batch_id, n_closed, t - t0, t1 - t, n_users, t2 - t1,
+            )  # fmt: skip
+            state, labels = self._split(batch_id, out)
+            self._write(batch_id, fresh_emb, labels, state, row["first"])
             return n_closed, n_users
         finally:
-            fresh.unpersist()
+            release(done)
 
     def _update(self, batch_id: int, fresh: DataFrame, fresh_emb: DataFrame) -> DataFrame:
         """The new pooling state of the users with sessions closed by this batch and their
@@ -465,22 +465,33 @@ class LiveScorer:
             F.lit(now).cast("timestamp").alias("updated_at"),
             F.lit(batch_id).cast("long").alias("batch_id"),
         )
-        # sessions first: a crash between the two writes leaves segments that the batch's
-        # rerun recomputes from the same sessions (it excludes only earlier batches' rows)
-        name = self._table("live_sessions")
-        if store.exists(name):
+        empty = self.spark.createDataFrame([], T.StructType([T.StructField("user_id", T.StringType())]))
+
+        def closed_sessions() -> int:
+            name = self._table("live_sessions")
+            if not store.exists(name):
+                return store.write_run(conform(sess, "live_sessions"), name, rid)
             # a stored copy of one of these sessions (this batch's, written before a crash)
             # starts when it does: Delta reads only the files that can hold one
             copies = F.col("t.start_ts") >= F.lit(first_start)
-            n = store.merge_insert(conform(sess, "live_sessions"), name, rid, "t.session_id", "s.session_id", copies)
-        else:
-            n = store.write_run(conform(sess, "live_sessions"), name, rid)
-        self.ctx.wrote(name, n)
-        empty = self.spark.createDataFrame([], T.StructType([T.StructField("user_id", T.StringType())]))
-        for key, df in (("live_user_state", state), ("live_segments", seg)):
-            name = self._table(key)
-            n, _ = store.merge_replace(conform(df, key), empty, name, rid, "user_id")
-            self.ctx.wrote(name, n)
+            return store.merge_insert(conform(sess, "live_sessions"), name, rid, "t.session_id", "s.session_id", copies)
+
+        def by_user(key: str, df: DataFrame) -> Any:
+            return lambda: store.merge_replace(conform(df, key), empty, self._table(key), rid, "user_id")[0]
+
+        # three tables at once (their inputs are materialised): each write is idempotent on its
+        # own, so a crash after any subset of them leaves what the batch's re-run rewrites the
+        # same — the closed sessions (it excludes only earlier batches' rows), the users' state
+        # (from ``prev_*``), their segments (from that state)
+        wrote = concurrently(
+            {
+                "live_sessions": closed_sessions,
+                "live_user_state": by_user("live_user_state", state),
+                "live_segments": by_user("live_segments", seg),
+            }
+        )
+        for key, n in wrote.items():
+            self.ctx.wrote(self._table(key), n)
 
     def _progress(self, r: BatchResult, max_ts: dt.datetime | None) -> None:
         row = (
@@ -502,25 +513,6 @@ class LiveScorer:
         df = self.spark.createDataFrame([row], LIVE_PROGRESS)
         empty = self.spark.createDataFrame([], T.StructType([T.StructField("batch_id", T.LongType())]))
         self.ctx.store.merge_replace(conform(df, "live_progress"), empty, self._table("live_progress"), self.ctx.run_id, "batch_id")
-
-
-def _materialised(df: DataFrame, done: list[DataFrame]) -> DataFrame:
-    """``df`` computed once into the executors' block stores, its lineage cut (appended to
-    ``done`` for ``_release``)."""
-    out = df.localCheckpoint(eager=True)
-    done.append(out)
-    return out
-
-
-def _release(done: list[DataFrame]) -> None:
-    """Free the blocks of local checkpoints now, not when the JVM's garbage collector finds
-    them (a long-running stream makes one set per micro-batch)."""
-    for df in done:
-        try:
-            df._jdf.queryExecution().analyzed().rdd().unpersist(False)
-        except Exception:  # noqa: BLE001 - best effort: the context cleaner frees them later
-            log.debug("stream: could not free a local checkpoint", exc_info=True)
-    done.clear()
 
 
 _STR, _LONG, _TS = T.StringType(), T.LongType(), T.TimestampType()
