@@ -267,8 +267,7 @@ def _run_incremental(
     near = state
     if first_new is not None:
         near = state.where(F.unix_micros("end_ts") >= F.unix_micros(F.lit(first_new)) - int(cfg.gap_minutes * 60 * 1_000_000))
-    # materialised, not cached: the lineage cut keeps the MERGEs below from resolving the
-    # Delta tables behind them again each time they plan their source (see ``materialised``)
+    # materialised, not cached: the MERGEs below do not resolve the tables behind them again
     done: list[DataFrame] = []
     try:
         points = materialised(recompute_points(new, near, cfg.gap_minutes), done)
@@ -300,8 +299,7 @@ def _run_incremental(
         def sessions() -> tuple[int, int]:
             return ctx.store.merge_replace(conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id", after)
 
-        # two tables at once (both from the materialised base; a crash between their commits
-        # is a window the re-run recomputes whole: each MERGE replaces the same keys again)
+        # at once: a crash between the two commits is re-run whole (the same keys replaced)
         merged = concurrently({"session_quarantine": runaways, "sessions": sessions})
         n_bot, _ = merged["session_quarantine"]
         n, n_del = merged["sessions"]
