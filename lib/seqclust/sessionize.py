@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -278,7 +277,7 @@ def _run_incremental(
         stale = stale.join(points, "user_id").where(F.col("root_start_ts") >= F.col("recompute_from")).select("session_id")
         stale = materialised(stale, done)  # read before the MERGEs below change the tables it comes from
         # computed once for both outputs (each read it again before: the sessionization twice)
-        base = materialised(_engine_base(_redo(events, points, since), cfg), done, StorageLevel.MEMORY_AND_DISK)
+        base = materialised(_engine_base(_redo(events, points, since), cfg), done)
         out, bots = _split(base, cfg)
 
         # every row these MERGEs can touch starts at or after the earliest recompute point: a

@@ -236,19 +236,16 @@ def concurrently(tasks: dict[str, Callable[[], T]]) -> dict[str, T]:
     return {k: fut.result() for k, fut in futures.items()}
 
 
-def materialised(df: DataFrame, done: list[DataFrame], level: StorageLevel | None = None) -> DataFrame:
-    """``df`` computed once into the executors' block stores with its lineage cut (a local
-    checkpoint; appended to ``done`` for ``release``).
+def materialised(df: DataFrame, done: list[DataFrame]) -> DataFrame:
+    """``df`` computed once into the executors' block stores (memory and disk) with its lineage
+    cut (a local checkpoint; appended to ``done`` for ``release``).
 
     Why not ``persist``: a cached frame keeps its plan, and every later plan over it (a MERGE
     plans its source several times, AQE re-plans) resolves the Delta tables it read again — a
     data-skipping job per table each time: 20-30 sub-second jobs in one 2-core micro-batch,
     measured. The price: an executor lost with the blocks fails the job that needed them (a
     stream re-runs its micro-batch, a batch run resumes)."""
-    try:
-        out = df.localCheckpoint(eager=True, storageLevel=level) if level is not None else df.localCheckpoint(eager=True)
-    except TypeError:  # PySpark 3.5: no storage level (memory and disk)
-        out = df.localCheckpoint(eager=True)
+    out = df.localCheckpoint(eager=True)
     done.append(out)
     return out
 

@@ -48,6 +48,7 @@ import datetime as dt
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -476,7 +477,7 @@ class LiveScorer:
             copies = F.col("t.start_ts") >= F.lit(first_start)
             return store.merge_insert(conform(sess, "live_sessions"), name, rid, "t.session_id", "s.session_id", copies)
 
-        def by_user(key: str, df: DataFrame) -> Any:
+        def by_user(key: str, df: DataFrame) -> Callable[[], int]:
             return lambda: store.merge_replace(conform(df, key), empty, self._table(key), rid, "user_id")[0]
 
         # three tables at once (their inputs are materialised): each write is idempotent on its
