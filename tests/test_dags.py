@@ -139,12 +139,13 @@ def _tables(root: Path, run_id: str) -> dict:
 
 
 @pytest.mark.spark
-def test_the_spark_dag_runs_for_real_equal_to_seqclust_run_and_idempotent(tmp_path):
+def test_the_spark_dag_runs_for_real_equal_to_seqclust_run(tmp_path):
     """`airflow dags test` runs the `seqclust` DAG end to end: each SparkSubmitOperator calls
     spark-submit.sh on local[2] for 80 generated users. Its Delta tables equal a `seqclust run`
-    with the same run id (the logical date) and configuration; running tasks again for the
-    same date (here: its cluster and evaluate tasks run again) changes no row. About 6-7 minutes
-    on 2 cores (session 11: a stage's own process costs ~25 s for 80 users, was ~50 s)."""
+    with the same run id (the logical date) and configuration. A retried task is a stage run
+    again with the same run id: idempotent by the library's contract, tested without Airflow
+    (test_e2e's whole rerun, test_crash's resume); the suite's time keeps it out of here (two
+    retried tasks cost ~5 minutes, session 17). About 10 minutes on 2 cores (six spark-submits)."""
     if not AIRFLOW_PY.exists():
         pytest.skip(f"Airflow is not installed ({AIRFLOW_PY} missing; `make airflow` creates it, CI runs it)")
     pytest.importorskip("deltalake")
@@ -192,12 +193,3 @@ def test_the_spark_dag_runs_for_real_equal_to_seqclust_run_and_idempotent(tmp_pa
     for t in TABLES:
         assert first[t] == cli[t], t
     assert first["runs"][0][0] == "succeeded" and first["clusters"]
-    # retried tasks for the same date (Airflow's own task runner, the stages that rewrite the
-    # run's segments and metrics): every table as it was. A whole second `dags test` gives the
-    # same (measured by hand, session 10); the suite runs two stages for time.
-    for task in ("cluster", "evaluate"):
-        r = subprocess.run(
-            [airflow, "tasks", "test", "seqclust", task, "2026-11-28"], capture_output=True, text=True, timeout=1800, env=env
-        )
-        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert _tables(tmp_path / "dag_out", "2026-11-28") == first
