@@ -257,3 +257,24 @@ def test_an_unusable_keras_backend_is_refused_with_one_line(backend, message):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert message in r.stdout, r.stdout
+
+
+def test_a_run_that_trains_is_refused_before_spark_where_keras_runs_on_torch(monkeypatch, tmp_path, capsys):
+    """Training needs TensorFlow: on a runtime whose Keras runs on torch, `run` and `train`
+    without an encoder stop with one line before Spark starts (no table written); with
+    ``--encoder`` they go on (embedding runs on torch)."""
+    from seqclust.cli import main
+    from seqclust.encoder import backend_name, require_training_backend
+
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    assert backend_name() == "torch"
+    with pytest.raises(ArtifactError, match="training the encoder needs TensorFlow; Keras runs on torch here"):
+        require_training_backend()
+    out = tmp_path / "out"
+    for command in ("run", "train"):
+        assert main([command, "--input", str(tmp_path / "none"), "--output", str(out), "--run-id", "t"]) == 2
+        err = capsys.readouterr().err
+        assert "training the encoder needs TensorFlow" in err and "Traceback" not in err
+    assert not out.exists()
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    require_training_backend()

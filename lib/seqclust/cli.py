@@ -214,6 +214,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if (since or until) and not (args.run_id or cfg.run.run_id):
         raise ConfigError("--since/--until add to an existing run id's tables: pass --run-id")
     ctx = pipeline.make_context(cfg, input_path, labels_path, args.run_id, since=since, until=until)
+    if args.command in ("run", "train") and not cfg.encoder.path and not getattr(args, "resume", False):
+        from seqclust.encoder import require_training_backend
+
+        require_training_backend()  # before Spark starts: a runtime without TensorFlow is told at once
     from seqclust.spark import get_spark
 
     spark = get_spark(cfg.spark)

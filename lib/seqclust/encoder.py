@@ -37,6 +37,39 @@ FORMAT_VERSION = 1
 BACKENDS = ("tensorflow", "torch")
 
 
+def backend_name() -> str:
+    """The Keras backend ``keras_backend`` will start, found without importing anything:
+    ``KERAS_BACKEND`` when set, else TensorFlow where installed, else PyTorch."""
+    import importlib.util
+
+    name = os.environ.get("KERAS_BACKEND")
+    if name:
+        return name
+    for candidate in BACKENDS:
+        if importlib.util.find_spec(candidate) is not None:
+            return candidate
+    raise ArtifactError(
+        "neither TensorFlow nor PyTorch is installed: install seqclust[ml] (TensorFlow), "
+        "or torch for embedding with an encoder trained elsewhere"
+    )
+
+
+def require_training_backend() -> None:
+    """Training needs TensorFlow (its loop uses tf.function and GradientTape): checked before a
+    run starts Spark, so a runtime without it (Databricks ML 19) is told at once, not after its
+    ingest and sessionize stages."""
+    name = backend_name()
+    if name != "tensorflow":
+        raise ArtifactError(_no_training(name))
+
+
+def _no_training(name: str) -> str:
+    return (
+        f"training the encoder needs TensorFlow; Keras runs on {name} here (embedding and assign work): "
+        "train where TensorFlow is installed and pass that encoder here with --encoder PATH or --model RUN_ID"
+    )
+
+
 def keras_backend(threads: int | None = None) -> str:
     """Choose and start the Keras backend, before ``keras`` is imported: ``KERAS_BACKEND`` when
     set (``tensorflow`` or ``torch``), else TensorFlow where it is installed, else PyTorch (a
@@ -46,19 +79,9 @@ def keras_backend(threads: int | None = None) -> str:
     import importlib.util
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    name = os.environ.get("KERAS_BACKEND")
-    if not name:
-        if importlib.util.find_spec("tensorflow") is not None:
-            name = "tensorflow"
-        elif importlib.util.find_spec("torch") is not None:
-            name = "torch"
-            log.info("TensorFlow is not installed: Keras runs on PyTorch (embedding only; training needs TensorFlow)")
-        else:
-            raise ArtifactError(
-                "neither TensorFlow nor PyTorch is installed: install seqclust[ml] (TensorFlow), "
-                "or torch for embedding with an encoder trained elsewhere"
-            )
-        os.environ["KERAS_BACKEND"] = name
+    name = backend_name()
+    if not os.environ.get("KERAS_BACKEND") and name == "torch":
+        log.info("TensorFlow is not installed: Keras runs on PyTorch (embedding only; training needs TensorFlow)")
     if name not in BACKENDS:
         raise ArtifactError(f"KERAS_BACKEND={name!r} is not supported: seqclust runs on {' or '.join(BACKENDS)}")
     if importlib.util.find_spec(name) is None:
@@ -96,10 +119,7 @@ def _tf(threads: int | None = None) -> Any:
     where Keras runs on another backend."""
     name = keras_backend(threads)
     if name != "tensorflow":
-        raise ArtifactError(
-            f"training the encoder needs TensorFlow; Keras runs on {name} here (embedding and assign work): "
-            "train where TensorFlow is installed and pass that encoder here with --encoder PATH or --model RUN_ID"
-        )
+        raise ArtifactError(_no_training(name))
     import tensorflow as tf
 
     return tf
