@@ -278,3 +278,16 @@ def test_a_run_that_trains_is_refused_before_spark_where_keras_runs_on_torch(mon
     assert not out.exists()
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     require_training_backend()
+
+
+def test_the_chosen_backend_is_written_where_keras_reads_it(monkeypatch):
+    """Chosen by what is installed (no KERAS_BACKEND), the backend is set in the environment
+    before keras is imported: keras reads KERAS_BACKEND at import and would otherwise start
+    TensorFlow (missing on a torch runtime)."""
+    import os
+
+    from seqclust.encoder import keras_backend
+
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")  # undone after the test
+    monkeypatch.delenv("KERAS_BACKEND")
+    assert keras_backend() == "tensorflow" and os.environ["KERAS_BACKEND"] == "tensorflow"

@@ -80,8 +80,10 @@ def keras_backend(threads: int | None = None) -> str:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     name = backend_name()
-    if not os.environ.get("KERAS_BACKEND") and name == "torch":
-        log.info("TensorFlow is not installed: Keras runs on PyTorch (embedding only; training needs TensorFlow)")
+    if not os.environ.get("KERAS_BACKEND"):
+        if name == "torch":
+            log.info("TensorFlow is not installed: Keras runs on PyTorch (embedding only; training needs TensorFlow)")
+        os.environ["KERAS_BACKEND"] = name  # read by keras when it is imported
     if name not in BACKENDS:
         raise ArtifactError(f"KERAS_BACKEND={name!r} is not supported: seqclust runs on {' or '.join(BACKENDS)}")
     if importlib.util.find_spec(name) is None:
