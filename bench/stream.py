@@ -61,6 +61,25 @@ def _seqclust(*args: str, conf: list[str]) -> list[str]:
     ]
 
 
+def model_run(work: Path, users: int, env: dict[str, str], model: bool = True) -> None:
+    """``users`` generated users' events in ``work/gen`` and, with ``model``, the model run ``m``
+    trained on them in ``work/out`` (small encoder settings); what an earlier invocation left in
+    ``work`` is kept."""
+    from seqclust.datagen import write_dataset
+
+    if not (work / "gen" / "events").exists():
+        write_dataset(work / "gen", users=users, seed=21)
+    if model and not (work / "out" / "centroids").is_dir():
+        t0 = time.monotonic()
+        subprocess.run(
+            _seqclust("run", "--input", str(work / "gen" / "events"), "--output", str(work / "out"), "--run-id", "m", conf=MODEL),
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        print(f"model run: {time.monotonic() - t0:.0f} s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=20000)
@@ -76,22 +95,11 @@ def main() -> None:
     from deltalake import DeltaTable
     from test_stream import _drops
 
-    from seqclust.datagen import write_dataset
-
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-stream-"))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     try:
         out = work / "out"
-        if not (out / "centroids").is_dir():  # a --work folder of an earlier invocation keeps its model run
-            write_dataset(work / "gen", users=args.users, seed=21)
-            t0 = time.monotonic()
-            subprocess.run(
-                _seqclust("run", "--input", str(work / "gen" / "events"), "--output", str(out), "--run-id", "m", conf=MODEL),
-                check=True,
-                env=env,
-                capture_output=True,
-            )
-            print(f"model run: {time.monotonic() - t0:.0f} s", flush=True)
+        model_run(work, args.users, env)
         events = pq.read_table(work / "gen" / "events")
         for old in ("staged", "landing", "ck"):
             shutil.rmtree(work / old, ignore_errors=True)

@@ -41,6 +41,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def _rates(rows: list[tuple[int, float]]) -> dict[str, Any]:
+    if not rows:
+        raise SystemExit("a query processed no rows: no Parquet files in the drops folder?")
     n, s = sum(r for r, _ in rows), sum(t for _, t in rows)
     warm = rows[1:] or rows
     return {
@@ -139,27 +141,16 @@ def main() -> None:
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
-    from stream import MODEL, _seqclust
+    from stream import model_run
     from test_stream import _drops
 
     from seqclust.config import SparkConfig
-    from seqclust.datagen import write_dataset
     from seqclust.spark import get_spark
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-floor-"))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     try:
-        if not (work / "gen" / "events").exists():
-            write_dataset(work / "gen", users=args.users, seed=21)
-        if not args.no_seqclust and not (work / "out" / "centroids").is_dir():
-            t0 = time.monotonic()
-            subprocess.run(
-                _seqclust("run", "--input", str(work / "gen" / "events"), "--output", str(work / "out"), "--run-id", "m", conf=MODEL),
-                check=True,
-                env=env,
-                capture_output=True,
-            )
-            print(f"model run: {time.monotonic() - t0:.0f} s", flush=True)
+        model_run(work, args.users, env, model=not args.no_seqclust)
         src = work / "floor_drops"
         shutil.rmtree(src, ignore_errors=True)
         _drops(pq.read_table(work / "gen" / "events"), src, n=args.drops)

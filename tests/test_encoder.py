@@ -276,6 +276,9 @@ def test_a_run_that_trains_is_refused_before_spark_where_keras_runs_on_torch(mon
         err = capsys.readouterr().err
         assert "training the encoder needs TensorFlow" in err and "Traceback" not in err
     assert not out.exists()
+    monkeypatch.setenv("KERAS_BACKEND", "jax")  # not one seqclust runs on: said so, not "embedding works"
+    with pytest.raises(ArtifactError, match="KERAS_BACKEND='jax' is not supported"):
+        require_training_backend()
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     require_training_backend()
 

@@ -44,6 +44,8 @@ def backend_name() -> str:
 
     name = os.environ.get("KERAS_BACKEND")
     if name:
+        if name not in BACKENDS:
+            raise ArtifactError(f"KERAS_BACKEND={name!r} is not supported: seqclust runs on {' or '.join(BACKENDS)}")
         return name
     for candidate in BACKENDS:
         if importlib.util.find_spec(candidate) is not None:
@@ -84,8 +86,6 @@ def keras_backend(threads: int | None = None) -> str:
         if name == "torch":
             log.info("TensorFlow is not installed: Keras runs on PyTorch (embedding only; training needs TensorFlow)")
         os.environ["KERAS_BACKEND"] = name  # read by keras when it is imported
-    if name not in BACKENDS:
-        raise ArtifactError(f"KERAS_BACKEND={name!r} is not supported: seqclust runs on {' or '.join(BACKENDS)}")
     if importlib.util.find_spec(name) is None:
         other = [b for b in BACKENDS if b != name and importlib.util.find_spec(b) is not None]
         hint = f"set KERAS_BACKEND={other[0]} or unset it" if other else "install seqclust[ml] (TensorFlow)"
