@@ -45,8 +45,8 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "lib"},
     packages=find_packages("lib"),
-    package_data={"seqclust": ["presets/*.yaml", "log4j2.properties"]},
+    package_data={"seqclust.ingest": ["presets/*.yaml"], "seqclust.runtime": ["log4j2.properties"]},
     install_requires=BASE,
     extras_require={"spark": SPARK, "ml": ML, "local": SPARK + ML + LOCAL_PINS, "mlflow": MLFLOW, "airflow": AIRFLOW, "dev": DEV},
-    entry_points={"console_scripts": ["seqclust=seqclust.cli:main"]},
+    entry_points={"console_scripts": ["seqclust=seqclust.app.cli:main"]},
 )

@@ -77,7 +77,7 @@ PYZIP
 
 # Delta's jars: the local files an earlier start resolved (`make setup` warms them up), else the
 # Maven coordinate for Ivy to resolve (a second of work and ~60 lines on stderr)
-DELTA_PY='from seqclust.spark import cached_delta_jars, delta_package
+DELTA_PY='from seqclust.runtime.spark import cached_delta_jars, delta_package
 jars = cached_delta_jars()
 print("--jars", ",".join(jars)) if jars else print("--packages", delta_package())'
 DELTA_OPT="$("$PY" -c "$DELTA_PY" 2>/dev/null || true)"
@@ -87,8 +87,8 @@ fi
 read -r DELTA_FLAG DELTA_VALUE <<<"$DELTA_OPT"
 # the JVM's own logging at WARN, minus the warnings of things seqclust does on purpose
 LOG_OPTS=()
-if [[ -f "$HERE/lib/seqclust/log4j2.properties" ]]; then
-  LOG_OPTS=(--conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:$HERE/lib/seqclust/log4j2.properties")
+if [[ -f "$HERE/lib/seqclust/runtime/log4j2.properties" ]]; then
+  LOG_OPTS=(--conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:$HERE/lib/seqclust/runtime/log4j2.properties")
 fi
 [[ "$MASTER" == local* ]] && export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
 

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     total = write_log(out / "log", a.events, a.users)
     print(f"bot: {a.events:,} events of one user in one second + {total - a.events:,} of {a.users} ordinary users", file=sys.stderr)
-    base = [sys.executable, "-m", "seqclust.cli"]
+    base = [sys.executable, "-m", "seqclust.app.cli"]
     common = ["--conf", str(REPO / "conf" / "local.yaml"), "--input", str(out / "log"), "--output", str(out / "tables"), "--run-id", "bot"]
     common += ["--set", "source.columns.category_id=null", "--set", "source.columns.price=null", "--set", "spark.master=local[2]"]
     stages: dict[str, float] = {}
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pyspark.sql import functions as F
 
-    from seqclust.config import SparkConfig
-    from seqclust.spark import get_spark
+    from seqclust.core.config import SparkConfig
+    from seqclust.runtime.spark import get_spark
 
     spark = get_spark(SparkConfig(master="local[2]", shuffle_partitions=2, log_level="ERROR"))
 

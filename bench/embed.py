@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from seqclust.features import EVENT_TYPES, Vocab  # noqa: E402
+from seqclust.represent.features import EVENT_TYPES, Vocab  # noqa: E402
 
 
 def make_sequences(n: int, seed: int = 0) -> tuple[pa.Table, Vocab]:
@@ -79,8 +79,8 @@ import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, sys.argv[3])
 import numpy as np, pyarrow.parquet as pq
-from seqclust.encoder import load_artifact, embedding_fn
-from seqclust.features import featurize
+from seqclust.represent.encoder import load_artifact, embedding_fn
+from seqclust.represent.features import featurize
 art = load_artifact(sys.argv[2])
 predict = embedding_fn(art.model_cfg, art.weights, threads=int(sys.argv[4]))
 t1 = time.perf_counter()
@@ -114,7 +114,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
-    from seqclust.encoder import build_encoder, save_artifact
+    from seqclust.represent.encoder import build_encoder, save_artifact
 
     with tempfile.TemporaryDirectory() as d:
         table, vocab = make_sequences(args.sequences)
@@ -144,9 +144,9 @@ def main() -> None:
 
         from pyspark.sql import functions as F
 
-        from seqclust.config import SparkConfig
-        from seqclust.embed import embed_sessions
-        from seqclust.spark import get_spark
+        from seqclust.core.config import SparkConfig
+        from seqclust.represent.embed import embed_sessions
+        from seqclust.runtime.spark import get_spark
 
         t0 = time.perf_counter()
         spark = get_spark(SparkConfig(master=f"local[{args.cores}]", shuffle_partitions=args.cores, log_level="ERROR"))
@@ -178,8 +178,8 @@ def main() -> None:
         eid = art.encoder_id
 
         def one(tokens, event_types, categories, prices, gaps_s):  # noqa: ANN001
-            from seqclust.embed import _worker_model
-            from seqclust.features import featurize as fz
+            from seqclust.represent.embed import _worker_model
+            from seqclust.represent.features import featurize as fz
 
             voc, predict = _worker_model(eid, payload)
             b = pa.table(

@@ -1,7 +1,7 @@
 """Worker loss on a real cluster: a lost executor JVM or Python worker mid-stage costs time, never rows.
 
 On a Spark standalone cluster on this machine (a master and two 1-core workers, separate JVMs,
-``seqclust.standalone``), the pipeline is submitted through ``spark-submit.sh`` once undisturbed,
+``standalone``), the pipeline is submitted through ``spark-submit.sh`` once undisturbed,
 then once per fault case with the same run id, data and settings into its own output folder.
 In each faulted run a watcher reads the job's log; when the named stage has started it waits
 until a target process is busy (CPU time rising) and SIGKILLs it:
@@ -47,6 +47,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
+sys.path.insert(0, str(REPO / "tests"))  # the standalone-cluster helper lives with the tests
 
 log = logging.getLogger("bench.faults")
 
@@ -264,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
 
-    from seqclust import standalone
-    from seqclust.config import SparkConfig
-    from seqclust.datagen import write_dataset
-    from seqclust.spark import get_spark
+    import standalone
+
+    from seqclust.core.config import SparkConfig
+    from seqclust.datasets.generated import write_dataset
+    from seqclust.runtime.spark import get_spark
 
     out = Path(a.out).resolve()
     shutil.rmtree(out, ignore_errors=True)

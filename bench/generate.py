@@ -10,7 +10,7 @@ import json
 import tempfile
 import time
 
-from seqclust.datagen import write_dataset
+from seqclust.datasets.generated import write_dataset
 
 
 def main() -> None:

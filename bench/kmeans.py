@@ -71,8 +71,8 @@ def main() -> None:
 
     from pyspark.ml.clustering import KMeans
 
-    from seqclust.config import SparkConfig
-    from seqclust.spark import get_spark
+    from seqclust.core.config import SparkConfig
+    from seqclust.runtime.spark import get_spark
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     spark = get_spark(SparkConfig(master=f"local[{args.cores}]", shuffle_partitions=args.cores, driver_memory="6g", log_level="ERROR"))

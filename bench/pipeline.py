@@ -104,7 +104,7 @@ def generate(root: Path, events: int, seed: int) -> tuple[int, float | None]:
 
 GEN_ONE = """
 import sys
-from seqclust.datagen import write_dataset
+from seqclust.datasets.generated import write_dataset
 write_dataset(sys.argv[1], int(sys.argv[2]), seed=int(sys.argv[3]))
 """
 
@@ -112,7 +112,7 @@ GEN_CHUNKED = """
 import json, sys
 from pathlib import Path
 import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
-from seqclust.datagen import generate_events
+from seqclust.datasets.generated import generate_events
 root, users, seed, chunk = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 (root / "events").mkdir(parents=True, exist_ok=True)
 (root / "personas").mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def run_pipeline(data: Path, out: Path, cores: int, extra: list[str]) -> dict:
     if out.exists():
         shutil.rmtree(out)
     conf = _conf_dir(out)
-    cmd = [sys.executable, "-m", "seqclust.cli", "run", "--conf", str(conf)]
+    cmd = [sys.executable, "-m", "seqclust.app.cli", "run", "--conf", str(conf)]
     cmd += ["--input", str(data / "events"), "--labels", str(data / "personas"), "--output", str(out), "--run-id", "bench"]
     cmd += ["--set", f"spark.master=local[{cores}]"] + [x for s in extra for x in ("--set", s)]
     env = dict(os.environ, PYTHONPATH=str(REPO / "lib"), TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")

@@ -1,6 +1,6 @@
 """Segment quality on the persona benchmark family: data we did not tune on.
 
-For every generator of ``seqclust.personas.family`` (interests, dynamics, pace_price, mixture,
+For every generator of ``seqclust.datasets.personas.family`` (interests, dynamics, pace_price, mixture,
 real_sessions when the RetailRocket subset is in ../shared/data, and today's generator), this
 writes a log of ``--users`` users, runs the whole pipeline on it with the default
 configuration (``conf/local.yaml`` + ``--set`` overrides) and the planted personas as labels,
@@ -53,7 +53,7 @@ log = logging.getLogger("bench.quality")
 
 
 def _vectors(df, col: str = "embedding", id_col: str = "entity_id") -> tuple[np.ndarray, np.ndarray]:
-    from seqclust.compat import to_arrow
+    from seqclust.core.compat import to_arrow
 
     t = to_arrow(df.select(id_col, col))
     ids = np.asarray(t.column(id_col).to_pylist(), dtype=object)
@@ -67,7 +67,7 @@ def _vectors(df, col: str = "embedding", id_col: str = "entity_id") -> tuple[np.
 def _segments(X: np.ndarray, P: np.ndarray, rich: np.ndarray, k: int, seed: int, ccfg) -> np.ndarray:
     """The pipeline's segments in numpy: k-means++ on the fit users' projected vectors, centres
     lifted back to ``X`` (each segment's mean vector), every row to the nearest."""
-    from seqclust.cluster import local_kmeans
+    from seqclust.segment.cluster import local_kmeans
 
     fit = local_kmeans(P[rich], k, seed, ccfg.sweep_n_init, ccfg.max_iter)
     lifted = np.array([X[rich][fit.labels_ == c].mean(axis=0) for c in range(k) if (fit.labels_ == c).any()])
@@ -79,10 +79,10 @@ def measure(spark, cfg, ctx, art, labels: dict[str, str], planted_k: int, chosen
     from pyspark.sql import functions as F
     from sklearn.metrics import adjusted_rand_score
 
-    from seqclust import behaviour
-    from seqclust.baseline import bag_of_events
-    from seqclust.cluster import Projection, choose_k, sweep_curves
-    from seqclust.embed import pool_users
+    from seqclust.evaluate.baseline import bag_of_events
+    from seqclust.represent import behaviour
+    from seqclust.represent.embed import pool_users
+    from seqclust.segment.cluster import Projection, choose_k, sweep_curves
 
     store, tables = ctx.store, ctx.tables
     emb = store.read(spark, tables.embeddings, ctx.run_id)
@@ -105,7 +105,7 @@ def measure(spark, cfg, ctx, art, labels: dict[str, str], planted_k: int, chosen
             labels_ids=np.array(list(labels), dtype=str),
             labels=np.array(list(labels.values()), dtype=str),
         )
-    from seqclust.cluster import coarse
+    from seqclust.segment.cluster import coarse
 
     clusters = coarse(store.read(spark, tables.clusters, ctx.run_id)).select("entity_id", "cluster_id").toPandas().set_index("entity_id")
     n_sess = {
@@ -175,9 +175,10 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import pyarrow.parquet as pq
 
-    from seqclust import personas, pipeline
-    from seqclust.config import load_config
-    from seqclust.spark import get_spark
+    from seqclust.app import pipeline
+    from seqclust.core.config import load_config
+    from seqclust.datasets import personas
+    from seqclust.runtime.spark import get_spark
 
     only = [s for s in args.only.split(",") if s]
     members = [m for m in personas.family(args.data_root) if not only or m.name in only]
@@ -205,7 +206,7 @@ def main() -> None:
             log.info("%s: the Bayes-optimal classifier reads ARI %.3f from the log", m.name, bayes_ari)
         ctx = pipeline.make_context(cfg, str(data / "events"), str(data / "personas"), f"quality-{m.name}")
         summary = pipeline.run(spark, cfg, ctx)
-        from seqclust.encoder import load_artifact
+        from seqclust.represent.encoder import load_artifact
 
         art = load_artifact(summary.record.encoder_path)
         k = int(summary.record.k)

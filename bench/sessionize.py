@@ -45,10 +45,10 @@ def main() -> None:
 
     from sessionize_duckdb import sessionize_parquet
 
-    from seqclust.config import SessionizeConfig, SparkConfig
-    from seqclust.datagen import write_dataset
-    from seqclust.sessionize import sessions_and_runaways
-    from seqclust.spark import get_spark
+    from seqclust.core.config import SessionizeConfig, SparkConfig
+    from seqclust.datasets.generated import write_dataset
+    from seqclust.runtime.spark import get_spark
+    from seqclust.sessionize.stage import sessions_and_runaways
 
     rules = SessionizeConfig()
     tmp = Path(tempfile.mkdtemp(prefix="bench-sess-"))

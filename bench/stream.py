@@ -53,7 +53,7 @@ def _seqclust(*args: str, conf: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "seqclust.cli",
+        "seqclust.app.cli",
         *args,
         "--conf",
         str(REPO / "conf" / "local.yaml"),
@@ -65,7 +65,7 @@ def model_run(work: Path, users: int, env: dict[str, str], model: bool = True) -
     """``users`` generated users' events in ``work/gen`` and, with ``model``, the model run ``m``
     trained on them in ``work/out`` (small encoder settings); what an earlier invocation left in
     ``work`` is kept."""
-    from seqclust.datagen import write_dataset
+    from seqclust.datasets.generated import write_dataset
 
     if not (work / "gen" / "events").exists():
         write_dataset(work / "gen", users=users, seed=21)

@@ -144,8 +144,8 @@ def main() -> None:
     from stream import model_run
     from test_stream import _drops
 
-    from seqclust.config import SparkConfig
-    from seqclust.spark import get_spark
+    from seqclust.core.config import SparkConfig
+    from seqclust.runtime.spark import get_spark
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-floor-"))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")

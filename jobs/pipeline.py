@@ -2,7 +2,7 @@
 
 import sys
 
-from seqclust.cli import main
+from seqclust.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -4,7 +4,7 @@ A long-lived job: run it under a supervisor that restarts it (it resumes from --
 
 import sys
 
-from seqclust.cli import main
+from seqclust.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["stream", *sys.argv[1:]]))

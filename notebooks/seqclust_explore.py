@@ -7,7 +7,7 @@
 
 # COMMAND ----------
 
-from seqclust.notebook import create_widgets
+from seqclust.app.notebook import create_widgets
 
 create_widgets(dbutils)  # noqa: F821 - dbutils is a Databricks global
 
@@ -15,7 +15,7 @@ create_widgets(dbutils)  # noqa: F821 - dbutils is a Databricks global
 
 from pyspark.sql import functions as F
 
-from seqclust.notebook import open_run
+from seqclust.app.notebook import open_run
 
 cfg, store, run_id = open_run(dbutils.widgets.get)  # noqa: F821
 

@@ -11,7 +11,7 @@
 
 # COMMAND ----------
 
-from seqclust.notebook import create_widgets, run_notebook
+from seqclust.app.notebook import create_widgets, run_notebook
 
 create_widgets(dbutils)  # noqa: F821 - dbutils is a Databricks global
 
@@ -26,7 +26,7 @@ run_id = run_notebook(dbutils)  # noqa: F821
 
 # COMMAND ----------
 
-from seqclust.notebook import open_run
+from seqclust.app.notebook import open_run
 
 cfg, store, _ = open_run(dbutils.widgets.get)  # noqa: F821
 display(store.read(spark, cfg.tables.runs, run_id))  # noqa: F821 - display, spark: Databricks globals

@@ -33,8 +33,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def spark():
-    from seqclust.config import SparkConfig
-    from seqclust.spark import get_spark
+    from seqclust.core.config import SparkConfig
+    from seqclust.runtime.spark import get_spark
 
     session = get_spark(
         SparkConfig(
@@ -50,7 +50,7 @@ def spark():
 
 @pytest.fixture()
 def store(tmp_path):
-    from seqclust.io import TableStore
+    from seqclust.runtime.store import TableStore
 
     return TableStore(str(tmp_path / "tables"))
 
@@ -59,8 +59,8 @@ def store(tmp_path):
 def ctx(store, tmp_path):
     import datetime as dt
 
-    from seqclust.config import TablesConfig
-    from seqclust.context import RunContext
+    from seqclust.core.config import TablesConfig
+    from seqclust.core.context import RunContext
 
     return RunContext(
         run_id="t1",

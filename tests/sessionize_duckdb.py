@@ -9,7 +9,7 @@ cuts by max duration from the session's start then by max events, deterministic 
 
 from __future__ import annotations
 
-from seqclust.config import SessionizeConfig
+from seqclust.core.config import SessionizeConfig
 
 US_PER_MIN = 60_000_000
 

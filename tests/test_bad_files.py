@@ -8,10 +8,10 @@ import gzip
 
 import pytest
 
-from seqclust import ingest
-from seqclust.config import SourceConfig, TablesConfig
-from seqclust.context import RunContext
-from seqclust.errors import InputError
+from seqclust.core.config import SourceConfig, TablesConfig
+from seqclust.core.context import RunContext
+from seqclust.core.errors import InputError
+from seqclust.ingest import stage as ingest
 
 NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
 HEAD = "user_id,ts,event_type,category_id,price"

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from seqclust.cli import main
-from seqclust.config import SourceConfig
-from seqclust.errors import InputError, MissingColumnError
-from seqclust.io import read_source
+from seqclust.app.cli import main
+from seqclust.core.config import SourceConfig
+from seqclust.core.errors import InputError, MissingColumnError
+from seqclust.runtime.store import read_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_wrong_delimiter_names_the_columns_it_saw(spark, tmp_path):
 def test_extra_columns_are_ignored_but_kept_in_raw(spark, tmp_path):
     import datetime as dt
 
-    from seqclust.ingest import validate
+    from seqclust.ingest.stage import validate
 
     p = tmp_path / "ev.csv"
     p.write_text("user_id,ts,event_type,campaign\nu1,2026-10-01T10:00:00Z,view,x1\nu1,bad,view,x2\n")

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from seqclust import behaviour
-from seqclust.features import EVENT_TYPES, GAP_EDGES, Vocab
+from seqclust.represent import behaviour
+from seqclust.represent.features import EVENT_TYPES, GAP_EDGES, Vocab
 
 VOCAB = Vocab(
     tokens=("view:c1",),
@@ -141,7 +141,7 @@ def test_tfidf_and_projection_match_scikit_learn(spark):
 
 
 def test_token_model_round_trips_through_the_artifact(tmp_path):
-    from seqclust.encoder import load_artifact, save_artifact
+    from seqclust.represent.encoder import load_artifact, save_artifact
 
     tm = behaviour.TokenModel(("t:view", "t:cart"), np.array([1.0, 2.0]), np.eye(2, dtype=np.float32), "item", 5)
     art = save_artifact(tmp_path, {"embedding_dim": 4}, VOCAB, [np.ones((2, 2), np.float32)], {}, tm)
@@ -151,7 +151,7 @@ def test_token_model_round_trips_through_the_artifact(tmp_path):
     plain = save_artifact(tmp_path, {"embedding_dim": 4}, VOCAB, [np.ones((2, 2), np.float32)], {})
     assert plain.encoder_id != art.encoder_id and load_artifact(plain.path).token_model is None
     (art.path / "tokens.npz").write_bytes(behaviour.TokenModel(("a", "b"), np.array([1.0, 3.0]), np.eye(2), "item", 5).arrays_npz())
-    from seqclust.errors import ArtifactError
+    from seqclust.core.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="content hash"):
         load_artifact(art.path)
@@ -175,8 +175,8 @@ def test_a_run_counts_the_behaviour_tokens_once_for_train_embed_and_cluster(spar
     process (at 100M events each count was ~10 minutes); a single-stage process counts its own."""
     from pathlib import Path
 
-    from seqclust.cli import main
-    from seqclust.datagen import write_dataset
+    from seqclust.app.cli import main
+    from seqclust.datasets.generated import write_dataset
 
     repo = Path(__file__).resolve().parents[1]
     write_dataset(tmp_path / "gen", users=60, seed=3)

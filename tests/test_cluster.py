@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import standalone
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from seqclust import standalone
-from seqclust.cli import main
-from seqclust.datagen import write_dataset
+from seqclust.app.cli import main
+from seqclust.datasets.generated import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,8 +127,8 @@ def test_fine_segments_are_fitted_on_a_bounded_sample_and_find_its_groups(spark,
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
-    from seqclust import cluster
-    from seqclust.config import ClusterConfig
+    from seqclust.core.config import ClusterConfig
+    from seqclust.segment import cluster
 
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 10, (6, 4))

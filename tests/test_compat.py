@@ -7,7 +7,7 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from seqclust import compat
+from seqclust.core import compat
 
 
 def test_to_arrow_fallback_equals_the_native_table(spark):

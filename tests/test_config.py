@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seqclust.config import PipelineConfig, SparkConfig, load_config, validate_run_id
-from seqclust.errors import ConfigError
+from seqclust.core.config import PipelineConfig, SparkConfig, load_config, validate_run_id
+from seqclust.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,8 +95,8 @@ def test_invalid_run_ids(rid):
 def test_token_fields_are_checked():
     import pytest
 
-    from seqclust.config import load_config
-    from seqclust.errors import ConfigError
+    from seqclust.core.config import load_config
+    from seqclust.core.errors import ConfigError
 
     cfg = load_config(None, overrides=["tokenize.token_fields=[item, gap_bucket]"])
     assert cfg.tokenize.token_fields == ["item", "gap_bucket"]
@@ -137,10 +137,10 @@ def test_a_kafka_source_needs_its_broker_and_topic_and_only_streams(tmp_path, ca
     refuses it; `stream` takes it without --input, and refuses --input with it (no Spark)."""
     import pyspark
 
-    from seqclust.cli import main
-    from seqclust.errors import InputError
-    from seqclust.io import read_source
-    from seqclust.spark import kafka_package
+    from seqclust.app.cli import main
+    from seqclust.core.errors import InputError
+    from seqclust.runtime.spark import kafka_package
+    from seqclust.runtime.store import read_source
 
     base = ["source.format=kafka"]
     with pytest.raises(ConfigError, match="source.kafka.bootstrap_servers and source.kafka.topic"):
@@ -163,7 +163,7 @@ def test_a_kafka_source_needs_its_broker_and_topic_and_only_streams(tmp_path, ca
 
 
 def test_shuffle_partitions_grow_with_the_rows_and_never_below_the_configured_floor():
-    from seqclust.spark import MIN_PARTITIONS_KEY, ROWS_PER_PARTITION_KEY, scale_shuffle
+    from seqclust.runtime.spark import MIN_PARTITIONS_KEY, ROWS_PER_PARTITION_KEY, scale_shuffle
 
     class Conf(dict):
         def get(self, k, default=None):

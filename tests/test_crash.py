@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from seqclust.datagen import write_dataset
+from seqclust.datasets.generated import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = [
@@ -33,7 +33,7 @@ SETTINGS = [
 
 def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
     args = ["run", "--conf", str(REPO / "conf" / "local.yaml"), "--input", str(data / "events"), "--output", str(out), "--run-id", "crash"]
-    return [sys.executable, "-m", "seqclust.cli", *args, *[x for s in SETTINGS for x in ("--set", s)], *extra]
+    return [sys.executable, "-m", "seqclust.app.cli", *args, *[x for s in SETTINGS for x in ("--set", s)], *extra]
 
 
 def _env() -> dict[str, str]:
@@ -89,7 +89,7 @@ def _run_and_kill(cmd: list[str], trigger: str, delay: float, timeout: float = 4
 def _check_tables_readable(spark, out: Path) -> dict[str, int]:
     from deltalake import DeltaTable
 
-    from seqclust.io import TableStore
+    from seqclust.runtime.store import TableStore
 
     counts = {}
     for d in sorted(p for p in out.iterdir() if (p / "_delta_log").is_dir()):
@@ -122,7 +122,7 @@ def test_sigkill_during_embedding_and_during_a_write_then_resume(spark, tmp_path
     assert rec["stages_completed"] == ["ingest", "sessionize", "train", "embed"]
 
     # 3. resumed to the end (in this process: a third JVM start buys nothing)
-    from seqclust.cli import main
+    from seqclust.app.cli import main
 
     assert main(_cmd(data, out, "--resume")[3:]) == 0
     after = _check_tables_readable(spark, out)

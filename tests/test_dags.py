@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import seqclust.stages
+import seqclust.core.stages
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW_PY = Path(os.environ.get("SEQCLUST_AIRFLOW_PYTHON", REPO / ".venv-airflow" / "bin" / "python"))
-STAGES = list(seqclust.stages.STAGES)  # the one list; the DAG and the bundle keep copies held to it here
+STAGES = list(seqclust.core.stages.STAGES)  # the one list; the DAG and the bundle keep copies held to it here
 
 PROBE = r"""
 import json, sys
@@ -149,7 +149,7 @@ def test_the_spark_dag_runs_for_real_equal_to_seqclust_run(tmp_path):
     if not AIRFLOW_PY.exists():
         pytest.skip(f"Airflow is not installed ({AIRFLOW_PY} missing; `make airflow` creates it, CI runs it)")
     pytest.importorskip("deltalake")
-    from seqclust.datagen import write_dataset
+    from seqclust.datasets.generated import write_dataset
 
     write_dataset(tmp_path / "data", users=80, seed=11, bad_rate=0.01)
     conf = tmp_path / "conf"

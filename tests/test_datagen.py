@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
-from seqclust.datagen import BAD_KINDS, PERSONAS, generate_events, write_dataset
+from seqclust.datasets.generated import BAD_KINDS, PERSONAS, generate_events, write_dataset
 
 
 def test_same_seed_same_data_and_personas_differ():

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from seqclust.downstream import STRATEGIES, bootstrap_means, nearest_centroid, split_history, user_scores
+from seqclust.evaluate.downstream import STRATEGIES, bootstrap_means, nearest_centroid, split_history, user_scores
 
 T0 = dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc)
 
@@ -108,7 +108,7 @@ def test_nearest_centroid_and_bootstrap(spark):
 def test_conversion_auc_and_lift_match_scikit_learn_and_a_python_oracle(spark):
     from sklearn.metrics import roc_auc_score
 
-    from seqclust.downstream import _auc_and_lift, conversion_rows
+    from seqclust.evaluate.downstream import _auc_and_lift, conversion_rows
 
     rng = np.random.default_rng(3)
     users = [f"u{i}" for i in range(400)]
@@ -152,7 +152,7 @@ def test_conversion_auc_and_lift_match_scikit_learn_and_a_python_oracle(spark):
 def test_temporal_stability_against_a_python_oracle(spark):
     from sklearn.metrics import adjusted_rand_score
 
-    from seqclust.downstream import temporal_stability_rows
+    from seqclust.evaluate.downstream import temporal_stability_rows
 
     rng = np.random.default_rng(4)
     centroids = [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]
@@ -187,7 +187,7 @@ def test_return_within_n_days_against_a_python_oracle(spark):
     from pyspark.sql import functions as F
     from sklearn.metrics import roc_auc_score
 
-    from seqclust.downstream import return_rows
+    from seqclust.evaluate.downstream import return_rows
 
     rng = np.random.default_rng(5)
     centroids = [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]
@@ -252,7 +252,7 @@ def test_return_within_n_days_against_a_python_oracle(spark):
 def test_fine_segments_are_assigned_in_the_same_pass_and_scored_like_the_personas(spark):
     """With the same centres as fine segments, method ``fine`` must read exactly what method
     ``encoder`` reads (both are now assigned in one pass over the history vectors)."""
-    from seqclust.downstream import evaluate_downstream
+    from seqclust.evaluate.downstream import evaluate_downstream
 
     rng = np.random.default_rng(8)
     centroids = [[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]

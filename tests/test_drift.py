@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from seqclust.drift import js_divergence, match_by_centroids, match_by_overlap, psi, segmentation_drift
+from seqclust.evaluate.drift import js_divergence, match_by_centroids, match_by_overlap, psi, segmentation_drift
 
 
 def test_psi_and_js_reference_values():
@@ -39,7 +39,7 @@ def test_segmentation_drift_relabelled_and_moved_users(spark):
 def test_random_reference_changes_one_minus_sum_of_squared_shares(spark):
     """Two independent random draws with shares p move 1 - sum(p^2) of the users (less a
     little that overlap matching wins back): the floor of the drift table's random row."""
-    from seqclust.baseline import random_assignment
+    from seqclust.evaluate.baseline import random_assignment
 
     shares = [0.5, 0.3, 0.2]
     users = spark.range(20000).withColumnRenamed("id", "entity_id").cache()

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqclust import tables
-from seqclust.cli import main
-from seqclust.datagen import write_dataset
+from seqclust.app.cli import main
+from seqclust.core import tables
+from seqclust.datasets.generated import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, e2e_out, capsys):
     for table, cols in CONTRACT.items():
         df = spark.read.format("delta").load(str(out / table))
         assert cols <= set(df.columns), (table, cols - set(df.columns))
-        # and the types as seqclust.tables declares them (conform raises naming any difference)
+        # and the types as seqclust.core.tables declares them (conform raises naming any difference)
         assert tables.conform(df, table).columns[:-1] == tables.TABLES[table].schema.fieldNames(), table
         # a real Delta table: another Delta reader agrees on the row count
         assert DeltaTable(str(out / table)).to_pyarrow_table().num_rows == df.count(), table
@@ -437,7 +437,7 @@ def _wheel_changes(env, tmp_path) -> dict[str, str]:
 TORCH_EMBED = """
 import json, sys
 import numpy as np
-from seqclust.encoder import embedding_fn, load_artifact
+from seqclust.represent.encoder import embedding_fn, load_artifact
 art = load_artifact(sys.argv[1])
 with np.load(sys.argv[2]) as z:
     feats = {f: z[f] for f in z.files}
@@ -461,7 +461,7 @@ def test_an_encoder_trained_under_tensorflow_runs_under_torch(spark, data, e2e_o
 
     from pyspark.sql import functions as F
 
-    from seqclust.encoder import embedding_fn, load_artifact
+    from seqclust.represent.encoder import embedding_fn, load_artifact
 
     env = _compat_env(libset)
     changed = _wheel_changes(env, tmp_path)

@@ -5,9 +5,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from seqclust.encoder import embedding_fn, load_artifact, save_artifact, train, weights_to_npz
-from seqclust.errors import ArtifactError
-from seqclust.features import Vocab, featurize
+from seqclust.core.errors import ArtifactError
+from seqclust.represent.encoder import embedding_fn, load_artifact, save_artifact, train, weights_to_npz
+from seqclust.represent.features import Vocab, featurize
 
 TRAIN_KW = dict(
     architecture="gru",
@@ -118,7 +118,7 @@ def test_transformer_trains_one_epoch():
 
 
 def test_spark_embeddings_equal_driver_model(spark, trained):
-    from seqclust.embed import embed_sessions, pool_users
+    from seqclust.represent.embed import embed_sessions, pool_users
 
     table, art, weights = trained
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "16")  # several batches per task
@@ -155,7 +155,7 @@ def test_contrastive_objective_trains_and_is_deterministic():
 
 
 def test_crop_keeps_a_contiguous_window_of_each_session():
-    from seqclust.encoder import _crop, _tf
+    from seqclust.represent.encoder import _crop, _tf
 
     tf = _tf()
     tok = np.array([[5, 6, 7, 8, 9, 0], [3, 4, 0, 0, 0, 0]], dtype=np.int32)
@@ -172,7 +172,7 @@ def test_crop_keeps_a_contiguous_window_of_each_session():
 
 
 def test_recency_pooling_weighs_recent_sessions_more(spark):
-    from seqclust.embed import pool_users
+    from seqclust.represent.embed import pool_users
 
     t = dt.datetime(2026, 10, 31)
     df = spark.createDataFrame(
@@ -192,8 +192,8 @@ def test_trimmed_length_sorted_embedding_equals_the_full_width_model(trained, ar
     must be those of one full-width call (max_len columns, trailing padding), row for row."""
     import tensorflow as tf
 
-    from seqclust.encoder import build_encoder, seq_lengths
-    from seqclust.features import FIELDS
+    from seqclust.represent.encoder import build_encoder, seq_lengths
+    from seqclust.represent.features import FIELDS
 
     table, art, weights = trained
     cfg = dict(art.model_cfg, architecture=architecture)
@@ -212,8 +212,8 @@ def test_trimmed_length_sorted_embedding_equals_the_full_width_model(trained, ar
 def test_keras_2_is_refused_with_a_clear_message(monkeypatch):
     import keras
 
-    from seqclust.encoder import build_encoder, require_keras3
-    from seqclust.errors import ArtifactError
+    from seqclust.core.errors import ArtifactError
+    from seqclust.represent.encoder import build_encoder, require_keras3
 
     require_keras3()  # the installed Keras 3 passes
     monkeypatch.setattr(keras, "__version__", "2.15.0")
@@ -224,7 +224,7 @@ def test_keras_2_is_refused_with_a_clear_message(monkeypatch):
 def test_the_worker_model_cache_is_bounded_least_recently_used_out():
     from collections import OrderedDict
 
-    from seqclust.embed import MAX_WORKER_MODELS, _remember
+    from seqclust.represent.embed import MAX_WORKER_MODELS, _remember
 
     assert MAX_WORKER_MODELS >= 1
     cache: OrderedDict = OrderedDict()
@@ -252,7 +252,7 @@ def test_an_unusable_keras_backend_is_refused_with_one_line(backend, message):
 
     if backend == "torch" and importlib.util.find_spec("torch") is not None:
         pytest.skip("torch is installed here")
-    code = "from seqclust.errors import ArtifactError\nfrom seqclust.encoder import keras_backend\ntry:\n    keras_backend()\nexcept ArtifactError as e:\n    print(e)\n"
+    code = "from seqclust.core.errors import ArtifactError\nfrom seqclust.represent.encoder import keras_backend\ntry:\n    keras_backend()\nexcept ArtifactError as e:\n    print(e)\n"
     env = dict(os.environ, KERAS_BACKEND=backend)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -263,8 +263,8 @@ def test_a_run_that_trains_is_refused_before_spark_where_keras_runs_on_torch(mon
     """Training needs TensorFlow: on a runtime whose Keras runs on torch, `run` and `train`
     without an encoder stop with one line before Spark starts (no table written); with
     ``--encoder`` they go on (embedding runs on torch)."""
-    from seqclust.cli import main
-    from seqclust.encoder import backend_name, require_training_backend
+    from seqclust.app.cli import main
+    from seqclust.represent.encoder import backend_name, require_training_backend
 
     monkeypatch.setenv("KERAS_BACKEND", "torch")
     assert backend_name() == "torch"
@@ -289,7 +289,7 @@ def test_the_chosen_backend_is_written_where_keras_reads_it(monkeypatch):
     TensorFlow (missing on a torch runtime)."""
     import os
 
-    from seqclust.encoder import keras_backend
+    from seqclust.represent.encoder import keras_backend
 
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")  # undone after the test
     monkeypatch.delenv("KERAS_BACKEND")

@@ -4,9 +4,9 @@ from pyspark.sql import functions as F
 from sklearn import metrics as skm
 from sklearn.datasets import make_blobs
 
-from seqclust.baseline import random_assignment
-from seqclust.evaluate import internal_scores
-from seqclust.metrics import bootstrap_ci, contingency, external_scores
+from seqclust.evaluate.baseline import random_assignment
+from seqclust.evaluate.metrics import bootstrap_ci, contingency, external_scores
+from seqclust.evaluate.stage import internal_scores
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -28,7 +28,7 @@ def test_external_scores_match_sklearn(spark, seed):
 
 
 def test_contingencies_of_several_columns_from_one_job_equal_each_contingency(spark):
-    from seqclust.metrics import contingencies
+    from seqclust.evaluate.metrics import contingencies
 
     rng = np.random.default_rng(5)
     rows = [
@@ -49,7 +49,7 @@ def test_contingencies_of_several_columns_from_one_job_equal_each_contingency(sp
 
 
 def test_evaluation_sample_keeps_the_same_users_in_every_table_and_leaves_the_baseline_draws_alone(spark):
-    from seqclust.metrics import user_sample
+    from seqclust.evaluate.metrics import user_sample
 
     users = spark.range(20000).select(F.concat(F.lit("u"), F.col("id").cast("string")).alias("entity_id"))
     sessions = users.select(F.col("entity_id").alias("user_id")).crossJoin(spark.range(2).select(F.col("id").alias("s")))
@@ -106,7 +106,7 @@ def test_random_assignment_keeps_the_size_distribution_on_any_partitioning(spark
 
 
 def test_bag_of_events_vocabulary_and_vectors_do_not_depend_on_partitioning(spark):
-    from seqclust.baseline import _vocabulary, bag_of_events
+    from seqclust.evaluate.baseline import _vocabulary, bag_of_events
 
     rng = np.random.default_rng(1)
     toks = [f"view:c{i}" for i in range(30)]
@@ -129,7 +129,7 @@ def test_bag_of_events_vocabulary_and_vectors_do_not_depend_on_partitioning(spar
 
 
 def test_bag_of_events_is_tfidf_l2_per_user(spark):
-    from seqclust.baseline import bag_of_events
+    from seqclust.evaluate.baseline import bag_of_events
 
     sessions = spark.createDataFrame(
         [("u1", ["view:a", "view:a", "cart:b"]), ("u1", ["view:a"]), ("u2", ["cart:b", "view:c"]), ("u3", ["view:c", "view:a"])],
@@ -147,7 +147,7 @@ def test_bag_of_events_is_tfidf_l2_per_user(spark):
 
 
 def test_bag_of_events_with_pca_is_reduced_and_normalised(spark):
-    from seqclust.baseline import bag_of_events
+    from seqclust.evaluate.baseline import bag_of_events
 
     rng = np.random.default_rng(0)
     toks = [f"view:c{i}" for i in range(12)]
@@ -165,7 +165,7 @@ def test_bootstrap_ci_brackets_the_mean():
 
 
 def test_choose_k_rule():
-    from seqclust.cluster import choose_k
+    from seqclust.segment.cluster import choose_k
 
     sweep = [
         {"k": 2, "silhouette": 0.40, "stability": 0.95},
@@ -196,14 +196,14 @@ def curve(peaks: dict[int, float], ks=range(2, 13), base: float = 0.10) -> list[
     ],
 )
 def test_parsimonious_k_rule_on_curves_with_known_answers(peaks, want, runner_up):
-    from seqclust.cluster import select_k
+    from seqclust.segment.cluster import select_k
 
     c = select_k(curve(peaks), "parsimonious", 0.05)
     assert c.k == want and c.uncertain == (runner_up is not None) and c.runner_up == runner_up
 
 
 def test_flat_or_two_peaked_curves_report_k_uncertain_with_the_runner_up():
-    from seqclust.cluster import select_k
+    from seqclust.segment.cluster import select_k
 
     flat = select_k(curve({}, base=0.2), "parsimonious", 0.05)
     assert flat.k == 2 and flat.uncertain and flat.runner_up is not None and "k uncertain" in flat.rule
@@ -214,8 +214,8 @@ def test_flat_or_two_peaked_curves_report_k_uncertain_with_the_runner_up():
 
 
 def test_stability_is_high_for_separated_blobs_and_lower_for_noise():
-    from seqclust.cluster import local_kmeans, stability
-    from seqclust.config import ClusterConfig
+    from seqclust.core.config import ClusterConfig
+    from seqclust.segment.cluster import local_kmeans, stability
 
     cfg = ClusterConfig(stability_runs=3, max_iter=20)
     X, _ = make_blobs(n_samples=400, centers=3, n_features=4, cluster_std=0.3, random_state=0)
@@ -234,7 +234,7 @@ def test_driver_silhouette_matches_sklearn_and_spark(spark):
     from pyspark.ml.functions import array_to_vector
     from sklearn.metrics import silhouette_score
 
-    from seqclust.cluster import silhouette, silhouette_sq
+    from seqclust.segment.cluster import silhouette, silhouette_sq
 
     X, _ = make_blobs(n_samples=300, centers=4, n_features=5, cluster_std=1.5, random_state=3)
     labels = np.random.default_rng(1).integers(0, 4, 300)
@@ -248,13 +248,13 @@ def test_driver_silhouette_matches_sklearn_and_spark(spark):
 
 
 def _blob_labels(X):
-    from seqclust.cluster import local_kmeans
+    from seqclust.segment.cluster import local_kmeans
 
     return local_kmeans(X, 4, 0, 2, 50).labels_
 
 
 def test_proxy_labels(spark):
-    from seqclust.evaluate import proxy_labels
+    from seqclust.evaluate.stage import proxy_labels
 
     sessions = spark.createDataFrame(
         [("u1", {"view": 2, "purchase": 1}, ["b", "a", "a"]), ("u1", {"view": 1}, ["b"]), ("u2", {"view": 2}, ["c", "d"])],
@@ -268,8 +268,8 @@ def test_proxy_labels(spark):
 def test_k_sweep_on_a_user_sample_then_the_chosen_k_fitted_on_all(spark):
     from pyspark.ml.functions import array_to_vector
 
-    from seqclust.cluster import sample_vectors, sweep_and_fit
-    from seqclust.config import ClusterConfig
+    from seqclust.core.config import ClusterConfig
+    from seqclust.segment.cluster import sample_vectors, sweep_and_fit
 
     X, _ = make_blobs(n_samples=900, centers=3, n_features=4, cluster_std=0.4, random_state=2)
     df = spark.createDataFrame([(f"u{i}", x.tolist()) for i, x in enumerate(X)], "entity_id string, emb array<double>")
@@ -280,7 +280,7 @@ def test_k_sweep_on_a_user_sample_then_the_chosen_k_fitted_on_all(spark):
     n_sweep = fit.sweep[0]["sweep_users"]
     assert 240 < n_sweep < 360 and all(r["sweep_users"] == n_sweep for r in fit.sweep)
     # the segments' inertia is over every user, and no worse than MLlib's own fit
-    from seqclust.cluster import fit_best, inertia
+    from seqclust.segment.cluster import fit_best, inertia
 
     assert fit.inertia == pytest.approx(inertia(users, fit.centers), rel=1e-6)
     assert fit.inertia <= fit_best(users, 3, 1, cfg).summary.trainingCost * (1 + 1e-6)
@@ -294,7 +294,7 @@ def test_k_sweep_on_a_user_sample_then_the_chosen_k_fitted_on_all(spark):
 
 
 def test_assign_nearest_and_inertia_match_numpy(spark):
-    from seqclust.cluster import assign_nearest, inertia
+    from seqclust.segment.cluster import assign_nearest, inertia
 
     rng = np.random.default_rng(0)
     X, C = rng.normal(size=(50, 3)), rng.normal(size=(4, 3))
@@ -309,8 +309,8 @@ def test_assign_nearest_and_inertia_match_numpy(spark):
 def test_fit_best_keeps_the_lowest_inertia_of_its_seeded_starts(spark):
     from pyspark.ml.functions import array_to_vector
 
-    from seqclust.cluster import fit_best, fit_kmeans
-    from seqclust.config import ClusterConfig
+    from seqclust.core.config import ClusterConfig
+    from seqclust.segment.cluster import fit_best, fit_kmeans
 
     # many overlapping blobs and one k-means|| round: single starts end in different optima
     X, _ = make_blobs(n_samples=600, centers=12, n_features=3, cluster_std=1.0, random_state=4)
@@ -324,8 +324,8 @@ def test_fit_best_keeps_the_lowest_inertia_of_its_seeded_starts(spark):
 
 
 def test_user_partitions_follow_the_data_not_the_cores():
-    from seqclust.cluster import user_partitions
-    from seqclust.config import ClusterConfig
+    from seqclust.core.config import ClusterConfig
+    from seqclust.segment.cluster import user_partitions
 
     cfg = ClusterConfig(rows_per_partition=100_000)
     assert [user_partitions(n, cfg) for n in (1, 21_052, 100_000, 100_001, 2_000_000)] == [1, 1, 1, 2, 20]
@@ -340,8 +340,8 @@ def test_personas_fitted_on_multi_session_users_in_principal_components_then_lif
     from sklearn.decomposition import PCA
     from sklearn.metrics import adjusted_rand_score
 
-    from seqclust.cluster import Projection, assign_nearest, fit_population, sweep_and_fit
-    from seqclust.config import ClusterConfig
+    from seqclust.core.config import ClusterConfig
+    from seqclust.segment.cluster import Projection, assign_nearest, fit_population, sweep_and_fit
 
     rng = np.random.default_rng(8)
     k, dim, n = 5, 40, 1500
@@ -395,7 +395,7 @@ def test_nearest_centre_in_numpy_breaks_ties_to_the_lower_id_and_measures_the_ow
     pairwise distances as the oracle, exact ties to the lower id, chunks of 1,024 rows."""
     from sklearn.metrics import pairwise_distances
 
-    from seqclust.cluster import nearest_np
+    from seqclust.segment.cluster import nearest_np
 
     rng = np.random.default_rng(3)
     X, C = rng.normal(size=(2500, 7)), rng.normal(size=(5, 7))

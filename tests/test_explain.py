@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from seqclust import tables
+from seqclust.core import tables
 
 T0 = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.timezone.utc)
 
@@ -82,7 +82,7 @@ def small_run(spark, ctx):
 
 
 def test_journeys_lifts_match_a_plain_python_count(spark, ctx, small_run):
-    from seqclust.explain import journeys
+    from seqclust.report.explain import journeys
 
     sessions, clusters, _ = small_run
     seg = {c["entity_id"]: c["cluster_id"] for c in clusters}
@@ -112,7 +112,7 @@ def test_journeys_lifts_match_a_plain_python_count(spark, ctx, small_run):
     for c, exs in j.examples.items():
         assert len(exs) == 2
         allowed = {s["session_id"] for s in sessions if s["user_id"] in {x["entity_id"] for x in near[c]}}
-        from seqclust.explain import short_id
+        from seqclust.report.explain import short_id
 
         assert {e["session"] for e in exs} <= {short_id(s) for s in allowed}
         assert all(re.fullmatch(r"[0-9a-f]{10}", e["session"]) for e in exs)
@@ -121,8 +121,8 @@ def test_journeys_lifts_match_a_plain_python_count(spark, ctx, small_run):
 def test_journeys_count_n_grams_over_a_seeded_user_sample(spark, ctx, small_run):
     """With ``sample_users`` below the users there are, the n-grams are those of the sampled
     users' sessions only (the same hash sample as evaluate's), about that many users."""
-    from seqclust.explain import journeys
-    from seqclust.metrics import in_user_sample
+    from seqclust.evaluate.metrics import in_user_sample
+    from seqclust.report.explain import journeys
 
     sessions, clusters, _ = small_run
     j_all = journeys(spark, ctx, top=20, examples=0, neighbourhood=5, seed=1, min_count=1)
@@ -148,8 +148,8 @@ def test_journeys_count_n_grams_over_a_seeded_user_sample(spark, ctx, small_run)
 def test_map_samples_projects_and_marks_one_session_users(spark, ctx, small_run):
     from sklearn.decomposition import PCA
 
-    from seqclust.config import ReportConfig
-    from seqclust.explain import map_data
+    from seqclust.core.config import ReportConfig
+    from seqclust.report.explain import map_data
 
     _, _, emb = small_run
     m = map_data(spark, ctx, ReportConfig(map_users=100, tsne_users=0), seed=5)
@@ -176,7 +176,7 @@ def test_map_samples_projects_and_marks_one_session_users(spark, ctx, small_run)
 
 
 def test_heatmap_lifts_and_missing_fields():
-    from seqclust.explain import heatmap
+    from seqclust.report.explain import heatmap
 
     base = {
         "event_mix": {"view": 0.5, "purchase": 0.5},
@@ -214,7 +214,7 @@ def test_heatmap_lifts_and_missing_fields():
 def test_flows_count_users_between_runs(spark, ctx, store):
     import dataclasses
 
-    from seqclust.explain import flows
+    from seqclust.report.explain import flows
 
     prev = dataclasses.replace(ctx, run_id="t0")
     old = {f"u{i}": i % 2 for i in range(40)}
@@ -246,10 +246,10 @@ def _images(text: str) -> list:
 
 
 def test_report_embeds_every_picture_with_a_caption(spark, ctx, small_run):
-    from seqclust.config import PipelineConfig, ReportConfig
-    from seqclust.pipeline import save_record
-    from seqclust.report import write_report
-    from seqclust.tables import RunRecord
+    from seqclust.app.pipeline import save_record
+    from seqclust.core.config import PipelineConfig, ReportConfig
+    from seqclust.core.tables import RunRecord
+    from seqclust.report.page import write_report
 
     save_record(spark, ctx, RunRecord(status="succeeded", users=150, k=3))
     prof = {
@@ -270,7 +270,7 @@ def test_report_embeds_every_picture_with_a_caption(spark, ctx, small_run):
     _write(spark, ctx, "cluster_profiles", [{**prof, "cluster_id": c, "event_mix_lift": {"view": 0.5 + c}} for c in range(3)])
     import dataclasses
 
-    from seqclust.tables import MetricRow, write_metrics
+    from seqclust.core.tables import MetricRow, write_metrics
 
     # an earlier run the drift was measured against: the report shows users moving between them
     prev = dataclasses.replace(ctx, run_id="t0")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from seqclust import tables
-from seqclust.privacy import pseudonym_py
+from seqclust.core import tables
+from seqclust.core.privacy import pseudonym_py
 
 SALT = "a-test-salt-of-some-length"
 SIZES = {0: 60, 1: 55, 2: 12}  # segment 2 is under the default minimum of 50
@@ -16,9 +16,9 @@ SIZES = {0: 60, 1: 55, 2: 12}  # segment 2 is under the default minimum of 50
 
 @pytest.fixture()
 def exported_run(spark, ctx, store, monkeypatch):
-    from seqclust.config import PipelineConfig, RunConfig
-    from seqclust.pipeline import save_record
-    from seqclust.tables import RunRecord
+    from seqclust.app.pipeline import save_record
+    from seqclust.core.config import PipelineConfig, RunConfig
+    from seqclust.core.tables import RunRecord
 
     monkeypatch.setenv("SEQCLUST_PSEUDONYM_SALT", SALT)
     rows = []
@@ -34,7 +34,7 @@ def exported_run(spark, ctx, store, monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "delta"])
 def test_export_writes_one_audience_per_segment(spark, exported_run, tmp_path, fmt):
-    from seqclust.export import MARKER, export
+    from seqclust.serve.export import MARKER, export
 
     out = tmp_path / "aud"
     res = export(spark, exported_run, "t1", fmt, str(out))
@@ -61,7 +61,7 @@ def test_export_writes_one_audience_per_segment(spark, exported_run, tmp_path, f
 
 
 def test_min_size_and_raw_ids(spark, exported_run, tmp_path):
-    from seqclust.export import export
+    from seqclust.serve.export import export
 
     res = export(spark, exported_run, "t1", "parquet", str(tmp_path / "a"), min_size=56, raw_ids=True)
     assert res.audiences == {0: 60} and res.withheld == {1: 55, 2: 12} and res.ids == "raw"
@@ -71,9 +71,9 @@ def test_min_size_and_raw_ids(spark, exported_run, tmp_path):
 
 
 def test_export_refuses_what_it_should(spark, exported_run, tmp_path, monkeypatch, capsys):
-    from seqclust.cli import main
-    from seqclust.errors import ConfigError, InputError
-    from seqclust.export import export
+    from seqclust.app.cli import main
+    from seqclust.core.errors import ConfigError, InputError
+    from seqclust.serve.export import export
 
     with pytest.raises(InputError, match=r"--run-id nope: no such run under .*latest runs there: t1"):
         export(spark, exported_run, "nope", "csv", str(tmp_path / "x"))

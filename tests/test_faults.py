@@ -11,7 +11,7 @@ def test_two_runs_creating_the_same_tables_at_once_both_land(spark, tmp_path):
     """Two runs started together into a new output folder: Delta lets one create each table and
     the other sees ProtocolChanged / MetadataChanged; the store writes again (a run replaces
     only its own rows, so that is safe) and both runs' rows are there."""
-    from seqclust.io import TableStore
+    from seqclust.runtime.store import TableStore
 
     for attempt in range(3):  # the race is not certain every time; three fresh folders
         store = TableStore(str(tmp_path / f"out{attempt}"))
@@ -39,7 +39,7 @@ def test_two_runs_creating_the_same_tables_at_once_both_land(spark, tmp_path):
 def test_conflict_retry_gives_up_on_other_errors_at_once():
     from pyspark.errors import PySparkException
 
-    from seqclust.io import retry_conflicts
+    from seqclust.runtime.store import retry_conflicts
 
     calls = []
 
@@ -80,8 +80,8 @@ def test_a_full_disk_mid_write_leaves_the_tables_as_they_were_and_a_rerun_comple
     from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
-    from seqclust.cli import main
-    from seqclust.datagen import write_dataset
+    from seqclust.app.cli import main
+    from seqclust.datasets.generated import write_dataset
 
     out = tmp_path / "vol"
     if not _mount_tmpfs(out, "64m"):

@@ -1,7 +1,7 @@
 import numpy as np
 import pyarrow as pa
 
-from seqclust.features import MASK, OOV, PAD, TOKEN_OFFSET, Vocab, featurize, price_edges_from_ratios
+from seqclust.represent.features import MASK, OOV, PAD, TOKEN_OFFSET, Vocab, featurize, price_edges_from_ratios
 
 
 def _vocab(max_len=3):
@@ -68,7 +68,7 @@ def test_price_edges_are_quantiles():
 
 
 def test_token_fields_compose_tokens_the_same_way_everywhere():
-    from seqclust.features import compose_tokens, event_parts
+    from seqclust.represent.features import compose_tokens, event_parts
 
     batch = pa.table(
         {
@@ -95,7 +95,7 @@ def test_token_fields_compose_tokens_the_same_way_everywhere():
 
 
 def test_vocab_of_other_token_fields_is_counted_in_spark(spark):
-    from seqclust.tokenize import build_vocab
+    from seqclust.represent.tokens import build_vocab
 
     rows = [
         (["view:c1", "cart:c1"], ["view", "cart"], ["c1", "c1"], ["i1", "i2"], [1.0, 2.0], [0.0, 5.0]),

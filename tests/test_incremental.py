@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from seqclust.config import SessionizeConfig
-from seqclust.sessionize import incremental_sessions, sessions_and_runaways
+from seqclust.core.config import SessionizeConfig
+from seqclust.sessionize.stage import incremental_sessions, sessions_and_runaways
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis (the dev extra) drives the property test")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -78,8 +78,8 @@ def test_incremental_equals_full_recompute(spark, users, split_at, engine):
 def test_incremental_runs_through_delta_merge_equal_a_full_run(spark, tmp_path, capsys):
     """The CLI path: ingest + sessionize with --until then --since on one run id (events and
     sessions MERGEd), against one full run; a rerun of a window changes nothing."""
-    from seqclust.cli import main
-    from seqclust.datagen import write_dataset
+    from seqclust.app.cli import main
+    from seqclust.datasets.generated import write_dataset
 
     data = tmp_path / "gen"
     write_dataset(data, users=70, seed=4, bad_rate=0.01)

@@ -3,11 +3,11 @@ import datetime as dt
 import pytest
 from pyspark.sql import functions as F
 
-from seqclust import ingest
-from seqclust.config import ColumnsConfig, SourceConfig
-from seqclust.context import RunContext
-from seqclust.errors import InputError, MissingColumnError
-from seqclust.io import read_source
+from seqclust.core.config import ColumnsConfig, SourceConfig
+from seqclust.core.context import RunContext
+from seqclust.core.errors import InputError, MissingColumnError
+from seqclust.ingest import stage as ingest
+from seqclust.runtime.store import read_source
 
 NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
 COLS = ["event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price"]
@@ -97,7 +97,7 @@ def test_dedup_by_event_id_keeps_earliest_and_by_key_without_id(spark):
 
 
 def _ctx(store, path):
-    from seqclust.config import TablesConfig
+    from seqclust.core.config import TablesConfig
 
     return RunContext(run_id="ing", store=store, tables=TablesConfig(), started_at=NOW, input_path=str(path))
 
@@ -184,7 +184,7 @@ def test_a_single_stage_command_prints_the_rows_it_wrote(spark, tmp_path, capsys
     source_file (only the quarantine keeps it)."""
     from pathlib import Path
 
-    from seqclust.cli import main
+    from seqclust.app.cli import main
 
     repo = Path(__file__).resolve().parents[1]
     src = tmp_path / "ev.csv"
@@ -260,7 +260,7 @@ def test_a_delta_source_is_read_at_the_version_its_fingerprint_records(spark, st
 def test_rows_written_are_found_behind_more_commits_than_the_history_window(spark, store):
     """Our commit's row count is read from the last commits of the log, the whole history only
     when more commits than the window came after it (a stream's tables gain one a batch)."""
-    from seqclust.io import HISTORY_WINDOW
+    from seqclust.runtime.store import HISTORY_WINDOW
 
     df = spark.createDataFrame([(i,) for i in range(7)], "x long")
     store.write_run(df, "t", "a")

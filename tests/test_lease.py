@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from seqclust import lease
-from seqclust.tables import RunRecord
+from seqclust.core.tables import RunRecord
+from seqclust.runtime import lease
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2026, 12, 1, 12, tzinfo=dt.timezone.utc)
@@ -47,11 +47,11 @@ def test_who_holds_a_lease():
 
 
 def test_a_second_start_of_a_live_run_id_is_refused_and_a_stale_lease_taken_over(spark, tmp_path, capsys):
-    from seqclust.cli import main
-    from seqclust.config import TablesConfig
-    from seqclust.context import RunContext
-    from seqclust.io import TableStore
-    from seqclust.pipeline import load_record, save_record
+    from seqclust.app.cli import main
+    from seqclust.app.pipeline import load_record, save_record
+    from seqclust.core.config import TablesConfig
+    from seqclust.core.context import RunContext
+    from seqclust.runtime.store import TableStore
 
     src = tmp_path / "ev.csv"
     src.write_text("user_id,ts,event_type\nu1,2026-10-01T10:00:00Z,view\nu2,2026-10-01T10:01:00Z,view\n")
@@ -77,11 +77,11 @@ def test_a_second_start_of_a_live_run_id_is_refused_and_a_stale_lease_taken_over
 def test_two_processes_taking_one_lease_at_once_one_wins(spark, tmp_path, row):
     """A new run id takes its lease by MERGE (insert unless present), an existing row by a
     conditional UPDATE; either way the two racers' compare-and-set lets exactly one win."""
-    from seqclust.config import TablesConfig
-    from seqclust.context import RunContext
-    from seqclust.errors import SeqclustError
-    from seqclust.io import TableStore
-    from seqclust.pipeline import load_record, save_record
+    from seqclust.app.pipeline import load_record, save_record
+    from seqclust.core.config import TablesConfig
+    from seqclust.core.context import RunContext
+    from seqclust.core.errors import SeqclustError
+    from seqclust.runtime.store import TableStore
 
     for attempt in range(2):  # the race is not certain every time: two fresh folders
         ctx = RunContext(run_id="twice", store=TableStore(str(tmp_path / f"out{attempt}")), tables=TablesConfig(), started_at=NOW)
@@ -120,10 +120,10 @@ def test_two_processes_taking_one_lease_at_once_one_wins(spark, tmp_path, row):
 def test_the_lease_update_writes_the_whole_record(spark, tmp_path):
     """Taking the lease of an existing run's row rewrites every column of it (maps, lists and
     timestamps included): what an earlier run of the id left is not kept by accident."""
-    from seqclust.config import TablesConfig
-    from seqclust.context import RunContext
-    from seqclust.io import TableStore
-    from seqclust.pipeline import load_record, save_record
+    from seqclust.app.pipeline import load_record, save_record
+    from seqclust.core.config import TablesConfig
+    from seqclust.core.context import RunContext
+    from seqclust.runtime.store import TableStore
 
     ctx = RunContext(run_id="again", store=TableStore(str(tmp_path / "out")), tables=TablesConfig(), started_at=NOW)
     old = RunRecord(
@@ -158,8 +158,8 @@ def test_the_lease_update_writes_the_whole_record(spark, tmp_path):
 
 @pytest.mark.parametrize("timeout", [5, -1])
 def test_lease_timeout_is_checked(timeout):
-    from seqclust.config import load_config
-    from seqclust.errors import ConfigError
+    from seqclust.core.config import load_config
+    from seqclust.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="run.lease_timeout_s: must be >= 10 seconds"):
         load_config(REPO / "conf" / "local.yaml", overrides=[f"run.lease_timeout_s={timeout}"])
@@ -167,10 +167,10 @@ def test_lease_timeout_is_checked(timeout):
 
 def test_a_runs_table_of_an_older_version_gets_the_lease_columns(spark, tmp_path):
     """A runs table written before the lease existed: the lease's MERGE adds its columns first."""
-    from seqclust.config import TablesConfig
-    from seqclust.context import RunContext
-    from seqclust.io import TableStore
-    from seqclust.tables import RUNS
+    from seqclust.core.config import TablesConfig
+    from seqclust.core.context import RunContext
+    from seqclust.core.tables import RUNS
+    from seqclust.runtime.store import TableStore
 
     old = [f for f in RUNS.fields if f.name not in ("lease_owner", "lease_heartbeat", "rows_empty_optional")]
     from pyspark.sql import types as T
@@ -189,8 +189,8 @@ def test_creating_the_runs_table_never_replaces_a_row_committed_meanwhile(spark,
     append of nothing."""
     from pyspark.sql import functions as F
 
-    from seqclust.io import TableStore
-    from seqclust.tables import RUNS
+    from seqclust.core.tables import RUNS
+    from seqclust.runtime.store import TableStore
 
     store = TableStore(str(tmp_path / "out"))
     empty = spark.createDataFrame([], RUNS).withColumn("run_id", F.lit(None).cast("string"))

@@ -3,8 +3,8 @@
 import pytest
 from pyspark.sql import functions as F
 
-from seqclust.config import ConfigError, TablesConfig
-from seqclust.io import TableStore
+from seqclust.core.config import ConfigError, TablesConfig
+from seqclust.runtime.store import TableStore
 
 
 @pytest.fixture()
@@ -44,7 +44,7 @@ def test_missing_schema_and_bad_names_are_config_errors(spark, tmp_path):
 
 def test_merge_row_counts_from_the_result_and_from_the_log_agree(spark, tmp_path, monkeypatch):
     """Delta 4 returns a MERGE's counts (no job); older Delta leaves them in the log only."""
-    from seqclust import io
+    from seqclust.runtime import store as io
 
     got = {}
     for flag in (True, False):

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import seqclust.stages
-from seqclust.datagen import write_dataset
-from seqclust.notebook import WIDGETS, cli_args, run_id_for
+import seqclust.core.stages
+from seqclust.app.notebook import WIDGETS, cli_args, run_id_for
+from seqclust.datasets.generated import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
-STAGES = list(seqclust.stages.STAGES)  # the one list; the DAG and the bundle keep copies held to it here
+STAGES = list(seqclust.core.stages.STAGES)  # the one list; the DAG and the bundle keep copies held to it here
 
 
 class NotebookExit(Exception):
@@ -68,7 +68,7 @@ def test_bundle_tasks_point_at_entry_points_and_run_in_order():
     job = bundle["resources"]["jobs"]["seqclust"]
     tasks = job["tasks"]
     assert [t["task_key"] for t in tasks] == STAGES
-    from seqclust.cli import build_parser
+    from seqclust.app.cli import build_parser
 
     parser = build_parser()
     for i, t in enumerate(tasks):
@@ -86,7 +86,7 @@ def test_bundle_tasks_point_at_entry_points_and_run_in_order():
     assert bundle["targets"]["prod"]["resources"]["jobs"]["seqclust"]["schedule"]["pause_status"] == "UNPAUSED"
     assert {"catalog", "schema"} <= set(bundle["variables"])
     assert (REPO / "conf" / "databricks.yaml").is_file()
-    from seqclust.config import load_config
+    from seqclust.core.config import load_config
 
     cfg = load_config(REPO / "conf" / "databricks.yaml")
     assert cfg.tables.catalog and cfg.tables.schema and cfg.spark.master is None
@@ -95,7 +95,7 @@ def test_bundle_tasks_point_at_entry_points_and_run_in_order():
 def test_widget_arguments_and_run_id_from_the_date():
     import datetime as dt
 
-    from seqclust.errors import ConfigError
+    from seqclust.core.errors import ConfigError
 
     assert run_id_for("2026-11-27") == "2026-11-27" and run_id_for("", dt.date(2026, 1, 2)) == "2026-01-02"
     with pytest.raises(ConfigError, match="run_date"):

@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import cross_val_score
 
-from seqclust import personas as P
+from seqclust.datasets import personas as P
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 USERS = 1200

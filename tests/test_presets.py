@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from seqclust import ingest, sessionize
-from seqclust.config import TablesConfig, load_config, presets
-from seqclust.context import RunContext
-from seqclust.errors import ConfigError
+from seqclust.core.config import TablesConfig, load_config, presets
+from seqclust.core.context import RunContext
+from seqclust.core.errors import ConfigError
+from seqclust.ingest import stage as ingest
+from seqclust.sessionize import stage as sessionize
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

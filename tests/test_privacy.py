@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from seqclust import ingest
-from seqclust.cli import main
-from seqclust.config import PrivacyConfig, SourceConfig, TablesConfig
-from seqclust.context import RunContext
-from seqclust.datagen import write_dataset
-from seqclust.errors import ConfigError
-from seqclust.privacy import pseudonym, pseudonym_py
+from seqclust.app.cli import main
+from seqclust.core.config import PrivacyConfig, SourceConfig, TablesConfig
+from seqclust.core.context import RunContext
+from seqclust.core.errors import ConfigError
+from seqclust.core.privacy import pseudonym, pseudonym_py
+from seqclust.datasets.generated import write_dataset
+from seqclust.ingest import stage as ingest
 
 REPO = Path(__file__).resolve().parents[1]
 SALT = "a-test-salt-of-some-length"

@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from seqclust.profiles import cluster_profiles
+from seqclust.segment.profiles import cluster_profiles
 
 T0 = dt.datetime(2026, 10, 1)
 

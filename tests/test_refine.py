@@ -9,7 +9,7 @@ import pytest
 from scipy import sparse
 from sklearn.metrics import adjusted_rand_score
 
-from seqclust import refine
+from seqclust.segment import refine
 
 TOKENS = tuple(
     [f"t:{a}" for a in "abcdef"] + [f"t:{a}>{b}" for a in "ab" for b in "abc"] + [f"s:L{i}" for i in range(4)] + ["s:Ob", "s:On"]
@@ -124,8 +124,8 @@ def test_spark_refinement_equals_the_in_memory_oracle_and_assign_reproduces_it(s
 
 
 def test_an_unknown_refine_setting_is_refused():
-    from seqclust.config import ClusterConfig
-    from seqclust.errors import ConfigError
+    from seqclust.core.config import ClusterConfig
+    from seqclust.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="refine"):
         ClusterConfig(refine="em")  # type: ignore[arg-type]

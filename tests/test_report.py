@@ -4,9 +4,9 @@ from __future__ import annotations
 
 
 def test_report_says_how_many_users_a_sampled_evaluation_measured(spark, ctx):
-    from seqclust.pipeline import save_record
-    from seqclust.report import write_report
-    from seqclust.tables import MetricRow, RunRecord, write_metrics
+    from seqclust.app.pipeline import save_record
+    from seqclust.core.tables import MetricRow, RunRecord, write_metrics
+    from seqclust.report.page import write_report
 
     save_record(spark, ctx, RunRecord(status="succeeded", users=30000, k=3))
 
@@ -21,9 +21,9 @@ def test_report_says_how_many_users_a_sampled_evaluation_measured(spark, ctx):
 
 
 def test_report_says_k_uncertain_with_the_runner_up_only_when_the_rule_did(spark, ctx):
-    from seqclust.pipeline import save_record
-    from seqclust.report import write_report
-    from seqclust.tables import MetricRow, RunRecord, write_metrics
+    from seqclust.app.pipeline import save_record
+    from seqclust.core.tables import MetricRow, RunRecord, write_metrics
+    from seqclust.report.page import write_report
 
     save_record(spark, ctx, RunRecord(status="succeeded", users=300, k=3))
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from seqclust.cli import main
+from seqclust.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 DAY1 = dt.datetime(2026, 11, 1, 10, tzinfo=dt.timezone.utc)

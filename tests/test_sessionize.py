@@ -3,7 +3,7 @@ import datetime as dt
 
 import pytest
 
-from seqclust.sessionize import SESSION_COLUMNS, sessionize
+from seqclust.sessionize.stage import SESSION_COLUMNS, sessionize
 
 # every rule is checked on both engines: they must agree exactly
 pytestmark = pytest.mark.parametrize("engine", ["arrow", "sql"])
@@ -81,8 +81,8 @@ def test_midnight_split_is_optional_and_uses_the_time_zone(spark, engine):
 
 
 def test_runaway_sessions_are_quarantined_with_a_reason(spark, engine):
-    from seqclust.config import SessionizeConfig
-    from seqclust.sessionize import sessions_and_runaways
+    from seqclust.core.config import SessionizeConfig
+    from seqclust.sessionize.stage import sessions_and_runaways
 
     fast = [(f"f{i}", "bot", T0 + dt.timedelta(seconds=i), "view", None, "c", None) for i in range(120)]  # 60/min for 2 min
     many = _ts_rows("heavy", [i * 0.9 for i in range(40)])  # slow but long
@@ -99,8 +99,8 @@ def test_one_user_with_a_million_events_is_one_runaway_session(spark, engine):
     reach modelling: one runaway session with every event counted, next to a normal user."""
     from pyspark.sql import functions as F
 
-    from seqclust.config import SessionizeConfig
-    from seqclust.sessionize import sessions_and_runaways
+    from seqclust.core.config import SessionizeConfig
+    from seqclust.sessionize.stage import sessions_and_runaways
 
     n = 1_000_000 if engine == "arrow" else 200_000  # the reference engine: the rule, at less cost
     bot = spark.range(n).select(

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 from pyspark.sql import functions as F
 
-from seqclust.config import SessionizeConfig
-from seqclust.datagen import write_dataset
-from seqclust.sessionize import sessions_and_runaways
+from seqclust.core.config import SessionizeConfig
+from seqclust.datasets.generated import write_dataset
+from seqclust.sessionize.stage import sessions_and_runaways
 
 duckdb = pytest.importorskip("duckdb", reason="duckdb (the dev extra) is the independent implementation")
 

@@ -7,7 +7,7 @@ import pytest
 
 
 def test_concurrent_tasks_overlap_keep_the_job_group_and_raise_the_first_failure(spark):
-    from seqclust.spark import concurrently
+    from seqclust.runtime.spark import concurrently
 
     sc = spark.sparkContext
     sc.setJobGroup("seqclust-test-group", "concurrently")
@@ -45,7 +45,7 @@ def test_concurrent_tasks_overlap_keep_the_job_group_and_raise_the_first_failure
 
 
 def test_a_materialised_frame_has_no_delta_scan_left_and_is_freed(spark, tmp_path):
-    from seqclust.spark import materialised, release
+    from seqclust.runtime.spark import materialised, release
 
     path = str(tmp_path / "t")
     spark.range(100).withColumnRenamed("id", "x").write.format("delta").save(path)

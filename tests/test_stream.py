@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from seqclust.cli import main
-from seqclust.datagen import write_dataset
+from seqclust.app.cli import main
+from seqclust.datasets.generated import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.spark
@@ -157,7 +157,14 @@ def test_a_stream_killed_mid_merge_resumes_from_its_checkpoint_exactly_once(spar
     from test_crash import _env, _run_and_kill
 
     root, out, _ = streamed
-    base = [sys.executable, "-m", "seqclust.cli", *_stream_args(root, out, "live-k", "ck-k"), "--conf", str(REPO / "conf" / "local.yaml")]
+    base = [
+        sys.executable,
+        "-m",
+        "seqclust.app.cli",
+        *_stream_args(root, out, "live-k", "ck-k"),
+        "--conf",
+        str(REPO / "conf" / "local.yaml"),
+    ]
     # three files, then two, per micro-batch (other cuts than the uninterrupted stream's: the
     # result must not depend on them, and two batches keep the test short)
     base += [x for s in [*SMALL, "stream.max_files_per_trigger=3"] for x in ("--set", s)]
@@ -224,7 +231,7 @@ def test_a_kafka_topic_streams_into_the_same_live_segments_as_the_files(spark, s
     messages.insert(len(messages) // 2, ("u-bad", "{this is not json"))
     with Broker(tmp_path / "kafka", kafka_jars()) as broker:
         broker.produce("events", messages)
-        cmd = [sys.executable, "-m", "seqclust.cli", "stream", "--model", "m1", "--format", "kafka"]
+        cmd = [sys.executable, "-m", "seqclust.app.cli", "stream", "--model", "m1", "--format", "kafka"]
         cmd += ["--checkpoint", str(tmp_path / "ck"), "--output", str(out), "--run-id", "live-kafka", "--available-now", "--flush"]
         cmd += ["--conf", str(REPO / "conf" / "local.yaml")] + [x for s in SMALL for x in ("--set", s)]
         cmd += ["--set", f"source.kafka.bootstrap_servers={broker.bootstrap}", "--set", "source.kafka.topic=events"]
@@ -248,10 +255,10 @@ def test_a_kafka_topic_streams_into_the_same_live_segments_as_the_files(spark, s
 
 def test_kafka_without_spark_s_kafka_source_says_which_package_to_add(spark):
     """The suite's session has no Kafka jar: reading a topic is one error naming the package."""
-    from seqclust.config import load_config
-    from seqclust.errors import InputError
-    from seqclust.spark import kafka_package
-    from seqclust.stream import read_kafka
+    from seqclust.core.config import load_config
+    from seqclust.core.errors import InputError
+    from seqclust.runtime.spark import kafka_package
+    from seqclust.serve.stream import read_kafka
 
     cfg = load_config(None, overrides=["source.format=kafka", "source.kafka.bootstrap_servers=127.0.0.1:9", "source.kafka.topic=t"])
     with pytest.raises(InputError, match="Spark has no Kafka source") as e:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from pyspark.sql import types as T
 
-from seqclust.config import EmbedConfig
-from seqclust.stream import UPDATED, Model, live_updater
+from seqclust.core.config import EmbedConfig
+from seqclust.serve.stream import UPDATED, Model, live_updater
 
 pytestmark = pytest.mark.spark
 

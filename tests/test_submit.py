@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from seqclust.spark import _jar_list, _remember_jars, cached_delta_jars, delta_package
+from seqclust.runtime.spark import _jar_list, _remember_jars, cached_delta_jars, delta_package
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,8 +96,8 @@ def test_a_users_driver_options_and_jars_are_kept(tmp_path):
     Delta's jars."""
     code = r"""
 import json, sys
-from seqclust.config import SparkConfig
-from seqclust.spark import get_spark, _jar_list, delta_package
+from seqclust.core.config import SparkConfig
+from seqclust.runtime.spark import get_spark, _jar_list, delta_package
 spark = get_spark(SparkConfig(master="local[1]", shuffle_partitions=1, log_level="ERROR", conf={
     "spark.driver.extraJavaOptions": "-Dseqclust.probe=kept",
     "spark.jars.packages": delta_package(),

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from seqclust.config import load_config
-from seqclust.tracking import TAG, log_run, metric_key, tracking_uri
+from seqclust.core.config import load_config
+from seqclust.runtime.tracking import TAG, log_run, metric_key, tracking_uri
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is a dev dependency (pip install -e '.[dev]')")
 

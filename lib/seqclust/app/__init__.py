@@ -1,0 +1,1 @@
+"""Entry points: the pipeline, the command line and the notebook helpers."""

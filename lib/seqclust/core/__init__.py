@@ -1,0 +1,1 @@
+"""Configuration, errors, the run context, stage names and the table contracts."""

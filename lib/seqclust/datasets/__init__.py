@@ -1,0 +1,1 @@
+"""Generated event logs with known structure, for the demo, tests and benchmarks."""

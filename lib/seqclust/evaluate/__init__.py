@@ -1,0 +1,1 @@
+"""How good the segments are: internal, stability, external, downstream, drift, baselines."""

@@ -1,0 +1,1 @@
+"""The HTML report: what sets segments apart, charts and the page."""

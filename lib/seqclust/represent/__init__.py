@@ -1,0 +1,1 @@
+"""From sessions to vectors: tokens, behaviour features, the encoder, its training and embedding."""

@@ -1,0 +1,1 @@
+"""Segments: the k sweep, k-means, refinement and per-segment profiles."""

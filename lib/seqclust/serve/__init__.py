@@ -1,0 +1,1 @@
+"""Segments for new data: the live stream and exports."""

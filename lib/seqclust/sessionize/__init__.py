@@ -1,0 +1,1 @@
+"""Per-user sessions: inactivity gap, maximum duration and length, deterministic ids."""
