@@ -81,7 +81,7 @@ def test_databricks_dag_submits_the_stages_with_an_idempotency_token(dagbag):
     assert task["json"]["job_clusters"][0]["job_cluster_key"] == "seqclust"
     tasks = task["tasks"]
     assert [t["task_key"] for t in tasks] == STAGES
-    entry_points = set(re.findall(r'"(\w+)=seqclust\.cli:main"', (REPO / "setup.py").read_text()))
+    entry_points = set(re.findall(r'"(\w+)=seqclust\.app\.cli:main"', (REPO / "setup.py").read_text()))
     for i, t in enumerate(tasks):
         assert t.get("depends_on", []) == ([{"task_key": STAGES[i - 1]}] if i else [])
         wheel = t["python_wheel_task"]

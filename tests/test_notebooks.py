@@ -64,7 +64,7 @@ def run_cells(path: Path, dbutils: DBUtils, spark) -> tuple[dict, list]:
 
 def test_bundle_tasks_point_at_entry_points_and_run_in_order():
     bundle = yaml.safe_load((REPO / "databricks.yml").read_text())
-    entry_points = set(re.findall(r'"(\w+)=seqclust\.cli:main"', (REPO / "setup.py").read_text()))
+    entry_points = set(re.findall(r'"(\w+)=seqclust\.app\.cli:main"', (REPO / "setup.py").read_text()))
     job = bundle["resources"]["jobs"]["seqclust"]
     tasks = job["tasks"]
     assert [t["task_key"] for t in tasks] == STAGES
