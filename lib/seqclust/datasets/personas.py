@@ -85,6 +85,12 @@ class FamilyMember:
     make: Callable[[int, int], tuple[pa.Table, pa.Table]]  # (users, seed) -> (events, personas)
     needs_data: str | None = None  # a folder under shared/data/ it reads
     note: str = ""
+    planted_top: int | None = None  # nested generators: the planted groups above the personas (their ``group`` column)
+
+    @property
+    def planted_groups(self) -> int:
+        """Planted segments at the top level: the groups where they nest, else the personas."""
+        return self.planted_top or self.planted_k
 
 
 # --------------------------------------------------------------------------------------
@@ -169,7 +175,7 @@ def _draw(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
     return (rng.random(len(probs))[:, None] > cum).sum(axis=1)
 
 
-def simulate(rng: np.random.Generator, pop: Population, prefix: str = "u") -> tuple[pa.Table, pa.Table]:
+def simulate(rng: np.random.Generator, pop: Population, prefix: str = "u", names: list[str] | None = None) -> tuple[pa.Table, pa.Table]:
     """Events of ``pop``: sessions of Markov event types with items, prices and timestamps."""
     users = len(pop.persona)
     s_user = np.repeat(np.arange(users), pop.n_sessions)
@@ -226,7 +232,7 @@ def simulate(rng: np.random.Generator, pop: Population, prefix: str = "u") -> tu
     ts_ms = START + np.round((s_start[e_sess] + within) * 1000).astype("timedelta64[ms]")
     cat_base = np.random.default_rng(99).lognormal(np.log(30.0), 0.9, N_CATS)
     price = np.round(cat_base[cat] * np.exp(1.5 * (item_idx / (ITEMS_PER_CAT - 1) - 0.5)) * rng.lognormal(0, 0.03, n), 2)
-    return _tables(rng, s_user[e_sess], ts_ms, TYPES[etype], cat, cat * 1000 + item_idx, price, pop.persona, prefix)
+    return _tables(rng, s_user[e_sess], ts_ms, TYPES[etype], cat, cat * 1000 + item_idx, price, pop.persona, prefix, names)
 
 
 def _tables(rng, e_user, ts_ms, etype, cat, item, price, persona, prefix: str, names: list[str] | None = None) -> tuple[pa.Table, pa.Table]:
@@ -455,6 +461,79 @@ def real_sessions(users: int, seed: int, data: str | Path | None) -> tuple[pa.Ta
     return _tables(rng, s_user[e_sess], ts_ms, real.etype[e_src], None, real.item[e_src], None, persona, "r", names)
 
 
+# --------------------------------------------------------------------------------------
+# nested generators: a few groups far apart, and inside some of them groups closer together
+
+
+def _with_groups(events_personas: tuple[pa.Table, pa.Table], groups: list[str]) -> tuple[pa.Table, pa.Table]:
+    """The personas table with a ``group`` column (the planted top level): a persona named
+    ``group.leaf`` belongs to ``group``, a persona without a dot is a group of its own."""
+    events, personas = events_personas
+    names = personas.column("persona").to_pylist()
+    group = [n.split(".", 1)[0] for n in names]
+    unknown = set(group) - set(groups)
+    if unknown:
+        raise ValueError(f"personas {sorted(unknown)} belong to no planted group")
+    return events, personas.append_column("group", pa.array(group, pa.string()))
+
+
+def nested_price(users: int, seed: int) -> tuple[pa.Table, pa.Table]:
+    """Three price tiers far apart (the item's place in its category's price range: cheapest,
+    middle, dearest); inside the middle tier four audiences, each pair of them apart in at
+    least two of: *when* they shop (weekday daytime or weekend evening), interest breadth,
+    returning to items already seen, and session length. Six planted personas under three
+    groups; the top split (price) is much stronger than the leaf splits."""
+    rng = np.random.default_rng(seed)
+    names = ["cheap", "premium", "mid.day_browsers", "mid.evening_loyal", "mid.day_focused", "mid.evening_returners"]
+    persona = rng.choice(len(names), users, p=[0.15, 0.15, 0.175, 0.175, 0.175, 0.175])
+    pop = base_population(rng, persona)
+    level = np.array([0.08, 0.92, 0.5, 0.5, 0.5, 0.5])
+    pop.price_level = np.clip(level[persona] + rng.normal(0, 0.04, users), 0, 1)
+    mid = persona >= 2
+    leaf = np.clip(persona - 2, 0, 3)
+    #                     browsers loyal focused returners
+    evening = np.array([False, True, False, True])[leaf]
+    focus = np.array([0.3, 0.9, 0.9, 0.3])[leaf]
+    revisit = np.array([0.04, 0.4, 0.04, 0.4])[leaf]
+    length = np.array([6.0, 16.0, 16.0, 6.0])[leaf]
+    pop.hour = np.where(mid, np.where(evening, 21.0, 11.0) + rng.normal(0, 0.7, users), pop.hour)
+    pop.hour_sd = np.where(mid, rng.uniform(1.0, 1.8, users), pop.hour_sd)
+    pop.weekend = np.where(mid, np.where(evening, 0.75, 0.08), pop.weekend)
+    pop.focus = np.where(mid, np.clip(focus + rng.normal(0, 0.05, users), 0.05, 0.98), pop.focus)
+    pop.revisit = np.where(mid, np.clip(revisit + rng.normal(0, 0.04, users), 0.0, 0.7), pop.revisit)
+    pop.session_len = np.where(mid, length * rng.lognormal(0, 0.2, users), pop.session_len)
+    return _with_groups(simulate(rng, pop, "np", names), ["cheap", "premium", "mid"])
+
+
+def nested_interests(users: int, seed: int) -> tuple[pa.Table, pa.Table]:
+    """Two groups that shop in disjoint departments (fashion-like and electronics-like), each
+    made of three audiences told apart by a *different* signal: in the first, what follows
+    what among event types (three transition chains, one shared event-type mix); in the
+    second, pace (seconds between events) and price level. Six planted personas under two
+    groups; the signal that separates the groups is not the one that separates the leaves."""
+    rng = np.random.default_rng(seed)
+    prng = np.random.default_rng(4006)
+    names = ["a.chain0", "a.chain1", "a.chain2", "b.fast_cheap", "b.steady", "b.slow_dear"]
+    persona = rng.integers(0, len(names), users)
+    pop = base_population(rng, persona)
+    depts = prng.permutation(N_DEPTS)
+    taste = np.full((2, N_DEPTS), 0.0)
+    taste[0, depts[:5]] = 1.0
+    taste[1, depts[5:10]] = 1.0
+    group = (persona >= 3).astype(np.int64)
+    pop.taste = _dirichlet_rows(rng, taste[group] * 4.0 + 0.01)
+    chains = distinct_chains(3, prng, 10.0)
+    a = persona < 3
+    pop.trans[a] = _dirichlet_rows(rng, chains[persona[a]] * DYNAMICS_CONC + DYNAMICS_FLOOR)
+    paces = np.array([10.0, 60.0, 300.0])
+    levels = np.array([0.2, 0.5, 0.8])
+    b = ~a
+    leaf_b = persona[b] - 3
+    pop.gap_s[b] = paces[leaf_b] * rng.lognormal(0, 0.25, int(b.sum()))
+    pop.price_level[b] = np.clip(levels[leaf_b] + rng.normal(0, 0.06, int(b.sum())), 0, 1)
+    return _with_groups(simulate(rng, pop, "ni", names), ["a", "b"])
+
+
 def family(data_root: str | Path | None = None) -> list[FamilyMember]:
     """The persona benchmark family; ``real_sessions`` needs ``<data_root>/retailrocket_subset``."""
     rr = Path(data_root) / "retailrocket_subset" if data_root else None
@@ -471,6 +550,14 @@ def family(data_root: str | Path | None = None) -> list[FamilyMember]:
             note="whole RetailRocket sessions through persona filters",
         ),
         FamilyMember("generated", len(datagen.PERSONAS), generated, note="today's generator"),
+        FamilyMember("nested_price", 6, nested_price, note="3 price tiers; 4 time x habit audiences inside the middle one", planted_top=3),
+        FamilyMember(
+            "nested_interests",
+            6,
+            nested_interests,
+            note="2 department groups; leaves by dynamics in one, pace x price in the other",
+            planted_top=2,
+        ),
     ]
     return members
 
