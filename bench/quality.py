@@ -28,9 +28,13 @@ generator itself (``personas.bayes_labels``), the most any method can expect to 
 log, whatever its representation.
 
 Usage: python bench/quality.py [--users 3000] [--seed 7] [--out DIR] [--only a,b] [--set key=value ...]
-Last line: JSON {"min_ari", "mean_ari", "k_within_1", "generators", "per_generator": {...}}
-(min/mean over generators of the default's ARI at its chosen k; k_within_1 = generators whose
-chosen k is within 1 of the planted k).
+Last line: JSON {"min_ari", "mean_ari", "k_within_1", "min_leaf_ari", "leaves_within_1",
+"generators", "per_generator": {...}} (min/mean over generators of the default's ARI at its
+chosen k; k_within_1 = generators whose chosen k is within 1 of the planted k; the segment
+tree: min_leaf_ari = the lowest ARI of the tree's leaves against the personas,
+leaves_within_1 = generators whose number of leaves is within 1 of the planted personas; per
+generator also planted_top, top_ari_groups (the top level against the planted groups of a
+nested generator), planted_leaves, leaves and leaf_ari).
 """
 
 from __future__ import annotations
@@ -67,14 +71,25 @@ def _vectors(df, col: str = "embedding", id_col: str = "entity_id") -> tuple[np.
 def _segments(X: np.ndarray, P: np.ndarray, rich: np.ndarray, k: int, seed: int, ccfg) -> np.ndarray:
     """The pipeline's segments in numpy: k-means++ on the fit users' projected vectors, centres
     lifted back to ``X`` (each segment's mean vector), every row to the nearest."""
-    from seqclust.segment.cluster import local_kmeans
+    from seqclust.segment.scores import local_kmeans
 
     fit = local_kmeans(P[rich], k, seed, ccfg.sweep_n_init, ccfg.max_iter)
     lifted = np.array([X[rich][fit.labels_ == c].mean(axis=0) for c in range(k) if (fit.labels_ == c).any()])
     return ((X[:, None, :] - lifted[None]) ** 2).sum(axis=2).argmin(axis=1)
 
 
-def measure(spark, cfg, ctx, art, labels: dict[str, str], planted_k: int, chosen_k: int, seed: int, dump: Path | None = None) -> dict:
+def measure(
+    spark,
+    cfg,
+    ctx,
+    art,
+    labels: dict[str, str],
+    planted_k: int,
+    chosen_k: int,
+    seed: int,
+    dump: Path | None = None,
+    groups: dict[str, str] | None = None,
+) -> dict:
     """Every representation's k and ARI on the run's users (driver-side; bench sizes only)."""
     from pyspark.sql import functions as F
     from sklearn.metrics import adjusted_rand_score
@@ -107,7 +122,9 @@ def measure(spark, cfg, ctx, art, labels: dict[str, str], planted_k: int, chosen
         )
     from seqclust.segment.cluster import coarse
 
-    clusters = coarse(store.read(spark, tables.clusters, ctx.run_id)).select("entity_id", "cluster_id").toPandas().set_index("entity_id")
+    stored_clusters = store.read(spark, tables.clusters, ctx.run_id)
+    clusters = coarse(stored_clusters).select("entity_id", "cluster_id").toPandas().set_index("entity_id")
+    leaf = stored_clusters.where(F.col("granularity") == "leaf").select("entity_id", "cluster_id").toPandas().set_index("entity_id")
     n_sess = {
         r["entity_id"]: r["n_sessions"] or 0 for r in emb.where(F.col("entity_type") == "user").select("entity_id", "n_sessions").collect()
     }
@@ -132,6 +149,12 @@ def measure(spark, cfg, ctx, art, labels: dict[str, str], planted_k: int, chosen
         if name == "default":
             pred = clusters.loc[ids, "cluster_id"].to_numpy()
             res["ari"] = float(adjusted_rand_score(y, pred))
+            # the segment tree: its leaves against the personas, its top level against the planted groups
+            leaves = leaf.loc[ids, "cluster_id"].to_numpy() if len(leaf) else pred
+            res["leaf_ari"] = float(adjusted_rand_score(y, leaves))
+            res["leaves"] = int(len(np.unique(leaves)))
+            g = np.array([(groups or labels).get(i, "?") for i in ids])
+            res["top_ari_groups"] = float(adjusted_rand_score(g, pred))
         else:
             res["ari"] = float(adjusted_rand_score(y, _segments(X, P, rich, chosen_k, seed, cfg.cluster)))
         res["ari_planted_k"] = float(adjusted_rand_score(y, _segments(X, P, rich, planted_k, seed, cfg.cluster)))
@@ -196,6 +219,11 @@ def main() -> None:
         personas.write_member(data, m.name, args.users, args.seed, args.data_root)
         labels_t = pq.read_table(data / "personas")
         labels = dict(zip(labels_t.column("user_id").to_pylist(), labels_t.column("persona").to_pylist()))
+        groups = (
+            dict(zip(labels_t.column("user_id").to_pylist(), labels_t.column("group").to_pylist()))
+            if "group" in labels_t.column_names
+            else None
+        )
         bayes = personas.bayes_labels(m.name, pq.read_table(data / "events"), m.planted_k)
         bayes_ari = float("nan")
         if bayes is not None:
@@ -210,11 +238,15 @@ def main() -> None:
 
         art = load_artifact(summary.record.encoder_path)
         k = int(summary.record.k)
-        meas = measure(spark, cfg, ctx, art, labels, m.planted_k, k, cfg.run.seed, dump=out / f"{m.name}_vectors.npz")
+        meas = measure(spark, cfg, ctx, art, labels, m.planted_k, k, cfg.run.seed, dump=out / f"{m.name}_vectors.npz", groups=groups)
         choice = summary.k_choice or {}
         results[m.name] = {
             "planted_k": m.planted_k,
+            "planted_top": m.planted_groups,
             "k_chosen": k,
+            "leaves": meas["default"]["leaves"],
+            "leaf_ari": meas["default"]["leaf_ari"],
+            "top_ari_groups": meas["default"]["top_ari_groups"],
             "k_uncertain": bool(choice.get("uncertain", False)),
             "k_runner_up": choice.get("runner_up"),
             "ari": meas["default"]["ari"],
@@ -225,12 +257,16 @@ def main() -> None:
             "seconds": round(time.perf_counter() - t0, 1),
         }
         log.info(
-            "%s: planted k=%d, chosen k=%d, ARI %.3f (at planted k %.3f)",
+            "%s: planted k=%d, chosen k=%d, ARI %.3f (at planted k %.3f); tree: %d leaves, leaf ARI %.3f; top level vs %d planted groups ARI %.3f",
             m.name,
             m.planted_k,
             k,
             meas["default"]["ari"],
             meas["default"]["ari_planted_k"],
+            meas["default"]["leaves"],
+            meas["default"]["leaf_ari"],
+            m.planted_groups,
+            meas["default"]["top_ari_groups"],
         )
     names = ("default", "encoder", "tokens", "bag_of_events", "random")
     print(
@@ -245,6 +281,13 @@ def main() -> None:
         flag = "?" if r["k_uncertain"] else " "
         bayes = "-" if np.isnan(r["bayes_ceiling"]) else f"{r['bayes_ceiling']:.3f}"
         print(f"{g:<14} {r['planted_k']:>9} {r['k_chosen']:>7}{flag} {r['supervised_ceiling']:>8.3f} {bayes:>6}  " + "  ".join(cells))
+    print(
+        f"\n{'generator':<16} {'top planted':>11} {'top chosen':>10} {'top ARI vs groups':>17} {'leaves planted':>14} {'leaves':>6} {'leaf ARI':>8}"
+    )
+    for g, r in results.items():
+        print(
+            f"{g:<16} {r['planted_top']:>11} {r['k_chosen']:>10} {r['top_ari_groups']:>17.3f} {r['planted_k']:>14} {r['leaves']:>6} {r['leaf_ari']:>8.3f}"
+        )
     for g, why in skipped.items():
         print(f"{g:<14} skipped: {why}")
     aris = [r["ari"] for r in results.values()]
@@ -252,6 +295,8 @@ def main() -> None:
         "min_ari": round(min(aris), 4) if aris else None,
         "mean_ari": round(float(np.mean(aris)), 4) if aris else None,
         "k_within_1": sum(abs(r["k_chosen"] - r["planted_k"]) <= 1 for r in results.values()),
+        "min_leaf_ari": round(min(r["leaf_ari"] for r in results.values()), 4) if results else None,
+        "leaves_within_1": sum(abs(r["leaves"] - r["planted_k"]) <= 1 for r in results.values()),
         "generators": len(results),
         "skipped": skipped,
         "per_generator": {
@@ -259,6 +304,11 @@ def main() -> None:
                 "planted_k": r["planted_k"],
                 "k_chosen": r["k_chosen"],
                 "k_uncertain": r["k_uncertain"],
+                "planted_top": r["planted_top"],
+                "top_ari_groups": round(r["top_ari_groups"], 4),
+                "planted_leaves": r["planted_k"],
+                "leaves": r["leaves"],
+                "leaf_ari": round(r["leaf_ari"], 4),
                 "ari": round(r["ari"], 4),
                 "ari_planted_k": round(r["ari_planted_k"], 4),
                 "supervised_ceiling": round(r["supervised_ceiling"], 4),

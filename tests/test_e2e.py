@@ -60,6 +60,14 @@ SMALL = [
     "cluster.n_init=2",
     "evaluate.bootstrap=50",
     "spark.shuffle_partitions=2",
+    # a segment tree on 350 users: every test passes (small segments, no thresholds), so the
+    # run writes, evaluates and reuses a real tree
+    "cluster.split_max_depth=2",
+    "cluster.split_min_users=40",
+    "cluster.split_min_child_users=10",
+    "cluster.split_min_gap=0",
+    "cluster.split_min_stability=0",
+    "cluster.split_min_temporal=-1",
 ]
 
 
@@ -134,14 +142,33 @@ def test_pipeline_end_to_end_and_idempotent_rerun(spark, data, e2e_out, capsys):
     assert fine.count() == fine.select("entity_id").distinct().count() == 350
     assert runs["k"] < fine.select("cluster_id").distinct().count() <= 350 // 20
     assert clusters.where("distance_to_centroid < 0").count() == 0
+    # the segment tree: every user once among the leaves, under their top segment
+    leaf = both.where("granularity = 'leaf'")
+    assert leaf.count() == leaf.select("entity_id").distinct().count() == 350
+    assert clusters.where("segment_path != CAST(cluster_id AS STRING)").count() == 0
+    pairs = clusters.select("entity_id", F.col("segment_path").alias("top")).join(leaf, "entity_id").collect()
+    assert all(r["segment_path"] == r["top"] or r["segment_path"].startswith(r["top"] + ".") for r in pairs)
+    assert any("." in r["segment_path"] for r in pairs)  # the forced tests split some segments
+    id_path = {(r["cluster_id"], r["segment_path"]) for r in pairs}
+    assert len(id_path) == len({i for i, _ in id_path}) == len({p for _, p in id_path})  # leaf ids unique among the leaves
+    tree = spark.read.format("delta").load(str(out / "centroids")).where("method = 'tree'").collect()
+    nodes = {r["segment_path"]: r["size"] for r in tree}
+    assert {p for _, p in id_path} <= set(nodes)
+    top_sizes = {str(r["cluster_id"]): r["count"] for r in clusters.groupBy("cluster_id").count().collect()}
+    assert {p: n for p, n in nodes.items() if "." not in p} == top_sizes
+    profiles = spark.read.format("delta").load(str(out / "cluster_profiles"))
+    assert profiles.where("granularity = 'leaf'").count() == len(id_path)
+    assert profiles.where("granularity = 'coarse'").count() == runs["k"]
 
     m = {
         (r["method"], r["metric"]): r["value"]
         for r in spark.read.format("delta").load(str(out / "metrics")).where("family != 'sweep'").collect()
     }
-    for method in ("encoder", "bag_of_events", "random"):
+    for method in ("encoder", "leaf", "bag_of_events", "random"):
         for metric in ("silhouette", "davies_bouldin", "calinski_harabasz", "ari", "nmi", "homogeneity", "completeness", "v_measure"):
             assert (method, metric) in m, (method, metric)
+    for metric in ("split", "split_gap", "split_silhouette", "split_null_silhouette", "split_stability", "split_temporal_ari"):
+        assert ("leaf", metric) in m, metric
     # 350 users and a few epochs: far from the full-size figure, far above chance
     assert m[("encoder", "ari")] > m[("random", "ari")] + 0.3
     assert m[("encoder", "silhouette")] > m[("random", "silhouette")]
@@ -239,6 +266,23 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
     k_model = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'e2e-1'").first()["k"]
     assigned = spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'assign-1' AND granularity = 'coarse'")
     assert assigned.count() == 40 and assigned.agg({"cluster_id": "max"}).first()[0] < k_model
+    # ... and down e2e-1's segment tree: each new user at the leaf the model's tree gives them
+    from seqclust.segment.hierarchy import Tree
+
+    tree = Tree.from_rows(
+        [
+            (r["segment_path"], list(r["centroid"]), r["size"])
+            for r in spark.read.format("delta").load(str(out / "centroids")).where("run_id = 'e2e-1' AND method = 'tree'").collect()
+        ]
+    )
+    users = spark.read.format("delta").load(str(out / "embeddings")).where("run_id = 'assign-1' AND entity_type = 'user'")
+    vec = {r["entity_id"]: list(r["embedding"]) for r in users.collect()}
+    top = {r["entity_id"]: r["cluster_id"] for r in assigned.collect()}
+    leaves = spark.read.format("delta").load(str(out / "clusters")).where("run_id = 'assign-1' AND granularity = 'leaf'")
+    got = {r["entity_id"]: r["segment_path"] for r in leaves.collect()}
+    ids = sorted(vec)
+    node, _ = tree.descend(np.array([vec[u] for u in ids]), np.array([top[u] for u in ids]))
+    assert len(got) == 40 and [got[u] for u in ids] == [tree.paths[i] for i in node]
     rec = spark.read.format("delta").load(str(out / "runs")).where("run_id = 'assign-1'").first()
     assert rec["status"] == "succeeded" and rec["encoder_id"] == Path(art).name
     drift_rows = spark.read.format("delta").load(str(out / "metrics")).where("run_id = 'assign-1' AND family = 'drift'").collect()

@@ -215,7 +215,8 @@ def test_flat_or_two_peaked_curves_report_k_uncertain_with_the_runner_up():
 
 def test_stability_is_high_for_separated_blobs_and_lower_for_noise():
     from seqclust.core.config import ClusterConfig
-    from seqclust.segment.cluster import local_kmeans, stability
+    from seqclust.segment.cluster import stability
+    from seqclust.segment.scores import local_kmeans
 
     cfg = ClusterConfig(stability_runs=3, max_iter=20)
     X, _ = make_blobs(n_samples=400, centers=3, n_features=4, cluster_std=0.3, random_state=0)
@@ -234,7 +235,8 @@ def test_driver_silhouette_matches_sklearn_and_spark(spark):
     from pyspark.ml.functions import array_to_vector
     from sklearn.metrics import silhouette_score
 
-    from seqclust.segment.cluster import silhouette, silhouette_sq
+    from seqclust.segment.cluster import silhouette
+    from seqclust.segment.scores import silhouette_sq
 
     X, _ = make_blobs(n_samples=300, centers=4, n_features=5, cluster_std=1.5, random_state=3)
     labels = np.random.default_rng(1).integers(0, 4, 300)
@@ -248,7 +250,7 @@ def test_driver_silhouette_matches_sklearn_and_spark(spark):
 
 
 def _blob_labels(X):
-    from seqclust.segment.cluster import local_kmeans
+    from seqclust.segment.scores import local_kmeans
 
     return local_kmeans(X, 4, 0, 2, 50).labels_
 

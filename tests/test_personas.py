@@ -195,3 +195,59 @@ def test_write_member_and_unknown_names(tmp_path):
         P.write_member(tmp_path / "x", "nope", 10)
     with pytest.raises(ValueError, match="needs the real log"):
         P.write_member(tmp_path / "y", "real_sessions", 10, data_root=tmp_path)
+
+
+def _nested_features(df: pd.DataFrame) -> pd.DataFrame:
+    """Per user: price level within the category, hour and weekend share of session starts,
+    breadth (distinct categories per session), revisits, session length, departments, pace and
+    what follows what: every signal the nested generators plant."""
+    first = df.loc[df["new"]]
+    start = pd.to_datetime(first["ts"])
+    by_sess = df.groupby("sid")
+    per_sess = pd.DataFrame(
+        {
+            "user_id": by_sess["user_id"].first(),
+            "len": by_sess.size(),
+            "breadth": by_sess["category_id"].nunique() / by_sess.size(),
+            "revisit": 1.0 - by_sess["item_id"].nunique() / by_sess["item_id"].count().clip(lower=1),
+        }
+    )
+    df = df.assign(ratio=np.log(df["price"] / df.groupby("category_id")["price"].transform("median")))
+    dept = df["category_id"].str[1:].astype(int) // P.CATS_PER_DEPT
+    prev = df.groupby("sid")["event_type"].shift().fillna("^")
+    feats = pd.concat(
+        [
+            df.groupby("user_id")["ratio"].mean().rename("price"),
+            start.dt.hour.groupby(first["user_id"]).median().rename("hour"),
+            (start.dt.dayofweek >= 5).groupby(first["user_id"]).mean().rename("weekend"),
+            per_sess.groupby("user_id")[["len", "breadth", "revisit"]].mean(),
+            np.log(df.groupby("user_id")["gap"].median().fillna(30.0)).rename("pace"),
+            pd.crosstab(df["user_id"], dept, normalize="index"),
+            pd.crosstab(df["user_id"], prev + ">" + df["event_type"], normalize="index"),
+        ],
+        axis=1,
+    ).fillna(0.0)
+    feats.columns = feats.columns.astype(str)
+    return feats
+
+
+@pytest.mark.parametrize("name, groups, group_signal", [("nested_price", 3, "price"), ("nested_interests", 2, "departments")])
+def test_nested_personas_are_recoverable_and_their_groups_are_planted_in_their_own_signal(name, groups, group_signal):
+    events, personas = P.member(name).make(USERS, 3)
+    table = personas.to_pandas().set_index("user_id")
+    assert table["group"].nunique() == groups and table["persona"].nunique() == 6
+    # every persona sits in exactly one group, and its name says which
+    assert (table.groupby("persona")["group"].nunique() == 1).all()
+    assert all(p.split(".")[0] == g for p, g in zip(table["persona"], table["group"]))
+    df = sessions(events)
+    feats = _nested_features(df)
+    active = df.groupby("user_id")["sid"].nunique().loc[feats.index] >= 3  # the planted signals need a few sessions to show
+    X = ((feats - feats.mean()) / feats.std().replace(0, 1)).to_numpy()[active.to_numpy()]
+    y = table.loc[feats.index, "persona"].to_numpy()[active.to_numpy()]
+    g = table.loc[feats.index, "group"].to_numpy()[active.to_numpy()]
+    # an oracle that knows the personas reads them from the planted signals ...
+    assert cross_val_score(LogisticRegression(max_iter=3000), X, y, cv=3).mean() > 0.9
+    # ... and the groups are planted in a signal of their own: k-means on it alone finds them
+    cols = ["price"] if group_signal == "price" else [c for c in feats.columns if c.isdigit()]
+    G = feats[cols].to_numpy()[active.to_numpy()]
+    assert kmeans_ari((G - G.mean(0)) / G.std(0).clip(1e-9), g, groups) > 0.9

@@ -124,9 +124,11 @@ def test_a_metric_row_is_typed():
 def test_conform_names_what_breaks_the_contract(spark):
     from seqclust.core.errors import SeqclustError
 
-    good = spark.createDataFrame([(1, "fine", [0.5], 3)], "cluster_id int, method string, centroid array<double>, size bigint")
-    out = tables.conform(good.select("size", "centroid", "method", "cluster_id"), "centroids")
-    assert out.columns == ["cluster_id", "method", "centroid", "size"]
+    good = spark.createDataFrame(
+        [(1, "fine", [0.5], 3, None)], "cluster_id int, method string, centroid array<double>, size bigint, segment_path string"
+    )
+    out = tables.conform(good.select("size", "centroid", "method", "segment_path", "cluster_id"), "centroids")
+    assert out.columns == ["cluster_id", "method", "centroid", "size", "segment_path"]
     bad = good.withColumn("size", good["size"].cast("double")).withColumn("extra", good["method"]).drop("method")
     with pytest.raises(SeqclustError) as e:
         tables.conform(bad, "centroids")

@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="target folder: absent, empty or an earlier export (it is replaced)")
     x.add_argument("--min-size", type=int, default=50, help="withhold segments with fewer users (default %(default)s)")
     x.add_argument(
+        "--level",
+        choices=["top", "leaf"],
+        default="top",
+        help="the segment tree's top level or its leaves (each user in their deepest segment; default %(default)s)",
+    )
+    x.add_argument(
         "--raw-ids", action="store_true", help="export user ids as the run kept them (default: pseudonyms, salt from privacy.salt_env)"
     )
     x.add_argument("--output", help="root folder of the Delta tables (default: run.output)")
@@ -273,7 +279,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f"run.output={args.output}"] if args.output else [])
     cfg = load_config(args.conf, overrides=overrides, env=args.env)
     spark = get_spark(cfg.spark)
-    res = export(spark, cfg, args.run_id, args.format, args.out, min_size=args.min_size, raw_ids=args.raw_ids)
+    res = export(spark, cfg, args.run_id, args.format, args.out, min_size=args.min_size, raw_ids=args.raw_ids, level=args.level)
     print(res.summary())
     return 0
 

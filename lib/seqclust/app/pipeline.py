@@ -178,11 +178,12 @@ def _release_counts(state: dict[str, Any]) -> None:
 def _cluster(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, state: dict[str, Any]) -> None:
     art = state.get("artifact")
     path = cfg.encoder.path or rec.encoder_path
-    if art is None and cfg.cluster.refine != "none" and path:
+    if art is None and (cfg.cluster.refine != "none" or cfg.cluster.split_max_depth > 1) and path:
         from seqclust.represent.encoder import load_artifact
 
         art = load_artifact(path)
-    c = cluster_stage.run(spark, ctx, cfg.cluster, cfg.run.seed, artifact=art, counts=_counts(state, art))
+    hv = embed_stage.history_vectors(art, cfg.embed) if art is not None else None
+    c = cluster_stage.run(spark, ctx, cfg.cluster, cfg.run.seed, artifact=art, counts=_counts(state, art), history=hv)
     rec.k = c.k
     rec.users = c.users
     state["k_choice"] = next(

@@ -105,11 +105,20 @@ CLUSTERS = _schema(
     ("entity_id", STR),
     ("cluster_id", INT),
     ("distance_to_centroid", DBL),
-    ("granularity", STR),  # coarse (the personas) | fine (recommendation fill)
+    ("granularity", STR),  # coarse (the top level) | leaf (the deepest segment of the tree) | fine (recommendation fill)
+    ("segment_path", STR),  # coarse and leaf rows: the segment's place in the tree ('2', '2.1'); fine rows: null
 )
-CENTROIDS = _schema(("cluster_id", INT), ("method", STR), ("centroid", T.ArrayType(DBL)), ("size", LONG))
-CLUSTER_PROFILES = _schema(
+CENTROIDS = _schema(
     ("cluster_id", INT),
+    ("method", STR),  # encoder (top level) | fine | tokens (token segments) | tree (every node of the segment tree)
+    ("centroid", T.ArrayType(DBL)),
+    ("size", LONG),
+    ("segment_path", STR),  # tree rows: the node's path; other rows: the top segment's path or null
+)
+CLUSTER_PROFILES = _schema(
+    ("cluster_id", INT),  # coarse rows: the top-level cluster id; leaf and node rows: the leaf id / node index
+    ("granularity", STR),  # coarse | leaf | node (a segment of the tree that is neither top nor leaf)
+    ("segment_path", STR),
     ("size", LONG),
     ("share", DBL),
     ("sessions_per_user", DBL),
@@ -360,11 +369,11 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("sessions", SESSIONS, doc="one row per session"),
         TableSpec("session_quarantine", SESSION_QUARANTINE, doc="runaway (bot-like) sessions"),
         TableSpec("embeddings", EMBEDDINGS, ("run_id", "entity_type"), doc="session and user vectors"),
-        TableSpec("clusters", CLUSTERS, doc="each user's segment, coarse and fine"),
+        TableSpec("clusters", CLUSTERS, doc="each user's segment: top level (coarse), deepest (leaf) and fine"),
         TableSpec(
             "centroids",
             CENTROIDS,
-            doc="segment centres (method encoder | fine) and token segments (method tokens: log prior, then log p of each behaviour token)",
+            doc="segment centres (method encoder | fine | tree) and token segments (method tokens: log prior, then log p of each behaviour token)",
         ),
         TableSpec("cluster_profiles", CLUSTER_PROFILES, doc="what each segment does"),
         TableSpec("metrics", METRICS, doc="every measured figure, by family"),

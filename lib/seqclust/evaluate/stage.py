@@ -26,7 +26,7 @@ from seqclust.core.tables import MetricRow, write_metrics
 from seqclust.evaluate.baseline import boe_clusters, random_assignment
 from seqclust.evaluate.metrics import contingencies, external_scores, user_sample
 from seqclust.runtime.store import read_labels
-from seqclust.segment.cluster import coarse, model_run_centers, silhouette
+from seqclust.segment.cluster import coarse, leaf_rows, model_run_centers, silhouette
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +210,17 @@ class EvaluateResult:
     labelled_users: int
 
 
-def _internal_rows(users: DataFrame, boe: DataFrame | None, k: int, baseline: BaselineConfig) -> list[MetricRow]:
-    """Family ``internal``: each method's indices in its own space (``details.space``)."""
+def _internal_rows(users: DataFrame, boe: DataFrame | None, k: int, baseline: BaselineConfig, leaves: int = 0) -> list[MetricRow]:
+    """Family ``internal``: each method's indices in its own space (``details.space``); with
+    ``leaves``, the segment tree's leaves too (method ``leaf``, column ``leaf_id``)."""
     rows: list[MetricRow] = []
-    for method, col in (("encoder", "cluster_id"), ("random", "random_id")):
+    methods = [("encoder", "cluster_id", k), ("random", "random_id", k)] + ([("leaf", "leaf_id", leaves)] if leaves else [])
+    for method, col, kk in methods:
         rows += [
-            MetricRow(method=method, k=k, family="internal", metric=m, value=v, details={"space": "encoder"})
+            MetricRow(method=method, k=kk, family="internal", metric=m, value=v, details={"space": "encoder"})
             for m, v in internal_scores(users, "emb", col).items()
         ]
-    log.info("evaluate: internal indices of the encoder's and the random segments done")
+    log.info("evaluate: internal indices of the encoder's%s and the random segments done", " leaf," if leaves else "")
     if boe is not None:
         details = {"space": "bag_of_events", "vocab_size": baseline.vocab_size, "pca_dim": baseline.pca_dim}
         rows += [
@@ -376,7 +378,12 @@ def run(
     n_users = sum(sizes.values())
     shares = [sizes[i] / n_users for i in sorted(sizes)]
     keep = user_sample(n_users, ev.sample_users, seed)
-    users = random_assignment(keep(emb.join(cl, "entity_id"), "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
+    scored = emb.join(cl, "entity_id")
+    leaf = leaf_rows(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id))
+    leaves = len(leaf.select("cluster_id").distinct().collect()) if leaf is not None else 0
+    if leaf is not None and leaves:
+        scored = scored.join(leaf.select("entity_id", F.col("cluster_id").alias("leaf_id")), "entity_id", "left")
+    users = random_assignment(keep(scored, "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
     n_eval = users.count()
     if n_eval < n_users:
         log.info("evaluate: on a hash sample of %d of %d users (evaluate.sample_users=%d)", n_eval, n_users, ev.sample_users)
@@ -387,15 +394,15 @@ def run(
         rows = [MetricRow(method="encoder", k=k, family="internal", metric="evaluated_users", value=float(n_eval), details=details)]
         if baseline.bag_of_events:
             boe = boe_clusters(sessions, k, n_eval, seed, baseline, cluster_cfg)
-        rows += _internal_rows(users, boe, k, baseline)
+        rows += _internal_rows(users, boe, k, baseline, leaves)
         # every method's segment id beside the user: one contingency job per label serves all
-        assigned = users.select("entity_id", "cluster_id", "random_id")
-        method_cols = [("encoder", "cluster_id"), ("random", "random_id")]
+        assigned = users.select("entity_id", "cluster_id", "random_id", *(["leaf_id"] if leaves else []))
+        method_cols = [("encoder", "cluster_id"), ("random", "random_id")] + ([("leaf", "leaf_id")] if leaves else [])
         if boe is not None:
             assigned = assigned.join(boe.select("entity_id", F.col("cluster_id").alias("boe_id")), "entity_id", "left")
             method_cols.append(("bag_of_events", "boe_id"))
         agreement, n_labelled = _agreement_rows(spark, ctx, assigned, method_cols, sessions, labels, salt, k)
-        rows += agreement
+        rows += [r.with_k(leaves) if r.method == "leaf" else r for r in agreement]
         rows += _drift_rows(spark, ctx, cluster_cfg, k, seed, baseline, boe, keep)
         families: tuple[str, ...] = ("internal", "external", "proxy", "drift")
         if ev.downstream:

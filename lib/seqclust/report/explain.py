@@ -338,7 +338,7 @@ def flows(spark: SparkSession, ctx: RunContext, previous_run: str, matched: dict
         return None
     changes: list[dict[str, Any]] = []
     if store.exists(t.cluster_profiles):
-        prof = store.read(spark, t.cluster_profiles).where(F.col("run_id").isin(previous_run, ctx.run_id)).collect()  # 2k rows
+        prof = coarse(store.read(spark, t.cluster_profiles)).where(F.col("run_id").isin(previous_run, ctx.run_id)).collect()  # 2k rows
         by = {(r["run_id"], r["cluster_id"]): r.asDict() for r in prof}
         for o, nn in sorted(matched.items()):
             a, b = by.get((previous_run, o)), by.get((ctx.run_id, nn))

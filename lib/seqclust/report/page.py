@@ -24,6 +24,7 @@ from pyspark.sql import SparkSession
 
 from seqclust.core.context import RunContext
 from seqclust.report import charts
+from seqclust.segment.cluster import coarse
 
 if TYPE_CHECKING:
     from seqclust.core.config import PipelineConfig
@@ -216,7 +217,7 @@ def write_report(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig | Non
         ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).collect() if ctx.store.exists(ctx.tables.metrics) else []
     )  # hundreds of rows
     profiles = (
-        [r.asDict() for r in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("cluster_id").collect()]
+        [r.asDict() for r in coarse(ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id)).orderBy("cluster_id").collect()]
         if ctx.store.exists(ctx.tables.cluster_profiles)
         else []
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import pyarrow.compute as pc
 from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.evaluation import ClusteringEvaluator
 from pyspark.ml.functions import array_to_vector
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from seqclust.core import tables
@@ -30,7 +29,10 @@ from seqclust.evaluate.metrics import bootstrap_ci, user_sample
 from seqclust.runtime.spark import ROWS_CACHE
 from seqclust.runtime.store import one_row
 from seqclust.segment import refine
+from seqclust.segment.hierarchy import Tree
+from seqclust.segment.leaves import HistoryFn, grow_tree, node_sizes, place, tree_rows
 from seqclust.segment.profiles import cluster_profiles
+from seqclust.segment.scores import local_kmeans, silhouette_sq
 
 log = logging.getLogger(__name__)
 
@@ -112,43 +114,6 @@ def sample_vectors(users: DataFrame, n: int, limit: int, seed: int) -> tuple[np.
     order = np.argsort(ids.astype(str), kind="stable")
     X = pc.list_flatten(t.column("emb")).to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(ids), -1)
     return ids[order], X[order]
-
-
-def silhouette_sq(X: np.ndarray, labels: np.ndarray) -> float:
-    """Mean silhouette with squared Euclidean distance, Spark's ``ClusteringEvaluator``
-    definition (scikit-learn's ``silhouette_score(metric="sqeuclidean")``), in O(n·k): the mean
-    squared distance from a point to a cluster follows from the cluster's count, vector sum and
-    sum of squared norms. Points of singleton clusters score 0."""
-    labels = np.asarray(labels)
-    ks = np.unique(labels)
-    if len(ks) < 2:
-        return 0.0
-    idx = np.searchsorted(ks, labels)
-    sq = (X * X).sum(axis=1)
-    counts = np.bincount(idx, minlength=len(ks)).astype(np.float64)
-    sums = np.zeros((len(ks), X.shape[1]))
-    np.add.at(sums, idx, X)
-    psi = np.bincount(idx, weights=sq, minlength=len(ks))
-    mean_d = (sq[:, None] * counts[None, :] + psi[None, :] - 2.0 * X @ sums.T) / counts[None, :]
-    mean_d = np.maximum(mean_d, 0.0)
-    rows = np.arange(len(X))
-    own_n = counts[idx]
-    a = np.where(own_n > 1, mean_d[rows, idx] * own_n / np.maximum(own_n - 1, 1), 0.0)
-    mean_d[rows, idx] = np.inf
-    b = mean_d.min(axis=1)
-    s = np.where(a < b, 1.0 - a / np.where(b > 0, b, 1.0), np.where(a > b, b / np.where(a > 0, a, 1.0) - 1.0, 0.0))
-    s[own_n == 1] = 0.0
-    return float(s.mean())
-
-
-def local_kmeans(X: np.ndarray, k: int, seed: int, n_init: int, max_iter: int):
-    """scikit-learn k-means++ (best of ``n_init`` seeded starts) on an in-memory sample."""
-    from sklearn.cluster import KMeans as SkKMeans
-    from sklearn.exceptions import ConvergenceWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # "fewer distinct points than clusters" on tiny samples
-        return SkKMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter, random_state=seed).fit(X)
 
 
 def stability(X: np.ndarray, labels: np.ndarray, k: int, seed: int, cfg: ClusterConfig) -> list[float]:
@@ -480,11 +445,33 @@ def inertia(users: DataFrame, centers, vec_col: str = "emb") -> float:
 
 
 def coarse(clusters: DataFrame) -> DataFrame:
-    """The persona (coarse) rows of a ``clusters`` table; rows written before granularities
-    existed have none and are personas."""
+    """The top-level (coarse) rows of a ``clusters`` or ``cluster_profiles`` table; rows written
+    before granularities existed have none and are top level."""
     if "granularity" not in clusters.columns:
         return clusters
     return clusters.where(F.col("granularity").isNull() | (F.col("granularity") == "coarse"))
+
+
+LEVELS = ("top", "leaf")
+
+
+def at_level(rows: DataFrame, level: str) -> DataFrame:
+    """The rows of a ``clusters`` or ``cluster_profiles`` table at ``level``: ``top`` (the
+    coarse rows) or ``leaf`` (the segment tree's leaves; a run written before the tree existed
+    has none, and its top level is its leaves)."""
+    if level not in LEVELS:
+        raise ConfigError(f"--level: {level!r} is not one of {', '.join(LEVELS)}")
+    if level == "top" or "segment_path" not in rows.columns:
+        return coarse(rows)
+    return rows.where(F.col("granularity") == "leaf")
+
+
+def leaf_rows(clusters: DataFrame) -> DataFrame | None:
+    """The segment tree's leaf rows of a ``clusters`` table (every user once, in their deepest
+    segment); None for a table written before the tree existed."""
+    if "granularity" not in clusters.columns or "segment_path" not in clusters.columns:
+        return None
+    return clusters.where(F.col("granularity") == "leaf")
 
 
 def fine_centers(users: DataFrame, n: int, k: int, seed: int, cfg: ClusterConfig) -> list[list[float]] | None:
@@ -551,11 +538,20 @@ def _token_lists(
 
 
 def run(
-    spark: SparkSession, ctx: RunContext, cfg: ClusterConfig, seed: int, artifact: Any = None, counts: DataFrame | None = None
+    spark: SparkSession,
+    ctx: RunContext,
+    cfg: ClusterConfig,
+    seed: int,
+    artifact: Any = None,
+    counts: DataFrame | None = None,
+    history: HistoryFn | None = None,
 ) -> ClusterResult:
     """Cluster this run's user vectors; write ``clusters``, ``centroids`` and the k sweep.
     With ``artifact`` (the run's encoder artifact) and ``cluster.refine: tokens``, the k-means
-    segments are refined by the likelihood of the users' behaviour tokens (``seqclust.segment.refine``)."""
+    segments are refined by the likelihood of the users' behaviour tokens (``seqclust.segment.refine``).
+    Each segment is then tested for sub-segments (``seqclust.segment.hierarchy``); ``history``
+    makes user vectors from a subset of their sessions (``embed.history_vectors``), for the
+    split test's persistence across the halves of users' histories."""
     stored = ctx.store.read(spark, ctx.tables.embeddings, ctx.run_id).where(F.col("entity_type") == "user")
     n = stored.count()
     users = (
@@ -588,7 +584,9 @@ def run(
             if lists is not None and model_segs is None:
                 log.info("cluster: run %s has no token segments (not refined): users go to the nearest centre", cfg.model_run)
                 lists = None
-            return _finish(spark, ctx, users, centers, n, [], rule, cfg, seed, fine=fine, lists=lists, model_segs=model_segs)
+            return _finish(
+                spark, ctx, users, centers, n, [], rule, cfg, seed, fine=fine, lists=lists, model_segs=model_segs, history=history
+            )
         ks = [cfg.k] if cfg.k is not None else list(range(cfg.k_min, min(cfg.k_max, n - 1) + 1))
         if cfg.k is not None and cfg.k >= n:
             raise ConfigError(f"cluster.k: {cfg.k} is not below the number of users ({n})")
@@ -597,7 +595,7 @@ def run(
         fit_users, n_fit, who = fit_population(users, n, ks, cfg)
         fit = sweep_and_fit(fit_users, n_fit, ks, seed, cfg)
         rule = fit.rule + f"; segments: {fit.how}" + (f"; {who}" if who else "")
-        return _finish(spark, ctx, users, fit.centers, n, fit.sweep, rule, cfg, seed, fit.choice, lists=lists)
+        return _finish(spark, ctx, users, fit.centers, n, fit.sweep, rule, cfg, seed, fit.choice, lists=lists, history=history)
     finally:
         users.unpersist()
         if lists is not None:
@@ -666,10 +664,12 @@ def _finish(
     fine: list[list[float]] | None = None,
     lists: tuple[DataFrame, tuple[str, ...]] | None = None,
     model_segs: refine.TokenSegments | None = None,
+    history: HistoryFn | None = None,
 ) -> ClusterResult:
-    """Write clusters (nearest centre, or refined: see ``seqclust.segment.refine``), centroids,
-    profiles and the sweep for ``centers``; with ``cluster.fine_k``, the fine segments too
-    (``granularity = 'fine'`` in ``clusters``, method ``fine`` in ``centroids``)."""
+    """Write clusters (nearest centre, or refined: see ``seqclust.segment.refine``), the segment
+    tree's leaves (``seqclust.segment.hierarchy``), centroids, profiles and the sweep for
+    ``centers``; with ``cluster.fine_k``, the fine segments too (``granularity = 'fine'`` in
+    ``clusters``, method ``fine`` in ``centroids``)."""
     centers = [[float(v) for v in c] for c in centers]
     k = len(centers)
     if fine is None and not cfg.model_run:
@@ -678,53 +678,169 @@ def _finish(
     if lists is not None:
         labels, centers, token_segs, note = _refined(users, centers, n, lists, model_segs, cfg)
         rule += note
-
-    def rows(cs, granularity: str) -> DataFrame:
-        return assign_nearest(users, cs).select(
-            F.lit("user").alias("entity_type"),
-            "entity_id",
-            F.col("cluster_id").cast("int").alias("cluster_id"),
-            "distance_to_centroid",
-            F.lit(granularity).alias("granularity"),
-        )
-
     if labels is None:
-        clusters = rows(centers, "coarse")
+        top = assign_nearest(users, centers).select("entity_id", "cluster_id", "distance_to_centroid")
     else:
-        clusters = distance_to_own(users.join(labels, "entity_id"), centers).select(
-            F.lit("user").alias("entity_type"),
-            "entity_id",
-            F.col("cluster_id").cast("int").alias("cluster_id"),
-            "distance_to_centroid",
-            F.lit("coarse").alias("granularity"),
-        )
-    if fine is not None:
-        clusters = clusters.unionByName(rows(fine, "fine"))
-    ctx.write(clusters, "clusters")
-    if labels is not None:
-        labels.unpersist()  # the refined labels, cached by refine.refine for its count and this write
-    counts = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("granularity", "cluster_id").count().collect()
-    sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "coarse"}
-    fine_sizes = {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == "fine"}
-    cent_rows = [(i, "encoder", [float(v) for v in c], int(sizes.get(i, 0))) for i, c in enumerate(centers)]
-    cent_rows += [(i, "fine", [float(v) for v in c], int(fine_sizes.get(i, 0))) for i, c in enumerate(fine or [])]
+        top = distance_to_own(users.join(labels, "entity_id"), centers).select("entity_id", "cluster_id", "distance_to_centroid")
+    top = top.persist(ROWS_CACHE)
+    try:
+        if cfg.model_run:
+            tree = model_run_tree(spark, ctx, cfg.model_run) or Tree.flat(np.asarray(centers))
+        else:
+            tree = grow_tree(spark, ctx, users, top, np.asarray(centers), n, cfg, seed, history)
+        sizes, fine_sizes, leaf_sizes = _write_clusters(spark, ctx, users, top, tree, fine)
+    finally:
+        if labels is not None:
+            labels.unpersist()  # the refined labels, cached by refine.refine for its count and the writes
+        top.unpersist()
+    nodes = node_sizes(tree, leaf_sizes)
+    cent_rows: list[tuple[int, str, list[float], int, str | None]] = [
+        (i, "encoder", [float(v) for v in c], int(sizes.get(i, 0)), str(i)) for i, c in enumerate(centers)
+    ]
+    cent_rows += [(i, "fine", [float(v) for v in c], int(fine_sizes.get(i, 0)), None) for i, c in enumerate(fine or [])]
     if token_segs is not None:
-        cent_rows += token_segs.rows(np.array([sizes.get(i, 0) for i in range(k)]))
+        cent_rows += [(*r, str(r[0])) for r in token_segs.rows(np.array([sizes.get(i, 0) for i in range(k)]))]
+    cent_rows += tree_rows(tree, nodes)
     ctx.write(spark.createDataFrame(cent_rows, tables.CENTROIDS), "centroids")
+    _write_profiles(spark, ctx, tree, n, seed, cfg, {i: int(sizes.get(i, 0)) for i in range(k)}, leaf_sizes)
+    _write_sweep(spark, ctx, sweep, k, rule, choice)
+    _write_tree_metrics(spark, ctx, tree)
+    leaves = len(tree.leaf_nodes)
+    log.info("cluster: k=%d for %d users (%s)%s", k, n, rule, f"; {leaves} leaf segments in the tree" if leaves != k else "")
+    return ClusterResult(k, n, sweep, rule, bool(choice and choice.uncertain), choice.runner_up if choice else None)
+
+
+def _write_clusters(
+    spark: SparkSession, ctx: RunContext, users: DataFrame, top: DataFrame, tree: Tree, fine: list[list[float]] | None
+) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+    """The ``clusters`` rows: every user once at the top level (coarse), once at their leaf of
+    the tree, and (with fine segments) once at their fine segment. Returns the users per
+    segment of each: (top, fine, leaf)."""
+    placed = place(users.select("entity_id", "emb").join(top, "entity_id"), tree)
+    base: list[Column | str] = [F.lit("user").alias("entity_type"), "entity_id"]
+    coarse_rows = placed.select(
+        *base,
+        F.col("cluster_id").cast("int").alias("cluster_id"),
+        "distance_to_centroid",
+        F.lit("coarse").alias("granularity"),
+        F.col("cluster_id").cast("string").alias("segment_path"),
+    )
+    leaf_rows = placed.select(
+        *base,
+        F.col("leaf_id").cast("int").alias("cluster_id"),
+        F.col("leaf_distance").alias("distance_to_centroid"),
+        F.lit("leaf").alias("granularity"),
+        "segment_path",
+    )
+    clusters = coarse_rows.unionByName(leaf_rows)
+    if fine is not None:
+        clusters = clusters.unionByName(
+            assign_nearest(users, fine).select(
+                *base,
+                F.col("cluster_id").cast("int").alias("cluster_id"),
+                "distance_to_centroid",
+                F.lit("fine").alias("granularity"),
+                F.lit(None).cast("string").alias("segment_path"),
+            )
+        )
+    ctx.write(clusters, "clusters")
+    counts = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("granularity", "cluster_id").count().collect()
+    by = {g: {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == g} for g in ("coarse", "fine", "leaf")}
+    return by["coarse"], by["fine"], by["leaf"]
+
+
+def _write_profiles(
+    spark: SparkSession,
+    ctx: RunContext,
+    tree: Tree,
+    n: int,
+    seed: int,
+    cfg: ClusterConfig,
+    sizes: dict[int, int],
+    leaf_sizes: dict[int, int],
+) -> None:
+    """``cluster_profiles`` of the top level (granularity ``coarse``) and of every node below it
+    (``leaf``, or ``node`` for a segment split further), from a hash sample of users' sessions."""
     sessions = ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled")
-    assigned = coarse(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id)).select("entity_id", "cluster_id")
+    stored = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id)
     keep = user_sample(n, cfg.profile_sample, seed)
-    sessions, assigned = keep(sessions, "user_id"), keep(assigned, "entity_id")
+    sessions = keep(sessions, "user_id")
     if cfg.profile_sample is not None and n > cfg.profile_sample:
         log.info(
             "cluster: profiles from a hash sample of about %d of %d users (cluster.profile_sample); sizes exact", cfg.profile_sample, n
         )
-    if cfg.profile_sample is not None:  # at most about profile_sample users: a broadcast, no shuffle of sessions
-        assigned = F.broadcast(assigned)
-    profiles = cluster_profiles(spark, sessions, assigned, sizes=sizes)
+
+    def assigned(df: DataFrame) -> DataFrame:
+        df = keep(df, "entity_id")
+        # at most about profile_sample users: a broadcast, no shuffle of sessions
+        return F.broadcast(df) if cfg.profile_sample is not None else df
+
+    top = assigned(coarse(stored).select("entity_id", "cluster_id"))
+    profiles = cluster_profiles(spark, sessions, top, sizes=sizes)
+    leaf_ids = tree.leaf_id
+    if tree.is_flat:  # every top segment is its own leaf: the same figures, leaf ids = top ids
+        leaf_paths = {int(leaf_ids[i]): tree.paths[i] for i in range(len(tree.paths))}
+        profiles = profiles.unionByName(
+            profiles.withColumn("granularity", F.lit("leaf")).withColumn(
+                "segment_path", F.element_at(F.array(*[F.lit(leaf_paths[c]) for c in sorted(leaf_paths)]), F.col("cluster_id") + 1)
+            )
+        )
+    else:
+        leaves = assigned(stored.where(F.col("granularity") == "leaf").select("entity_id", "cluster_id", "segment_path"))
+        paths = {int(leaf_ids[i]): tree.paths[i] for i in tree.leaf_nodes}
+        profiles = profiles.unionByName(cluster_profiles(spark, sessions, leaves, sizes=leaf_sizes, granularity="leaf", paths=paths))
+        inner = [i for i in range(len(tree.paths)) if tree.parent[i] >= 0 and leaf_ids[i] < 0]
+        for depth in sorted({tree.paths[i].count(".") + 1 for i in inner}):
+            at = {tree.paths[i]: i for i in inner if tree.paths[i].count(".") + 1 == depth}
+            prefix = F.array_join(F.slice(F.split("segment_path", r"\."), 1, depth), ".")
+            lookup = F.create_map(*[x for p, i in at.items() for x in (F.lit(p), F.lit(i))])
+            nodes = leaves.withColumn("cluster_id", F.element_at(lookup, prefix)).where(F.col("cluster_id").isNotNull())
+            node_n = node_sizes(tree, leaf_sizes)
+            profiles = profiles.unionByName(
+                cluster_profiles(
+                    spark,
+                    sessions,
+                    nodes,
+                    sizes={i: node_n[p] for p, i in at.items()},
+                    granularity="node",
+                    paths={i: p for p, i in at.items()},
+                )
+            )
     ctx.write(profiles, "cluster_profiles")
-    for p in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("cluster_id").collect():
-        log.info("cluster %d: %s", p["cluster_id"], p["description"])
-    _write_sweep(spark, ctx, sweep, k, rule, choice)
-    log.info("cluster: k=%d for %d users (%s)", k, n, rule)
-    return ClusterResult(k, n, sweep, rule, bool(choice and choice.uncertain), choice.runner_up if choice else None)
+    for p in ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id).orderBy("granularity", "cluster_id").collect():
+        if p["granularity"] in (None, "coarse") or not tree.is_flat and p["granularity"] == "leaf":
+            log.info("cluster %s%s: %s", p["segment_path"], " (leaf)" if p["granularity"] == "leaf" else "", p["description"])
+
+
+def _write_tree_metrics(spark: SparkSession, ctx: RunContext, tree: Tree) -> None:
+    """Every split test of the tree as ``metrics`` rows (family ``hierarchy``, method ``leaf``):
+    the sub-k tested, the silhouette and the null's, the gap, the stability and the persistence
+    across the halves of users' histories, and whether the segment split (1) or not (0)."""
+    rows = []
+    for t in tree.tests:
+        details = {"segment_path": t.path, "users": t.users, "reason": t.reason, "temporal_users": t.temporal_users}
+        figures = {
+            "split": 1.0 if t.split else 0.0,
+            "split_silhouette": t.silhouette,
+            "split_null_silhouette": t.null_silhouette,
+            "split_gap": t.gap,
+            "split_stability": t.stability,
+            "split_temporal_ari": float("nan") if t.temporal_ari is None else t.temporal_ari,
+        }
+        rows += [
+            tables.MetricRow(method="leaf", family="hierarchy", metric=m, value=float(v), k=t.k, details=details)
+            for m, v in figures.items()
+        ]
+    tables.write_metrics(spark, ctx, rows, families=("hierarchy",))
+
+
+def model_run_tree(spark: SparkSession, ctx: RunContext, run_id: str) -> Tree | None:
+    """The segment tree of an earlier run (its ``centroids`` rows of method ``tree``), or None
+    for a run written before trees existed."""
+    if not ctx.store.exists(ctx.tables.centroids):
+        return None
+    c = ctx.store.read(spark, ctx.tables.centroids, run_id)
+    if "segment_path" not in c.columns:
+        return None
+    rows = c.where(F.col("method") == "tree").select("segment_path", "centroid", "size").collect()
+    return Tree.from_rows([(r["segment_path"], list(r["centroid"]), int(r["size"] or 0)) for r in rows]) if rows else None

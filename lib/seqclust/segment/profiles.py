@@ -37,13 +37,20 @@ def _describe(p: dict[str, Any], overall_conv: float) -> str:
 
 
 def cluster_profiles(
-    spark: SparkSession, sessions: DataFrame, clusters: DataFrame, top_n: int = 5, sizes: dict[int, int] | None = None
+    spark: SparkSession,
+    sessions: DataFrame,
+    clusters: DataFrame,
+    top_n: int = 5,
+    sizes: dict[int, int] | None = None,
+    granularity: str = "coarse",
+    paths: dict[int, str] | None = None,
 ) -> DataFrame:
     """One row per cluster (CLUSTER_PROFILES) from ``sessions`` and ``clusters`` (entity_id, cluster_id).
 
     ``sizes`` (cluster -> users), when given, are the exact segment sizes and shares, for
     profiles measured on a sample of each segment's users; every other figure is a ratio or
-    a median of what ``sessions`` holds. Five aggregations of the sessions joined to their
+    a median of what ``sessions`` holds. ``granularity`` and ``paths`` (cluster -> segment path;
+    default: the cluster id) label the rows' level of the segment tree. Five aggregations of the sessions joined to their
     users' segments (the join cached once); only per-cluster figures reach the driver.
     """
     cols = ("user_id", "n_events", "duration_s", "event_counts", "categories", "prices", "gaps_s")
@@ -53,12 +60,14 @@ def cluster_profiles(
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
     try:
-        return _profiles(spark, s, top_n, sizes)
+        return _profiles(spark, s, top_n, sizes, granularity, paths or {})
     finally:
         s.unpersist()
 
 
-def _profiles(spark: SparkSession, s: DataFrame, top_n: int, sizes: dict[int, int] | None) -> DataFrame:
+def _profiles(
+    spark: SparkSession, s: DataFrame, top_n: int, sizes: dict[int, int] | None, granularity: str, paths: dict[int, str]
+) -> DataFrame:
     """One row per cluster from per-cluster aggregates (a handful of small Spark jobs, k rows
     each). Long on purpose: the aggregates and the lifts computed from them are one table."""
     per_cluster = (
@@ -127,6 +136,8 @@ def _profiles(spark: SparkSession, s: DataFrame, top_n: int, sizes: dict[int, in
         size = int(sizes.get(c, 0)) if sizes else int(r["size"])
         p = {
             "cluster_id": int(c),
+            "granularity": granularity,
+            "segment_path": paths.get(int(c), str(int(c))),
             "size": size,
             "share": size / n_users,
             "sessions_per_user": r["n_sessions"] / max(r["size"], 1),

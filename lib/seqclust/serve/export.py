@@ -29,7 +29,7 @@ from seqclust.app.pipeline import table_store
 from seqclust.core.config import PipelineConfig
 from seqclust.core.errors import ConfigError, InputError
 from seqclust.core.privacy import pseudonym
-from seqclust.segment.cluster import coarse
+from seqclust.segment.cluster import at_level
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,12 @@ class ExportResult:
 
 
 def audiences(
-    spark: SparkSession, cfg: PipelineConfig, run_id: str, min_size: int = 50, raw_ids: bool = False
+    spark: SparkSession, cfg: PipelineConfig, run_id: str, min_size: int = 50, raw_ids: bool = False, level: str = "top"
 ) -> tuple[DataFrame, dict[int, int], dict[int, int], str]:
-    """The rows to export (user_id, segment, description, run_id, model_run_id, encoder_id), the
-    exported and the withheld segment sizes, and how the ids were treated. InputError for a run
-    that does not exist or has no segments."""
+    """The rows to export (user_id, segment, segment_path, description, run_id, model_run_id,
+    encoder_id), the exported and the withheld segment sizes, and how the ids were treated.
+    ``level``: the top level of the segment tree or its leaves. InputError for a run that does
+    not exist or has no segments."""
     if min_size < 1:
         raise ConfigError("--min-size: must be >= 1")
     store = table_store(cfg)
@@ -71,7 +72,7 @@ def audiences(
             known = [r["run_id"] for r in store.read(spark, t.runs).orderBy(F.desc("started_at")).select("run_id").limit(5).collect()]
         hint = f"; latest runs there: {', '.join(known)}" if known else "; there are no runs there"
         raise InputError(f"--run-id {run_id}: no such run under {store.root}{hint}")
-    seg = coarse(store.read(spark, t.clusters, run_id)).where(F.col("entity_type") == "user") if store.exists(t.clusters) else None
+    seg = at_level(store.read(spark, t.clusters, run_id), level).where(F.col("entity_type") == "user") if store.exists(t.clusters) else None
     sizes = (
         {int(r["cluster_id"]): int(r["count"]) for r in seg.groupBy("cluster_id").count().collect()} if seg is not None else {}
     )  # k rows
@@ -99,16 +100,19 @@ def audiences(
     withheld = {c: n for c, n in sizes.items() if n < min_size}
     kept = {c: n for c, n in sizes.items() if n >= min_size}
     desc = (
-        store.read(spark, t.cluster_profiles, run_id).select("cluster_id", "description")
+        at_level(store.read(spark, t.cluster_profiles, run_id), level).select("cluster_id", "description")
         if store.exists(t.cluster_profiles)
         else spark.createDataFrame([], "cluster_id int, description string")
     )
+    if "segment_path" not in seg.columns:  # a run written before the segment tree
+        seg = seg.withColumn("segment_path", F.col("cluster_id").cast("string"))
     rows = (
         seg.where(F.col("cluster_id").isin(list(kept)) if kept else F.lit(False))
         .join(desc, "cluster_id", "left")
         .select(
             user.alias("user_id"),
             F.col("cluster_id").alias("segment"),
+            "segment_path",
             "description",
             F.lit(run_id).alias("run_id"),
             F.lit(model_run).alias("model_run_id"),
@@ -129,14 +133,21 @@ def _prepare(out: Path) -> None:
 
 
 def export(
-    spark: SparkSession, cfg: PipelineConfig, run_id: str, fmt: str, out: str, min_size: int = 50, raw_ids: bool = False
+    spark: SparkSession,
+    cfg: PipelineConfig,
+    run_id: str,
+    fmt: str,
+    out: str,
+    min_size: int = 50,
+    raw_ids: bool = False,
+    level: str = "top",
 ) -> ExportResult:
     """Write the run's audiences to ``out``; see the module's text."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if "://" in out:
         raise ConfigError(f"--out {out}: a local or mounted folder is expected (write to a cloud path with --format delta via a mount)")
-    rows, kept, withheld, ids = audiences(spark, cfg, run_id, min_size, raw_ids)
+    rows, kept, withheld, ids = audiences(spark, cfg, run_id, min_size, raw_ids, level)
     path = Path(out).resolve()
     _prepare(path)
     w = rows.repartition("segment").sortWithinPartitions("segment", "user_id").write.partitionBy("segment").mode("overwrite")
@@ -150,6 +161,7 @@ def export(
     manifest = {
         "run_id": run_id,
         "format": fmt,
+        "level": level,
         "min_size": min_size,
         "ids": ids,
         "audiences": {str(c): n for c, n in sorted(kept.items())},
