@@ -12,6 +12,8 @@ from seqclust.core.privacy import pseudonym_py
 
 SALT = "a-test-salt-of-some-length"
 SIZES = {0: 60, 1: 55, 2: 12}  # segment 2 is under the default minimum of 50
+# the segment tree: segment 0 splits at its 30th user (leaves 0.0 and 0.1), 1 and 2 are leaves
+LEAF = {(0, False): (0, "0.0"), (0, True): (1, "0.1"), (1, False): (2, "1"), (1, True): (2, "1"), (2, False): (3, "2"), (2, True): (3, "2")}
 
 
 @pytest.fixture()
@@ -23,10 +25,21 @@ def exported_run(spark, ctx, store, monkeypatch):
     monkeypatch.setenv("SEQCLUST_PSEUDONYM_SALT", SALT)
     rows = []
     for c, n in SIZES.items():
-        rows += [("user", f"u{c}-{i}", c, 0.5, "coarse") for i in range(n)]
-    rows += [("user", "u0-0", 7, 0.1, "fine")]  # fine segments are not audiences
+        rows += [("user", f"u{c}-{i}", c, 0.5, "coarse", str(c)) for i in range(n)]
+        rows += [("user", f"u{c}-{i}", LEAF[(c, i >= 30)][0], 0.4, "leaf", LEAF[(c, i >= 30)][1]) for i in range(n)]
+    rows += [("user", "u0-0", 7, 0.1, "fine", None)]  # fine segments are not audiences
     ctx.write(spark.createDataFrame(rows, tables.CLUSTERS), "clusters")
-    prof = [(c, n, n / 127, 1.0, {}, {}, 0.1, 3.0, 60.0, 10.0, None, None, [], f"segment {c} described") for c, n in SIZES.items()]
+    prof = [
+        (c, "coarse", str(c), n, n / 127, 1.0, {}, {}, 0.1, 3.0, 60.0, 10.0, None, None, [], f"segment {c} described")
+        for c, n in SIZES.items()
+    ]
+    leaf_sizes = {(leaf, path): 0 for leaf, path in LEAF.values()}
+    for (c, upper), key in LEAF.items():
+        leaf_sizes[key] += sum(1 for i in range(SIZES[c]) if (i >= 30) == upper)
+    prof += [
+        (leaf, "leaf", path, n, n / 127, 1.0, {}, {}, 0.1, 3.0, 60.0, 10.0, None, None, [], f"leaf {path}")
+        for (leaf, path), n in leaf_sizes.items()
+    ]
     ctx.write(spark.createDataFrame(prof, tables.CLUSTER_PROFILES), "cluster_profiles")
     save_record(spark, ctx, RunRecord(status="succeeded", encoder_id="enc-1", config_json=json.dumps({"privacy": {"pseudonymize": False}})))
     return PipelineConfig(run=RunConfig(output=store.root))
@@ -93,3 +106,22 @@ def test_export_refuses_what_it_should(spark, exported_run, tmp_path, monkeypatc
     with pytest.raises(SystemExit) as bad_format:  # argparse: usage and one line
         main(["export", "--run-id", "t1", "--out", str(tmp_path / "z"), "--output", exported_run.run.output, "--format", "xml"])
     assert bad_format.value.code == 2 and "invalid choice: 'xml'" in capsys.readouterr().err
+
+
+def test_export_at_the_leaves_of_the_segment_tree(spark, exported_run, tmp_path):
+    from seqclust.core.errors import ConfigError
+    from seqclust.serve.export import export
+
+    out = tmp_path / "leaves"
+    res = export(spark, exported_run, "t1", "parquet", str(out), min_size=20, level="leaf")
+    # leaf 0 = the first 30 users of segment 0, leaf 1 its other 30, leaf 2 = segment 1; leaf 3 (12 users) withheld
+    assert res.audiences == {0: 30, 1: 30, 2: 55} and res.withheld == {3: 12}
+    df = spark.read.parquet(str(out))
+    got = {(r["user_id"], int(r["segment"]), r["segment_path"], r["description"]) for r in df.collect()}
+    assert (pseudonym_py("u0-31", SALT), 1, "0.1", "leaf 0.1") in got and (pseudonym_py("u1-0", SALT), 2, "1", "leaf 1") in got
+    assert len(got) == 115  # every exported user once
+    top = export(spark, exported_run, "t1", "parquet", str(tmp_path / "top"))
+    assert top.audiences == {0: 60, 1: 55}
+    assert {r["segment_path"] for r in spark.read.parquet(str(tmp_path / "top")).collect()} == {"0", "1"}
+    with pytest.raises(ConfigError, match="--level"):
+        export(spark, exported_run, "t1", "parquet", str(tmp_path / "x"), level="middle")
