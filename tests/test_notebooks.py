@@ -147,7 +147,8 @@ def test_notebooks_run_the_pipeline_into_metastore_tables_and_mlflow(spark, tmp_
         (runs,) = shown
         rec = runs.first()
         assert rec["status"] == "succeeded" and rec["rows_input"] == rec["rows_clean"] + rec["rows_quarantined"] + rec["rows_duplicates"]
-        assert spark.table(f"spark_catalog.{schema}.clusters").where("run_id = '2026-11-27'").count() == 60
+        clusters = spark.table(f"spark_catalog.{schema}.clusters").where("run_id = '2026-11-27'")
+        assert clusters.where("granularity = 'coarse'").count() == clusters.where("granularity = 'leaf'").count() == 60
         assert not (tmp_path / "volume" / "clusters").exists()  # tables in the metastore, artifacts on the "volume"
         assert Path(rec["report_path"]).is_file()
 

@@ -39,6 +39,17 @@ def test_log_run_records_metrics_with_baselines_and_replaces_a_rerun(tmp_path):
         {"method": "encoder", "family": "sweep", "metric": "silhouette", "value": 0.4, "k": 4, "ci_low": None, "ci_high": None},
         {"method": "encoder", "family": "sweep", "metric": "silhouette", "value": 0.5, "k": 5, "ci_low": None, "ci_high": None},
         {"method": "encoder", "family": "drift", "metric": "psi_cluster_shares", "value": None, "k": 5, "ci_low": None, "ci_high": None},
+        # the segment tree's tests: one per segment, told apart by its path
+        {"method": "leaf", "family": "hierarchy", "metric": "split_gap", "value": 0.2, "k": 3, "details": '{"segment_path": "1"}'},
+        {"method": "leaf", "family": "hierarchy", "metric": "split_gap", "value": 0.01, "k": 2, "details": '{"segment_path": "1.2"}'},
+        {
+            "method": "leaf",
+            "family": "hierarchy",
+            "metric": "split_temporal_ari",
+            "value": float("nan"),
+            "k": 2,
+            "details": '{"segment_path": "1.2"}',
+        },
     ]
     record = {"status": "succeeded", "k": 5, "encoder_id": "abc", "stage_seconds": {"ingest": 1.5}, "rows_input": 10}
     first = log_run(cfg, "r1", record, rows, str(enc), str(report))
@@ -50,6 +61,8 @@ def test_log_run_records_metrics_with_baselines_and_replaces_a_rerun(tmp_path):
     assert [(x.step, x.value) for x in client.get_metric_history(first, "sweep.silhouette")] == [(4, 0.4), (5, 0.5)]
     assert m["stage_seconds.ingest"] == 1.5 and m["rows_input"] == 10
     assert not any("psi" in k for k in m)  # a missing value is not logged as a number
+    assert m["leaf.hierarchy.split_gap.segment_1"] == 0.2 and m["leaf.hierarchy.split_gap.segment_1.2"] == 0.01
+    assert not any("split_temporal_ari" in k for k in m)  # a test not measured is not logged
     assert run.data.params["conf.cluster.k_min"] == str(cfg.cluster.k_min) and run.data.tags[TAG] == "r1"
     assert {a.path for a in client.list_artifacts(first)} == {"encoder", "report"}
     assert run.info.status == "FINISHED"

@@ -13,7 +13,9 @@ store under ``<run.output>/_mlflow`` (MLflow's file store is in maintenance mode
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import time
@@ -115,6 +117,11 @@ def log_run(
                 metrics.append(Metric(metric_key("sweep", r["metric"]), float(r["value"]), ts, int(r["k"] or 0)))
                 continue
             base = metric_key(r["method"], r["family"], r["metric"])
+            if r["family"] == "hierarchy":  # one test per segment of the tree: the segment's path in the name
+                path = json.loads(r.get("details") or "{}").get("segment_path")
+                base = metric_key(r["method"], r["family"], r["metric"], f"segment_{path}")
+            if math.isnan(float(r["value"])):
+                continue
             metrics.append(Metric(base, float(r["value"]), ts, 0))
             for end in ("ci_low", "ci_high"):
                 if r.get(end) is not None:
