@@ -66,6 +66,37 @@ def _require_mlflow() -> None:
         raise ConfigError("tracking.mlflow is on but MLflow is not installed: pip install 'seqclust[mlflow]'") from None
 
 
+def _metrics(metric_rows: list[dict[str, Any]], record: dict[str, Any], ts: int) -> list[Any]:
+    """The MLflow metrics of a run: every measured ``metrics`` row (the sweep with k as the
+    step; the segment tree's tests one name per segment; a figure not measured left out), the
+    stage seconds and the row counts."""
+    from mlflow.entities import Metric
+
+    metrics: list[Any] = []
+    for r in metric_rows:
+        if r["value"] is None:
+            continue
+        if r["family"] == "sweep":
+            metrics.append(Metric(metric_key("sweep", r["metric"]), float(r["value"]), ts, int(r["k"] or 0)))
+            continue
+        base = metric_key(r["method"], r["family"], r["metric"])
+        if r["family"] == "hierarchy":  # one test per segment of the tree: the segment's path in the name
+            path = json.loads(r.get("details") or "{}").get("segment_path")
+            base = metric_key(r["method"], r["family"], r["metric"], f"segment_{path}")
+        if math.isnan(float(r["value"])):
+            continue
+        metrics.append(Metric(base, float(r["value"]), ts, 0))
+        for end in ("ci_low", "ci_high"):
+            if r.get(end) is not None:
+                metrics.append(Metric(f"{base}.{end}", float(r[end]), ts, 0))
+    for stage, secs in (record.get("stage_seconds") or {}).items():
+        metrics.append(Metric(metric_key("stage_seconds", stage), float(secs), ts, 0))
+    for name in ("rows_input", "rows_clean", "rows_quarantined", "rows_duplicates", "sessions", "users"):
+        if record.get(name) is not None:
+            metrics.append(Metric(name, float(record[name]), ts, 0))
+    return metrics
+
+
 def log_run(
     cfg: PipelineConfig,
     run_id: str,
@@ -76,7 +107,7 @@ def log_run(
 ) -> str:
     """Log one seqclust run to MLflow; return the MLflow run id."""
     _require_mlflow()
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
@@ -108,29 +139,7 @@ def log_run(
 
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(mid, params=[Param(k, v) for k, v in items[i : i + 100]])
-        metrics: list[Metric] = []
-        ts = int(time.time() * 1000)
-        for r in metric_rows:
-            if r["value"] is None:
-                continue
-            if r["family"] == "sweep":
-                metrics.append(Metric(metric_key("sweep", r["metric"]), float(r["value"]), ts, int(r["k"] or 0)))
-                continue
-            base = metric_key(r["method"], r["family"], r["metric"])
-            if r["family"] == "hierarchy":  # one test per segment of the tree: the segment's path in the name
-                path = json.loads(r.get("details") or "{}").get("segment_path")
-                base = metric_key(r["method"], r["family"], r["metric"], f"segment_{path}")
-            if math.isnan(float(r["value"])):
-                continue
-            metrics.append(Metric(base, float(r["value"]), ts, 0))
-            for end in ("ci_low", "ci_high"):
-                if r.get(end) is not None:
-                    metrics.append(Metric(f"{base}.{end}", float(r[end]), ts, 0))
-        for stage, secs in (record.get("stage_seconds") or {}).items():
-            metrics.append(Metric(metric_key("stage_seconds", stage), float(secs), ts, 0))
-        for name in ("rows_input", "rows_clean", "rows_quarantined", "rows_duplicates", "sessions", "users"):
-            if record.get(name) is not None:
-                metrics.append(Metric(name, float(record[name]), ts, 0))
+        metrics = _metrics(metric_rows, record, int(time.time() * 1000))
         for i in range(0, len(metrics), 1000):
             client.log_batch(mid, metrics=metrics[i : i + 1000])
         if encoder_path and Path(encoder_path).is_dir():
