@@ -271,7 +271,7 @@ def test_stage_jobs_reuse_an_encoder_on_new_data_and_refuse_a_foreign_one(spark,
 
     tree = Tree.from_rows(
         [
-            (r["segment_path"], list(r["centroid"]), r["size"])
+            (r["segment_path"], list(r["centroid"]))
             for r in spark.read.format("delta").load(str(out / "centroids")).where("run_id = 'e2e-1' AND method = 'tree'").collect()
         ]
     )

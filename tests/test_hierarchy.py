@@ -114,16 +114,14 @@ def test_depth_one_is_the_flat_tree():
 
 
 def test_a_tree_round_trips_through_its_rows_and_refuses_an_orphan():
-    t = Tree.from_rows(
-        [("1.1", [0.0, 1.0], 5), ("0", [1.0, 1.0], 9), ("1", [0.0, 0.5], 10), ("1.0", [0.0, 0.0], 5), ("1.10", [0.0, 2.0], 1)]
-    )
+    t = Tree.from_rows([("1.1", [0.0, 1.0]), ("0", [1.0, 1.0]), ("1", [0.0, 0.5]), ("1.0", [0.0, 0.0]), ("1.10", [0.0, 2.0])])
     assert t.paths == ("0", "1", "1.0", "1.1", "1.10")
     assert list(t.parent) == [-1, -1, 1, 1, 1]
     assert [t.paths[i] for i in t.leaf_nodes] == ["0", "1.0", "1.1", "1.10"]
     node, _ = t.descend(np.array([[0.0, 1.9], [5.0, 5.0]]), np.array([1, 0]))
     assert [t.paths[i] for i in node] == ["1.10", "0"]
     with pytest.raises(ValueError, match="parent is missing"):
-        Tree.from_rows([("0", [0.0], 1), ("2.1", [1.0], 1)])
+        Tree.from_rows([("0", [0.0]), ("2.1", [1.0])])
     assert sorted(["2.10", "2.9", "10", "2"], key=path_key) == ["2", "2.9", "2.10", "10"]
 
 

@@ -48,6 +48,6 @@ def test_the_tree_round_trips_through_its_centroid_rows_with_sizes_summed_up():
     assert sizes["0"] == 240 and sizes["1"] == 300 and sum(sizes[tree.paths[n]] for n in tree.leaf_nodes) == 540
     rows = tree_rows(tree, sizes)
     assert [r[1] for r in rows] == ["tree"] * len(tree.paths) and [r[0] for r in rows] == list(range(len(tree.paths)))
-    back = Tree.from_rows([(r[4], r[2], r[3]) for r in rows])
+    back = Tree.from_rows([(r[4], r[2]) for r in rows])
     assert back.paths == tree.paths and list(back.parent) == list(tree.parent) and np.allclose(back.centers, tree.centers)
     assert list(back.descend(X, top)[0]) == list(node)

@@ -455,23 +455,23 @@ def coarse(clusters: DataFrame) -> DataFrame:
 LEVELS = ("top", "leaf")
 
 
+def leaf_rows(rows: DataFrame) -> DataFrame | None:
+    """The segment tree's leaf rows of a ``clusters`` or ``cluster_profiles`` table (in
+    ``clusters``, every user once, in their deepest segment); None for a table written before
+    the tree existed."""
+    if "granularity" not in rows.columns or "segment_path" not in rows.columns:
+        return None
+    return rows.where(F.col("granularity") == "leaf")
+
+
 def at_level(rows: DataFrame, level: str) -> DataFrame:
     """The rows of a ``clusters`` or ``cluster_profiles`` table at ``level``: ``top`` (the
     coarse rows) or ``leaf`` (the segment tree's leaves; a run written before the tree existed
     has none, and its top level is its leaves)."""
     if level not in LEVELS:
         raise ConfigError(f"--level: {level!r} is not one of {', '.join(LEVELS)}")
-    if level == "top" or "segment_path" not in rows.columns:
-        return coarse(rows)
-    return rows.where(F.col("granularity") == "leaf")
-
-
-def leaf_rows(clusters: DataFrame) -> DataFrame | None:
-    """The segment tree's leaf rows of a ``clusters`` table (every user once, in their deepest
-    segment); None for a table written before the tree existed."""
-    if "granularity" not in clusters.columns or "segment_path" not in clusters.columns:
-        return None
-    return clusters.where(F.col("granularity") == "leaf")
+    leaves = leaf_rows(rows) if level == "leaf" else None
+    return coarse(rows) if leaves is None else leaves
 
 
 def fine_centers(users: DataFrame, n: int, k: int, seed: int, cfg: ClusterConfig) -> list[list[float]] | None:
@@ -702,7 +702,7 @@ def _finish(
         cent_rows += [(*r, str(r[0])) for r in token_segs.rows(np.array([sizes.get(i, 0) for i in range(k)]))]
     cent_rows += tree_rows(tree, nodes)
     ctx.write(spark.createDataFrame(cent_rows, tables.CENTROIDS), "centroids")
-    _write_profiles(spark, ctx, tree, n, seed, cfg, {i: int(sizes.get(i, 0)) for i in range(k)}, leaf_sizes)
+    _write_profiles(spark, ctx, tree, n, seed, cfg, {i: int(sizes.get(i, 0)) for i in range(k)}, leaf_sizes, nodes)
     _write_sweep(spark, ctx, sweep, k, rule, choice)
     _write_tree_metrics(spark, ctx, tree)
     leaves = len(tree.leaf_nodes)
@@ -718,21 +718,25 @@ def _write_clusters(
     segment of each: (top, fine, leaf)."""
     placed = place(users.select("entity_id", "emb").join(top, "entity_id"), tree)
     base: list[Column | str] = [F.lit("user").alias("entity_type"), "entity_id"]
-    coarse_rows = placed.select(
+
+    def level(cluster_id: str, distance: str, granularity: str, path: Column) -> Column:
+        return F.struct(
+            F.col(cluster_id).cast("int").alias("cluster_id"),
+            F.col(distance).alias("distance_to_centroid"),
+            F.lit(granularity).alias("granularity"),
+            path.alias("segment_path"),
+        )
+
+    # both rows of a user from one pass over the placed users (the descent runs once)
+    clusters = placed.select(
         *base,
-        F.col("cluster_id").cast("int").alias("cluster_id"),
-        "distance_to_centroid",
-        F.lit("coarse").alias("granularity"),
-        F.col("cluster_id").cast("string").alias("segment_path"),
+        F.inline(
+            F.array(
+                level("cluster_id", "distance_to_centroid", "coarse", F.col("cluster_id").cast("string")),
+                level("leaf_id", "leaf_distance", "leaf", F.col("segment_path")),
+            )
+        ),
     )
-    leaf_rows = placed.select(
-        *base,
-        F.col("leaf_id").cast("int").alias("cluster_id"),
-        F.col("leaf_distance").alias("distance_to_centroid"),
-        F.lit("leaf").alias("granularity"),
-        "segment_path",
-    )
-    clusters = coarse_rows.unionByName(leaf_rows)
     if fine is not None:
         clusters = clusters.unionByName(
             assign_nearest(users, fine).select(
@@ -758,6 +762,7 @@ def _write_profiles(
     cfg: ClusterConfig,
     sizes: dict[int, int],
     leaf_sizes: dict[int, int],
+    node_n: dict[str, int],
 ) -> None:
     """``cluster_profiles`` of the top level (granularity ``coarse``) and of every node below it
     (``leaf``, or ``node`` for a segment split further), from a hash sample of users' sessions."""
@@ -778,13 +783,8 @@ def _write_profiles(
     top = assigned(coarse(stored).select("entity_id", "cluster_id"))
     profiles = cluster_profiles(spark, sessions, top, sizes=sizes)
     leaf_ids = tree.leaf_id
-    if tree.is_flat:  # every top segment is its own leaf: the same figures, leaf ids = top ids
-        leaf_paths = {int(leaf_ids[i]): tree.paths[i] for i in range(len(tree.paths))}
-        profiles = profiles.unionByName(
-            profiles.withColumn("granularity", F.lit("leaf")).withColumn(
-                "segment_path", F.element_at(F.array(*[F.lit(leaf_paths[c]) for c in sorted(leaf_paths)]), F.col("cluster_id") + 1)
-            )
-        )
+    if tree.is_flat:  # every top segment is its own leaf: the same figures, ids and paths
+        profiles = profiles.unionByName(profiles.withColumn("granularity", F.lit("leaf")))
     else:
         leaves = assigned(stored.where(F.col("granularity") == "leaf").select("entity_id", "cluster_id", "segment_path"))
         paths = {int(leaf_ids[i]): tree.paths[i] for i in tree.leaf_nodes}
@@ -795,7 +795,6 @@ def _write_profiles(
             prefix = F.array_join(F.slice(F.split("segment_path", r"\."), 1, depth), ".")
             lookup = F.create_map(*[x for p, i in at.items() for x in (F.lit(p), F.lit(i))])
             nodes = leaves.withColumn("cluster_id", F.element_at(lookup, prefix)).where(F.col("cluster_id").isNotNull())
-            node_n = node_sizes(tree, leaf_sizes)
             profiles = profiles.unionByName(
                 cluster_profiles(
                     spark,
@@ -842,5 +841,5 @@ def model_run_tree(spark: SparkSession, ctx: RunContext, run_id: str) -> Tree | 
     c = ctx.store.read(spark, ctx.tables.centroids, run_id)
     if "segment_path" not in c.columns:
         return None
-    rows = c.where(F.col("method") == "tree").select("segment_path", "centroid", "size").collect()
-    return Tree.from_rows([(r["segment_path"], list(r["centroid"]), int(r["size"] or 0)) for r in rows]) if rows else None
+    rows = c.where(F.col("method") == "tree").select("segment_path", "centroid").collect()
+    return Tree.from_rows([(r["segment_path"], list(r["centroid"])) for r in rows]) if rows else None

@@ -117,11 +117,10 @@ class SplitTest:
 @dataclass
 class Node:
     """A segment of the tree: ``path`` (``'2'``, ``'2.1'``), its centre in the stored vector
-    space (the mean vector of its fitted members), its fitted members and children."""
+    space (the mean vector of its fitted members), the test it went through and its children."""
 
     path: str
     center: np.ndarray
-    size: int
     test: SplitTest | None = None
     children: list[Node] = field(default_factory=list)
 
@@ -138,14 +137,13 @@ def path_key(path: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Tree:
     """The segment tree, flattened: ``paths`` in depth-first path order, ``parent`` (index of
-    the parent node, -1 at the top), ``centers`` [nodes, dim] and the nodes' fitted sizes.
+    the parent node, -1 at the top), ``centers`` [nodes, dim] and the split tests made.
     Leaves are the nodes without children, numbered in path order (``leaf_id``, -1 for inner
     nodes); the top nodes are numbered by their top-level cluster id (the first path part)."""
 
     paths: tuple[str, ...]
     parent: np.ndarray
     centers: np.ndarray
-    sizes: np.ndarray
     tests: tuple[SplitTest, ...] = ()
 
     @staticmethod
@@ -165,31 +163,26 @@ class Tree:
             tuple(n.path for n, _ in flat),
             np.array([p for _, p in flat], dtype=np.int64),
             np.stack([np.asarray(n.center, dtype=np.float64) for n, _ in flat]),
-            np.array([n.size for n, _ in flat], dtype=np.int64),
             tests,
         )
 
     @staticmethod
-    def flat(centers: np.ndarray, sizes: np.ndarray | None = None) -> Tree:
+    def flat(centers: np.ndarray) -> Tree:
         """The tree of a flat segmentation: every top segment a leaf."""
         k = len(centers)
-        return Tree(
-            tuple(str(i) for i in range(k)),
-            np.full(k, -1, dtype=np.int64),
-            np.asarray(centers, dtype=np.float64),
-            np.zeros(k, dtype=np.int64) if sizes is None else np.asarray(sizes, dtype=np.int64),
-        )
+        return Tree(tuple(str(i) for i in range(k)), np.full(k, -1, dtype=np.int64), np.asarray(centers, dtype=np.float64))
 
     @staticmethod
-    def from_rows(rows: list[tuple[str, list[float], int]]) -> Tree:
-        """From stored ``(segment_path, centre, size)`` rows of every node (``centroids``)."""
+    def from_rows(rows: list[tuple[str, list[float]]]) -> Tree:
+        """From stored ``(segment_path, centre)`` rows of every node (``centroids``)."""
         rows = sorted(rows, key=lambda r: path_key(r[0]))
         paths = tuple(r[0] for r in rows)
         index = {p: i for i, p in enumerate(paths)}
-        parent = np.array([index.get(p.rsplit(".", 1)[0], -1) if "." in p else -1 for p in paths], dtype=np.int64)
-        if any("." in p and p.rsplit(".", 1)[0] not in index for p in paths):
+        parents = [p.rsplit(".", 1)[0] if "." in p else None for p in paths]
+        if any(q is not None and q not in index for q in parents):
             raise ValueError("segment tree rows: a node's parent is missing")
-        return Tree(paths, parent, np.asarray([r[1] for r in rows], dtype=np.float64), np.asarray([r[2] for r in rows], dtype=np.int64))
+        parent = np.array([-1 if q is None else index[q] for q in parents], dtype=np.int64)
+        return Tree(paths, parent, np.asarray([r[1] for r in rows], dtype=np.float64))
 
     @property
     def is_flat(self) -> bool:
@@ -211,9 +204,6 @@ class Tree:
         leaves = self.leaf_nodes
         out[leaves] = np.arange(len(leaves))
         return out
-
-    def top_node(self, cluster_id: int) -> int:
-        return self.paths.index(str(int(cluster_id)))
 
     def descend(self, X: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(node index, squared distance to that node's centre)`` of the leaf each row of ``X``
@@ -238,10 +228,6 @@ class Tree:
 
 def _sq_dist(X: np.ndarray, C: np.ndarray) -> np.ndarray:
     return np.maximum((X * X).sum(axis=1)[:, None] + (C * C).sum(axis=1)[None, :] - 2.0 * X @ C.T, 0.0)
-
-
-def _kmeans(X: np.ndarray, k: int, seed: int, n_init: int, max_iter: int):
-    return local_kmeans(X, k, seed, n_init, max_iter)
 
 
 def _ari(a: np.ndarray, b: np.ndarray) -> float:
@@ -273,26 +259,26 @@ def split_test(
     P = (X - mu) @ V.T
     sd = s[:d] / np.sqrt(max(n - 1, 1))
     rng = np.random.default_rng(seed)
-    best: tuple[float, int, object, float, float, float] | None = None
+    best: tuple[float, int, object, float, float] | None = None
     for k in ks:
-        km = _kmeans(P, k, seed, rule.n_init, rule.max_iter)
+        km = local_kmeans(P, k, seed, rule.n_init, rule.max_iter)
         sil = silhouette_sq(P, km.labels_)
         null = [
-            silhouette_sq(R, _kmeans(R, k, seed + b, 1, rule.max_iter).labels_)
+            silhouette_sq(R, local_kmeans(R, k, seed + b, 1, rule.max_iter).labels_)
             for b in range(rule.null_draws)
             for R in [rng.normal(size=P.shape) * sd]
         ]
         gap = sil - float(np.mean(null))
-        if best is None or sil > best[5]:
-            best = (gap, k, km, sil, float(np.mean(null)), sil)
+        if best is None or sil > best[3]:
+            best = (gap, k, km, sil, float(np.mean(null)))
     assert best is not None
-    gap, k, km, sil, null_sil, _ = best
+    gap, k, km, sil, null_sil = best
     labels = np.asarray(km.labels_)  # type: ignore[attr-defined]
     stab = []
     for b in range(rule.stability_runs):
         sub = np.random.default_rng(seed + 7919 * (b + 1)).random(n) < rule.stability_fraction
         # refits with as many starts as the split: a single start can merge two true groups
-        refit = _kmeans(P[sub], k, seed + 1009 * (b + 1), rule.n_init, rule.max_iter)
+        refit = local_kmeans(P[sub], k, seed + 1009 * (b + 1), rule.n_init, rule.max_iter)
         stab.append(_ari(labels, refit.predict(P)))
     stability = float(np.mean(stab)) if stab else 1.0
     sizes = np.bincount(labels, minlength=k)
@@ -346,7 +332,7 @@ def grow(
         return None if h is None else (h[0][rows], h[1][rows])
 
     def node(path: str, rows: np.ndarray, center: np.ndarray) -> Node:
-        me = Node(path, np.asarray(center, dtype=np.float64), int(len(rows)))
+        me = Node(path, np.asarray(center, dtype=np.float64))
         if me.depth >= rule.max_depth:
             return me
         lazy = None if halves is None else (lambda: halves_of(rows))

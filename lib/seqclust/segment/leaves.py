@@ -121,7 +121,7 @@ def place(users: DataFrame, tree: Tree, vec_col: str = "emb", top_col: str = "cl
 
     @F.pandas_udf(PLACED)  # type: ignore[call-overload]
     def descend(vecs: pd.Series, top: pd.Series) -> pd.DataFrame:
-        t = Tree(tuple(paths), parent, centers, np.zeros(len(paths), dtype=np.int64))
+        t = Tree(tuple(paths), parent, centers)
         X = np.stack(vecs.to_numpy()).astype(np.float64) if len(vecs) else np.zeros((0, centers.shape[1]))
         node, d2 = t.descend(X, top.to_numpy())
         return pd.DataFrame({"node": node.astype(np.int32), "distance": np.sqrt(d2)})
