@@ -25,9 +25,10 @@ def exported_run(spark, ctx, store, monkeypatch):
     monkeypatch.setenv("SEQCLUST_PSEUDONYM_SALT", SALT)
     rows = []
     for c, n in SIZES.items():
-        rows += [("user", f"u{c}-{i}", c, 0.5, "coarse", str(c)) for i in range(n)]
-        rows += [("user", f"u{c}-{i}", LEAF[(c, i >= 30)][0], 0.4, "leaf", LEAF[(c, i >= 30)][1]) for i in range(n)]
-    rows += [("user", "u0-0", 7, 0.1, "fine", None)]  # fine segments are not audiences
+        # confidence: a tenth of each segment's users at each of 0.0, 0.1, ..., 0.9 (half that at the leaves)
+        rows += [("user", f"u{c}-{i}", c, 0.5, "coarse", str(c), (i % 10) / 10) for i in range(n)]
+        rows += [("user", f"u{c}-{i}", LEAF[(c, i >= 30)][0], 0.4, "leaf", LEAF[(c, i >= 30)][1], (i % 10) / 20) for i in range(n)]
+    rows += [("user", "u0-0", 7, 0.1, "fine", None, 0.0)]  # fine segments are not audiences
     ctx.write(spark.createDataFrame(rows, tables.CLUSTERS), "clusters")
     prof = [
         (c, "coarse", str(c), n, n / 127, 1.0, {}, {}, 0.1, 3.0, 60.0, 10.0, None, None, [], f"segment {c} described")
@@ -125,3 +126,32 @@ def test_export_at_the_leaves_of_the_segment_tree(spark, exported_run, tmp_path)
     assert {r["segment_path"] for r in spark.read.parquet(str(tmp_path / "top")).collect()} == {"0", "1"}
     with pytest.raises(ConfigError, match="--level"):
         export(spark, exported_run, "t1", "parquet", str(tmp_path / "x"), level="middle")
+
+
+def test_export_keeps_only_the_confident_members_when_asked(spark, exported_run, tmp_path):
+    from seqclust.core.errors import ConfigError
+    from seqclust.serve.export import export
+
+    res = export(spark, exported_run, "t1", "parquet", str(tmp_path / "sure"), min_size=20, min_confidence=0.5)
+    # users i % 10 >= 5: 30 of segment 0, 25 of segment 1 (i < 55), 5 of segment 2 (withheld)
+    assert res.audiences == {0: 30, 1: 25} and res.withheld == {2: 5}
+    df = spark.read.parquet(str(tmp_path / "sure"))
+    assert df.count() == 55 and min(r["confidence"] for r in df.select("confidence").collect()) >= 0.5
+    leaf = export(spark, exported_run, "t1", "parquet", str(tmp_path / "sure_leaf"), min_size=1, level="leaf", min_confidence=0.3)
+    # at the leaves the confidence is half: i % 10 >= 6 -> 4 in 10
+    assert sum(leaf.audiences.values()) + sum(leaf.withheld.values()) == 24 + 20 + 4
+    with pytest.raises(ConfigError, match="--min-confidence"):
+        export(spark, exported_run, "t1", "parquet", str(tmp_path / "x"), min_confidence=1.5)
+
+
+def test_min_confidence_on_a_run_without_confidences_is_refused_clearly(spark, ctx, exported_run, tmp_path):
+    from pyspark.sql import functions as F
+
+    from seqclust.core.errors import InputError
+    from seqclust.serve.export import export
+
+    old = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).withColumn("confidence", F.lit(None).cast("double"))
+    ctx.write(old.select(*tables.CLUSTERS.fieldNames()), "clusters")
+    assert export(spark, exported_run, "t1", "parquet", str(tmp_path / "all")).users == 115
+    with pytest.raises(InputError, match="no confidence per user"):
+        export(spark, exported_run, "t1", "parquet", str(tmp_path / "x"), min_confidence=0.2)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from seqclust.segment.hierarchy import SplitRule, Tree, grow, path_key, split_test
+from seqclust.segment.hierarchy import SplitRule, Tree, grow, margin, path_key, split_test
 
 RULE = SplitRule(min_users=100, min_child_users=30, k_max=5, min_gap=0.1, null_draws=2, n_init=3, pca_dim=8)
 
@@ -140,3 +140,44 @@ def test_the_halves_are_made_only_for_a_split_that_passes_the_other_tests():
     Y, _ = _blobs(rng, [[0, 0], [6, 0]], 200, 1.0, 8)
     test, _ = split_test("0", Y, RULE, 1, lambda: calls.append(1) or _halves(rng, Y, 0.3))
     assert calls == [1] and test.split and test.temporal_ari > 0.9
+
+
+def test_the_margin_is_one_on_the_own_centre_zero_halfway_and_never_negative():
+    own = np.array([0.0, 1.0, 4.0, 9.0, 1.0])
+    other = np.array([4.0, 1.0, 16.0, 4.0, 0.0])
+    # a = 0, 1, 2, 3, 1; b = 2, 1, 4, 2, 0: (b - a) / max(a, b)
+    assert np.allclose(margin(own, other), [1.0, 0.0, 0.5, 0.0, 0.0])
+
+
+def test_confidence_on_a_known_tree_and_a_leaf_never_surer_than_its_top():
+    # top 0 at (0, 0), top 1 at (10, 0) with children 1.0 at (10, -1) and 1.1 at (10, 1)
+    t = Tree.from_rows([("0", [0.0, 0.0]), ("1", [10.0, 0.0]), ("1.0", [10.0, -1.0]), ("1.1", [10.0, 1.0])])
+    X = np.array([[0.0, 0.0], [10.0, 0.8], [10.0, 0.0], [4.0, 0.0]])
+    node, _, top_conf, leaf_conf = t.place(X, np.array([0, 1, 1, 0]))
+    assert [t.paths[i] for i in node] == ["0", "1.1", "1.0", "0"]
+    # row 0 on its top centre: sure at both levels (no split below)
+    assert top_conf[0] == pytest.approx(1.0) and leaf_conf[0] == pytest.approx(1.0)
+    # row 1: top a = 0.8, b = sqrt(100.64); leaf a = 0.2, b = 1.8
+    b = np.sqrt(100.64)
+    assert top_conf[1] == pytest.approx((b - 0.8) / b)
+    assert leaf_conf[1] == pytest.approx(min((b - 0.8) / b, (1.8 - 0.2) / 1.8))
+    # row 2 halfway between the two children: sure of its top segment, not of its leaf
+    assert top_conf[2] == pytest.approx(1.0) and leaf_conf[2] == pytest.approx(0.0)
+    # row 3: a = 4, b = 6 at the top
+    assert top_conf[3] == pytest.approx(2.0 / 6.0) and leaf_conf[3] == pytest.approx(2.0 / 6.0)
+    assert (leaf_conf <= top_conf + 1e-12).all()
+
+
+def test_on_a_flat_tree_the_leaf_confidence_is_the_top_one_and_matches_nearest_centre():
+    from seqclust.segment.cluster import nearest_margin_np
+
+    rng = np.random.default_rng(3)
+    C = rng.normal(size=(4, 5))
+    X = rng.normal(size=(300, 5))
+    ids, _, conf = nearest_margin_np(X, C)
+    _, _, top_conf, leaf_conf = Tree.flat(C).place(X, ids)
+    assert np.allclose(top_conf, conf) and np.array_equal(top_conf, leaf_conf)
+    assert (conf >= 0).all() and (conf <= 1).all() and conf.std() > 0.05
+    # a user placed against geometry (as token likelihood may) has no confidence
+    far = (ids + 1) % 4
+    assert np.all(nearest_margin_np(X, C, far)[2][np.linalg.norm(X - C[far], axis=1) > np.linalg.norm(X - C[ids], axis=1) + 1e-9] == 0)

@@ -26,6 +26,13 @@ SMALL = [
     "evaluate.downstream=false",
     "spark.shuffle_partitions=2",
     "stream.max_files_per_trigger=1",
+    # a segment tree on 120 users (no thresholds): live users go down a real tree
+    "cluster.split_max_depth=2",
+    "cluster.split_min_users=30",
+    "cluster.split_min_child_users=8",
+    "cluster.split_min_gap=0",
+    "cluster.split_min_stability=0",
+    "cluster.split_min_temporal=-1",
 ]
 
 
@@ -143,6 +150,12 @@ def test_live_segments_agree_with_a_batch_assign_over_the_same_events(spark, str
     assert live.keys() == batch.keys() and len(live) == 120
     assert all(live[u]["cluster_id"] == batch[u]["cluster_id"] for u in live)
     assert max(abs(live[u]["distance_to_centroid"] - batch[u]["distance_to_centroid"]) for u in live) < 1e-5
+    assert max(abs(live[u]["confidence"] - batch[u]["confidence"]) for u in live) < 1e-5
+    # ... and down the model's segment tree to the same leaf, as sure of it
+    leaf = {r["entity_id"]: r for r in table("clusters", "a1").where("entity_type = 'user' AND granularity = 'leaf'").collect()}
+    assert any("." in r["segment_path"] for r in leaf.values())  # the model's tree splits
+    assert all((live[u]["leaf_id"], live[u]["segment_path"]) == (leaf[u]["cluster_id"], leaf[u]["segment_path"]) for u in live)
+    assert max(abs(live[u]["leaf_confidence"] - leaf[u]["confidence"]) for u in live) < 1e-5
     n_modelled = sum(1 for v in batch_s.values() if v[-1])
     assert sum(r["sessions_counted"] for r in live.values()) == n_modelled
     assert {r["model_run_id"] for r in live.values()} == {"m1"}

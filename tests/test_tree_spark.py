@@ -29,8 +29,13 @@ def test_place_puts_every_user_where_descend_does(spark):
         [(f"u{i:04d}", [float(v) for v in X[i]], int(top[i])) for i in range(len(X))], "entity_id string, emb array<double>, cluster_id int"
     )
     got = place(users, tree).orderBy("entity_id").toPandas()
-    node, d2 = tree.descend(X, top)
+    node, d2, top_conf, leaf_conf = tree.place(X, top)
     assert list(got["leaf_id"]) == list(tree.leaf_id[node])
+    assert np.allclose(got["top_confidence"], top_conf) and np.allclose(got["leaf_confidence"], leaf_conf)
+    # the flat segment's users are as sure of their leaf as of their top segment; the split one's less
+    flat = (got["cluster_id"] == 0).to_numpy()
+    assert np.allclose(got.loc[flat, "leaf_confidence"], got.loc[flat, "top_confidence"])
+    assert (got.loc[~flat, "leaf_confidence"] < got.loc[~flat, "top_confidence"]).mean() > 0.9
     assert list(got["segment_path"]) == [tree.paths[i] for i in node]
     assert np.allclose(got["leaf_distance"], np.sqrt(d2))
     assert set(got.loc[got["cluster_id"] == 0, "segment_path"]) == {"0"}

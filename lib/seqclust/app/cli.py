@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="top",
         help="the segment tree's top level or its leaves (each user in their deepest segment; default %(default)s)",
     )
+    x.add_argument("--min-confidence", type=float, help="keep only users at least this sure of their segment (clusters.confidence, 0..1)")
     x.add_argument(
         "--raw-ids", action="store_true", help="export user ids as the run kept them (default: pseudonyms, salt from privacy.salt_env)"
     )
@@ -279,7 +280,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f"run.output={args.output}"] if args.output else [])
     cfg = load_config(args.conf, overrides=overrides, env=args.env)
     spark = get_spark(cfg.spark)
-    res = export(spark, cfg, args.run_id, args.format, args.out, min_size=args.min_size, raw_ids=args.raw_ids, level=args.level)
+    res = export(
+        spark,
+        cfg,
+        args.run_id,
+        args.format,
+        args.out,
+        min_size=args.min_size,
+        raw_ids=args.raw_ids,
+        level=args.level,
+        min_confidence=args.min_confidence,
+    )
     print(res.summary())
     return 0
 

@@ -367,8 +367,14 @@ class ClusterConfig:
     split_min_stability: float = 0.8
     split_min_temporal: float = 0.5
     split_sample: int = 20000
+    # a user is a confident member of their segment when the margin of its centre over the
+    # nearest other one (clusters.confidence, 0..1, hierarchy.margin) is at least this; the run
+    # reports the confident share per level and how the confident members' segments hold
+    # across time and predict conversion, and `seqclust export --min-confidence` keeps them
+    min_confidence: float = 0.2
 
     def __post_init__(self) -> None:
+        _check(0 <= self.min_confidence <= 1, "min_confidence", "must be in [0, 1]")
         _check(1 <= self.split_max_depth <= 5, "split_max_depth", "must be from 1 to 5")
         _check(self.split_min_users >= 20, "split_min_users", "must be >= 20")
         _check(self.split_min_child_users >= 5, "split_min_child_users", "must be >= 5")

@@ -107,6 +107,7 @@ CLUSTERS = _schema(
     ("distance_to_centroid", DBL),
     ("granularity", STR),  # coarse (the top level) | leaf (the deepest segment of the tree) | fine (recommendation fill)
     ("segment_path", STR),  # coarse and leaf rows: the segment's place in the tree ('2', '2.1'); fine rows: null
+    ("confidence", DBL),  # the margin of the user's segment over the nearest other at that level, 0..1 (hierarchy.margin)
 )
 CENTROIDS = _schema(
     ("cluster_id", INT),
@@ -148,7 +149,7 @@ METRICS = _schema(
 # seqclust stream (the stream's own run id): see seqclust.serve.stream
 LIVE_SEGMENTS = _schema(
     ("user_id", STR),
-    ("cluster_id", INT),
+    ("cluster_id", INT),  # the top-level segment
     ("distance_to_centroid", DBL),
     ("model_run_id", STR),
     ("encoder_id", STR),
@@ -156,6 +157,10 @@ LIVE_SEGMENTS = _schema(
     ("last_session_id", STR),
     ("updated_at", TS),
     ("batch_id", LONG),
+    ("confidence", DBL),  # at the top level (as clusters.confidence)
+    ("leaf_id", INT),  # the leaf of the model run's segment tree (its cluster_id among the leaves)
+    ("segment_path", STR),
+    ("leaf_confidence", DBL),
 )
 # a stream user's pooling state (the sufficient statistics of batch pooling: exact, bounded by
 # the vocabulary and the vector size, not by the user's history); prev_* is the state before

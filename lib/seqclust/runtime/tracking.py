@@ -68,8 +68,8 @@ def _require_mlflow() -> None:
 
 def _metrics(metric_rows: list[dict[str, Any]], record: dict[str, Any], ts: int) -> list[Any]:
     """The MLflow metrics of a run: every measured ``metrics`` row (the sweep with k as the
-    step; the segment tree's tests one name per segment; a figure not measured left out), the
-    stage seconds and the row counts."""
+    step; the segment tree's tests and the per-segment confidence one name per segment; a
+    figure not measured left out), the stage seconds and the row counts."""
     from mlflow.entities import Metric
 
     metrics: list[Any] = []
@@ -80,9 +80,11 @@ def _metrics(metric_rows: list[dict[str, Any]], record: dict[str, Any], ts: int)
             metrics.append(Metric(metric_key("sweep", r["metric"]), float(r["value"]), ts, int(r["k"] or 0)))
             continue
         base = metric_key(r["method"], r["family"], r["metric"])
-        if r["family"] == "hierarchy":  # one test per segment of the tree: the segment's path in the name
-            path = json.loads(r.get("details") or "{}").get("segment_path")
-            base = metric_key(r["method"], r["family"], r["metric"], f"segment_{path}")
+        if r["family"] in ("hierarchy", "confidence"):  # a figure per segment: the segment's path in the name
+            d = json.loads(r.get("details") or "{}")
+            path = d.get("segment_path", d.get("segment"))
+            if path is not None:
+                base = metric_key(r["method"], r["family"], r["metric"], f"segment_{path}")
         if math.isnan(float(r["value"])):
             continue
         metrics.append(Metric(base, float(r["value"]), ts, 0))

@@ -29,7 +29,7 @@ from seqclust.evaluate.metrics import bootstrap_ci, user_sample
 from seqclust.runtime.spark import ROWS_CACHE
 from seqclust.runtime.store import one_row
 from seqclust.segment import refine
-from seqclust.segment.hierarchy import Tree
+from seqclust.segment.hierarchy import Tree, own_margin
 from seqclust.segment.leaves import HistoryFn, grow_tree, node_sizes, place, tree_rows
 from seqclust.segment.profiles import cluster_profiles
 from seqclust.segment.scores import local_kmeans, silhouette_sq
@@ -41,8 +41,10 @@ def fit_kmeans(features: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> KM
     """Seeded k-means|| on a ``features`` vector column (Euclidean; vectors are L2-normalised,
     so this orders neighbours as cosine distance does). When k-means|| finds fewer distinct
     centres than k (a view-only clickstream: every bag-of-events vector is the same), MLlib's
-    block solver fails (ArrayIndexOutOfBoundsException in KMeansAggregator, Spark 4.2); the
-    fit is then repeated with the row solver, which returns the fewer centres."""
+    block solver fails (ArrayIndexOutOfBoundsException in KMeansAggregator, Spark 4.2, with an
+    executor stack trace per retried task); that case is detected before fitting
+    (``_distinct_at_least``) and fitted with the row solver, which returns the fewer centres.
+    Should the block solver still fail that way, the fit is repeated with the row solver."""
 
     def fit(solver: str) -> KMeansModel:
         km = KMeans(
@@ -59,6 +61,9 @@ def fit_kmeans(features: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> KM
 
     if cfg.solver == "row":
         return fit("row")
+    if not _distinct_at_least(features, k):
+        log.info("cluster: fewer than k=%d distinct vectors: MLlib's row solver (its block solver cannot fit them)", k)
+        return fit("row")
     try:
         return fit(cfg.solver)
     except Exception as e:  # py4j wraps the JVM error; only this known failure is retried
@@ -70,6 +75,18 @@ def fit_kmeans(features: DataFrame, k: int, seed: int, cfg: ClusterConfig) -> KM
             k,
         )
         return fit("row")
+
+
+def _distinct_at_least(features: DataFrame, k: int) -> bool:
+    """Whether ``features`` holds at least ``k`` distinct vectors: a HyperLogLog count of the
+    vectors' hashes in one pass (no shuffle of rows), confirmed exactly only when it is near k."""
+    from pyspark.ml.functions import vector_to_array
+
+    h = F.hash(vector_to_array(F.col("features")))
+    approx = one_row(features.agg(F.approx_count_distinct(h).alias("n")))["n"] or 0
+    if approx >= 2 * k:
+        return True
+    return features.select(h.alias("h")).distinct().limit(k).count() >= k
 
 
 def user_partitions(n: int, cfg: ClusterConfig) -> int:
@@ -355,7 +372,7 @@ class Fit:
     inertia: float
 
 
-_NEAREST = "struct<cluster_id:int,distance_to_centroid:double>"
+_NEAREST = "struct<cluster_id:int,distance_to_centroid:double,confidence:double>"
 
 
 def _stack(vecs: pd.Series, dim: int) -> np.ndarray:
@@ -366,19 +383,24 @@ def _stack(vecs: pd.Series, dim: int) -> np.ndarray:
 def nearest_np(X: np.ndarray, C: np.ndarray, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(nearest centre id, Euclidean distance) per row of ``X`` (squared differences summed,
     ties to the lower id), or with ``own`` the distance to each row's own centre."""
+    ids, dist, _ = nearest_margin_np(X, C, own)
+    return ids, dist
+
+
+def nearest_margin_np(X: np.ndarray, C: np.ndarray, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``nearest_np`` with each row's confidence: the margin of its centre (the nearest, or
+    ``own``) against the nearest other one (``hierarchy.margin``)."""
     ids = np.empty(len(X), np.int32)
     dist = np.empty(len(X))
+    conf = np.empty(len(X))
     for s in range(0, len(X), 1024):  # n x k x d differences, 1,024 rows at a time (~50 MB at k = 50, d = 128)
         x = X[s : s + 1024]
-        if own is not None:
-            j = own[s : s + 1024].astype(np.int64)
-            d2 = ((x - C[j]) ** 2).sum(axis=1)
-        else:
-            all_d2 = ((x[:, None, :] - C[None]) ** 2).sum(axis=2)
-            j = all_d2.argmin(axis=1)
-            d2 = all_d2[np.arange(len(j)), j]
-        ids[s : s + 1024], dist[s : s + 1024] = j, np.sqrt(d2)
-    return ids, dist
+        all_d2 = ((x[:, None, :] - C[None]) ** 2).sum(axis=2)
+        j = own[s : s + 1024].astype(np.int64) if own is not None else all_d2.argmin(axis=1)
+        ids[s : s + 1024] = j
+        dist[s : s + 1024] = np.sqrt(all_d2[np.arange(len(j)), j])
+        conf[s : s + 1024] = own_margin(all_d2, j)
+    return ids, dist, conf
 
 
 def _nearest_udf(centers, with_own: bool):
@@ -400,21 +422,24 @@ def _nearest_udf(centers, with_own: bool):
 
     @F.pandas_udf(_NEAREST)  # type: ignore[call-overload]
     def nearest(vecs: pd.Series) -> pd.DataFrame:
-        ids, dist = nearest_np(stack(vecs), C)
-        return pd.DataFrame({"cluster_id": ids, "distance_to_centroid": dist})
+        ids, dist, conf = nearest_margin_np(stack(vecs), C)
+        return pd.DataFrame({"cluster_id": ids, "distance_to_centroid": dist, "confidence": conf})
 
     return nearest
 
 
-def assign_nearest(users: DataFrame, centers, vec_col: str = "emb") -> DataFrame:
+def assign_nearest(users: DataFrame, centers, vec_col: str = "emb", confidence: bool = False) -> DataFrame:
     """``cluster_id`` (the nearest centre, squared Euclidean; ties to the lower id) and the
-    Euclidean ``distance_to_centroid`` of each row's ``vec_col`` array."""
-    return (
+    Euclidean ``distance_to_centroid`` of each row's ``vec_col`` array; with ``confidence``,
+    the margin of that centre over the nearest other one too (``hierarchy.margin``)."""
+    out = (
         users.withColumn("_near", _nearest_udf(centers, with_own=False)(vec_col))
         .withColumn("cluster_id", F.col("_near.cluster_id"))
         .withColumn("distance_to_centroid", F.col("_near.distance_to_centroid"))
-        .drop("_near")
     )
+    if confidence:
+        out = out.withColumn("confidence", F.col("_near.confidence"))
+    return out.drop("_near")
 
 
 def distance_to_own(users: DataFrame, centers, vec_col: str = "emb") -> DataFrame:
@@ -688,7 +713,7 @@ def _finish(
             tree = model_run_tree(spark, ctx, cfg.model_run) or Tree.flat(np.asarray(centers))
         else:
             tree = grow_tree(spark, ctx, users, top, np.asarray(centers), n, cfg, seed, history)
-        sizes, fine_sizes, leaf_sizes = _write_clusters(spark, ctx, users, top, tree, fine)
+        sizes, fine_sizes, leaf_sizes = _write_clusters(spark, ctx, users, top, tree, fine, cfg.min_confidence)
     finally:
         if labels is not None:
             labels.unpersist()  # the refined labels, cached by refine.refine for its count and the writes
@@ -711,7 +736,13 @@ def _finish(
 
 
 def _write_clusters(
-    spark: SparkSession, ctx: RunContext, users: DataFrame, top: DataFrame, tree: Tree, fine: list[list[float]] | None
+    spark: SparkSession,
+    ctx: RunContext,
+    users: DataFrame,
+    top: DataFrame,
+    tree: Tree,
+    fine: list[list[float]] | None,
+    min_confidence: float,
 ) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
     """The ``clusters`` rows: every user once at the top level (coarse), once at their leaf of
     the tree, and (with fine segments) once at their fine segment. Returns the users per
@@ -719,12 +750,13 @@ def _write_clusters(
     placed = place(users.select("entity_id", "emb").join(top, "entity_id"), tree)
     base: list[Column | str] = [F.lit("user").alias("entity_type"), "entity_id"]
 
-    def level(cluster_id: str, distance: str, granularity: str, path: Column) -> Column:
+    def level(cluster_id: str, distance: str, granularity: str, path: Column, confidence: str) -> Column:
         return F.struct(
             F.col(cluster_id).cast("int").alias("cluster_id"),
             F.col(distance).alias("distance_to_centroid"),
             F.lit(granularity).alias("granularity"),
             path.alias("segment_path"),
+            F.col(confidence).alias("confidence"),
         )
 
     # both rows of a user from one pass over the placed users (the descent runs once)
@@ -732,25 +764,68 @@ def _write_clusters(
         *base,
         F.inline(
             F.array(
-                level("cluster_id", "distance_to_centroid", "coarse", F.col("cluster_id").cast("string")),
-                level("leaf_id", "leaf_distance", "leaf", F.col("segment_path")),
+                level("cluster_id", "distance_to_centroid", "coarse", F.col("cluster_id").cast("string"), "top_confidence"),
+                level("leaf_id", "leaf_distance", "leaf", F.col("segment_path"), "leaf_confidence"),
             )
         ),
     )
     if fine is not None:
         clusters = clusters.unionByName(
-            assign_nearest(users, fine).select(
+            assign_nearest(users, fine, confidence=True).select(
                 *base,
                 F.col("cluster_id").cast("int").alias("cluster_id"),
                 "distance_to_centroid",
                 F.lit("fine").alias("granularity"),
                 F.lit(None).cast("string").alias("segment_path"),
+                "confidence",
             )
         )
     ctx.write(clusters, "clusters")
-    counts = ctx.store.read(spark, ctx.tables.clusters, ctx.run_id).groupBy("granularity", "cluster_id").count().collect()
+    counts = (
+        ctx.store.read(spark, ctx.tables.clusters, ctx.run_id)
+        .groupBy("granularity", "cluster_id")
+        .agg(
+            F.count("*").alias("count"),
+            F.sum((F.col("confidence") >= min_confidence).cast("long")).alias("confident"),
+            F.sum("confidence").alias("confidence"),
+        )
+        .collect()
+    )
+    _write_confidence_metrics(spark, ctx, counts, min_confidence)
     by = {g: {r["cluster_id"]: r["count"] for r in counts if r["granularity"] == g} for g in ("coarse", "fine", "leaf")}
     return by["coarse"], by["fine"], by["leaf"]
+
+
+def _write_confidence_metrics(spark: SparkSession, ctx: RunContext, counts: list, min_confidence: float) -> None:
+    """Family ``confidence`` per level (method ``encoder`` for the top level, ``leaf``, ``fine``):
+    ``confident_share`` (users whose ``clusters.confidence`` is at least ``min_confidence``)
+    and ``mean_confidence``, overall and per segment (``details.segment``)."""
+    method = {"coarse": "encoder", "leaf": "leaf", "fine": "fine"}
+    rows = []
+    for g, m in method.items():
+        mine = [r for r in counts if r["granularity"] == g]
+        n = sum(r["count"] for r in mine)
+        if not n:
+            continue
+        k = len(mine)
+        base = {"threshold": min_confidence, "users": n}
+        rows += [
+            tables.MetricRow(m, "confidence", "confident_share", sum(r["confident"] or 0 for r in mine) / n, k=k, details=base),
+            tables.MetricRow(m, "confidence", "mean_confidence", sum(r["confidence"] or 0.0 for r in mine) / n, k=k, details=base),
+        ]
+        if g != "fine":
+            rows += [
+                tables.MetricRow(
+                    m,
+                    "confidence",
+                    "confident_share",
+                    (r["confident"] or 0) / r["count"],
+                    k=k,
+                    details={**base, "users": r["count"], "segment": int(r["cluster_id"])},
+                )
+                for r in sorted(mine, key=lambda r: r["cluster_id"])
+            ]
+    tables.write_metrics(spark, ctx, rows, families=("confidence",))
 
 
 def _write_profiles(

@@ -209,9 +209,23 @@ class Tree:
         """``(node index, squared distance to that node's centre)`` of the leaf each row of ``X``
         reaches from its top segment ``top`` (a cluster id), taking the nearest child centre at
         each level."""
+        node, d2, _, _ = self.place(X, top)
+        return node, d2
+
+    def place(self, X: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``descend`` with each row's confidence at the top level and at its leaf:
+        ``(node, squared distance, top confidence, leaf confidence)``. A confidence is the
+        margin of a placement (``margin``): at the top, the row's own top segment against the
+        nearest other top centre; at the leaf, the smallest margin met on the way down (the top
+        one and the choice among the children at every split), so a leaf is never surer than
+        its ancestors. Equal at both levels when nothing splits."""
         X = np.asarray(X, dtype=np.float64)
-        tops = {int(p): i for i, p in enumerate(self.paths) if self.parent[i] < 0}
-        node = np.array([tops[int(t)] for t in top], dtype=np.int64) if len(top) else np.zeros(0, dtype=np.int64)
+        top_idx = np.nonzero(self.parent < 0)[0]
+        tops = {int(self.paths[i]): j for j, i in enumerate(top_idx)}
+        col = np.array([tops[int(t)] for t in top], dtype=np.int64) if len(top) else np.zeros(0, dtype=np.int64)
+        node = top_idx[col] if len(col) else np.zeros(0, dtype=np.int64)
+        top_conf = own_margin(_sq_dist(X, self.centers[top_idx]), col) if len(node) else np.zeros(0)
+        leaf_conf = top_conf.copy()
         kids = {i: self.children(i) for i in range(len(self.paths))}
         while True:
             inner = np.array([len(kids[n]) > 0 for n in node], dtype=bool)
@@ -221,9 +235,36 @@ class Tree:
                 rows = np.nonzero(node == n)[0]
                 ch = kids[int(n)]
                 d = _sq_dist(X[rows], self.centers[ch])
-                node[rows] = ch[d.argmin(axis=1)]
+                pick = d.argmin(axis=1)
+                node[rows] = ch[pick]
+                leaf_conf[rows] = np.minimum(leaf_conf[rows], own_margin(d, pick))
         dist = ((X - self.centers[node]) ** 2).sum(axis=1) if len(node) else np.zeros(0)
-        return node, dist
+        return node, dist, top_conf, leaf_conf
+
+
+def margin(own_d2: np.ndarray, other_d2: np.ndarray) -> np.ndarray:
+    """How surely each row belongs to its own centre rather than the nearest other one: the
+    simplified silhouette ``(b - a) / max(a, b)`` of Euclidean distances ``a`` (own centre) and
+    ``b`` (nearest other centre), clipped at 0. 1 on its own centre, 0 halfway to the other
+    (or nearer to it: refined segments are chosen by token likelihood, not always the nearest
+    centre); 1 where there is no other centre."""
+    a = np.sqrt(np.maximum(own_d2, 0.0))
+    b = np.sqrt(np.maximum(other_d2, 0.0))
+    top = np.maximum(a, b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.where(top > 0, (b - a) / np.where(top > 0, top, 1.0), 0.0)
+    return np.where(np.isinf(other_d2), 1.0, np.clip(m, 0.0, 1.0))
+
+
+def own_margin(d2: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """``margin`` of each row of the squared distances ``d2`` [n, k] for its own column ``own``."""
+    rows = np.arange(len(own))
+    a = d2[rows, own]
+    if d2.shape[1] < 2:
+        return np.ones(len(own))
+    other = d2.copy()
+    other[rows, own] = np.inf
+    return margin(a, other.min(axis=1))
 
 
 def _sq_dist(X: np.ndarray, C: np.ndarray) -> np.ndarray:

@@ -110,21 +110,24 @@ def grow_tree(
     return tree
 
 
-PLACED = "struct<node:int,distance:double>"
+PLACED = "struct<node:int,distance:double,top_confidence:double,leaf_confidence:double>"
 
 
 def place(users: DataFrame, tree: Tree, vec_col: str = "emb", top_col: str = "cluster_id") -> DataFrame:
-    """``users`` with ``leaf_id``, ``segment_path`` and ``leaf_distance`` (Euclidean, to the leaf's
-    centre): each user goes down the tree from their top segment ``top_col``, to the nearest
-    child centre at every level (``Tree.descend``, per Arrow batch)."""
+    """``users`` with ``leaf_id``, ``segment_path``, ``leaf_distance`` (Euclidean, to the leaf's
+    centre), ``top_confidence`` and ``leaf_confidence``: each user goes down the tree from their
+    top segment ``top_col``, to the nearest child centre at every level (``Tree.place``, per
+    Arrow batch), with the margin of each placement."""
     paths, parent, centers = list(tree.paths), tree.parent.copy(), tree.centers.copy()
 
     @F.pandas_udf(PLACED)  # type: ignore[call-overload]
     def descend(vecs: pd.Series, top: pd.Series) -> pd.DataFrame:
         t = Tree(tuple(paths), parent, centers)
         X = np.stack(vecs.to_numpy()).astype(np.float64) if len(vecs) else np.zeros((0, centers.shape[1]))
-        node, d2 = t.descend(X, top.to_numpy())
-        return pd.DataFrame({"node": node.astype(np.int32), "distance": np.sqrt(d2)})
+        node, d2, top_conf, leaf_conf = t.place(X, top.to_numpy())
+        return pd.DataFrame(
+            {"node": node.astype(np.int32), "distance": np.sqrt(d2), "top_confidence": top_conf, "leaf_confidence": leaf_conf}
+        )
 
     leaf_of = F.array(*[F.lit(int(v)) for v in tree.leaf_id])
     path_of = F.array(*[F.lit(p) for p in paths])
@@ -134,6 +137,8 @@ def place(users: DataFrame, tree: Tree, vec_col: str = "emb", top_col: str = "cl
         F.element_at(leaf_of, F.col("_p.node") + 1).alias("leaf_id"),
         F.element_at(path_of, F.col("_p.node") + 1).alias("segment_path"),
         F.col("_p.distance").alias("leaf_distance"),
+        F.col("_p.top_confidence").alias("top_confidence"),
+        F.col("_p.leaf_confidence").alias("leaf_confidence"),
     ).drop("_p")
 
 

@@ -70,6 +70,7 @@ from seqclust.represent.features import _list_parts
 from seqclust.runtime.spark import concurrently, materialised, release
 from seqclust.runtime.store import CORRUPT_COL, FILE_COL, mapped_columns, one_row, source_format
 from seqclust.segment import cluster, refine
+from seqclust.segment.hierarchy import Tree
 from seqclust.sessionize import stage as sessionize
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Model:
     artifact: Any
     centers: list[list[float]]
     token_segments: refine.TokenSegments | None
+    tree: Tree  # every node of the model run's segment tree (its top level alone for a run without one)
 
 
 def load_model(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> Model:
@@ -111,7 +113,8 @@ def load_model(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> Mod
     if cfg.cluster.refine != "none" and art.token_model is not None:
         rows = cluster.model_run_centers(spark, ctx, rid, "tokens")
         segs = refine.TokenSegments.from_rows(rows) if rows else None
-    return Model(rid, art, centers, segs)
+    tree = cluster.model_run_tree(spark, ctx, rid) or Tree.flat(np.asarray(centers, dtype=np.float64))
+    return Model(rid, art, centers, segs, tree)
 
 
 def read_stream(spark: SparkSession, path: str, cfg: PipelineConfig) -> DataFrame:
@@ -442,7 +445,17 @@ class LiveScorer:
             "prev_last_end_ts",
             "prev_last_session_id",
         )
-        labels = out.select("user_id", "cluster_id", "distance_to_centroid", F.col("sessions").alias("sessions_counted"), "last_session_id")
+        labels = out.select(
+            "user_id",
+            "cluster_id",
+            "distance_to_centroid",
+            "confidence",
+            "leaf_id",
+            "segment_path",
+            "leaf_confidence",
+            F.col("sessions").alias("sessions_counted"),
+            "last_session_id",
+        )
         return state, labels
 
     def _write(self, batch_id: int, fresh_emb: DataFrame, labels: DataFrame, state: DataFrame, first_start: dt.datetime) -> None:
@@ -462,6 +475,10 @@ class LiveScorer:
             "user_id",
             "cluster_id",
             "distance_to_centroid",
+            "confidence",
+            "leaf_id",
+            "segment_path",
+            "leaf_confidence",
             F.lit(self.model.run_id).alias("model_run_id"),
             F.lit(self.model.artifact.encoder_id).alias("encoder_id"),
             "sessions_counted",
@@ -536,6 +553,10 @@ UPDATED = T.StructType(
         *[T.StructField(f"prev_{c}", t) for c, t in _STATE_COLS],
         T.StructField("cluster_id", T.IntegerType()),
         T.StructField("distance_to_centroid", T.DoubleType()),
+        T.StructField("confidence", T.DoubleType()),
+        T.StructField("leaf_id", T.IntegerType()),
+        T.StructField("segment_path", T.StringType()),
+        T.StructField("leaf_confidence", T.DoubleType()),
     ]
 )
 
@@ -555,11 +576,12 @@ def live_updater(model: Model, cfg: EmbedConfig) -> Any:
     meta, npz = (tm.to_json(), tm.arrays_npz()) if tm is not None else (None, None)
     segs_npz = model.token_segments.to_npz() if model.token_segments is not None else None
     centers = np.asarray(model.centers, dtype=np.float64)
+    paths, parent, nodes = model.tree.paths, model.tree.parent.copy(), model.tree.centers.copy()
 
     def run(batches: Any) -> Any:
         tmodel = TokenModel.load(meta, npz) if meta is not None and npz is not None else None
         segs = TokenSegments.from_npz(segs_npz) if segs_npz is not None else None
-        place = _placer(cfg, tmodel, segs, centers)
+        place = _placer(cfg, tmodel, segs, centers, Tree(paths, parent, nodes))
         carry: pa.Table | None = None
         for b in batches:
             if b.num_rows == 0:
@@ -635,17 +657,20 @@ def _combine(t: pa.Table) -> dict[str, Any]:
     return out
 
 
-def _placer(cfg: EmbedConfig, tmodel: Any, segs: Any, centers: np.ndarray) -> Any:
+def _placer(cfg: EmbedConfig, tmodel: Any, segs: Any, centers: np.ndarray, tree: Tree) -> Any:
     """``_combine``'s users -> an ``UPDATED`` batch: the user vector as ``embed.user_vectors``
     makes it (the L2-normalised vector sum, the token model's projection of the counts, or both
     weighted), the nearest centre, the token segments' most likely one for a user with known
-    tokens (``refine.assign``) and the distance to the chosen centre."""
+    tokens (``refine.assign``) and the distance to the chosen centre; then down the segment
+    ``tree`` from there (``Tree.place``, as the batch's leaf rows): the leaf, its path and the
+    confidence at the top level and at the leaf."""
     from seqclust.represent.behaviour import project, vocab_coo
     from seqclust.segment.cluster import nearest_np
     from seqclust.segment.refine import score
 
     rep = cfg.representation
     wa, wb = math.sqrt(cfg.hybrid_weight), math.sqrt(1.0 - cfg.hybrid_weight)
+    leaf_of, paths = tree.leaf_id, tree.paths
     value_set = pa.array(tmodel.tokens, pa.string()) if tmodel is not None else None
 
     def place(u: dict[str, Any]) -> pa.RecordBatch:
@@ -669,6 +694,7 @@ def _placer(cfg: EmbedConfig, tmodel: Any, segs: Any, centers: np.ndarray) -> An
             best, has = score(coo[1], coo[2], coo[0], n, segs)
             ids = np.where(has, best, ids).astype(np.int32)
             dist = nearest_np(X64, centers, ids)[1]
+        node, _, top_conf, leaf_conf = tree.place(X64, ids)
         vec = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vs.reshape(-1)))
         cols = {
             **u,
@@ -676,6 +702,10 @@ def _placer(cfg: EmbedConfig, tmodel: Any, segs: Any, centers: np.ndarray) -> An
             "vector_sum": vec,
             "cluster_id": pa.array(ids, pa.int32()),
             "distance_to_centroid": pa.array(dist),
+            "confidence": pa.array(top_conf, pa.float64()),
+            "leaf_id": pa.array(leaf_of[node], pa.int32()),
+            "segment_path": pa.array([paths[i] for i in node], pa.string()),
+            "leaf_confidence": pa.array(leaf_conf, pa.float64()),
         }
         return pa.RecordBatch.from_arrays([cols[f.name] for f in UPDATED.fields], names=UPDATED.fieldNames())
 
