@@ -34,7 +34,9 @@ chosen k; k_within_1 = generators whose chosen k is within 1 of the planted k; t
 tree: min_leaf_ari = the lowest ARI of the tree's leaves against the personas,
 leaves_within_1 = generators whose number of leaves is within 1 of the planted personas; per
 generator also planted_top, top_ari_groups (the top level against the planted groups of a
-nested generator), planted_leaves, leaves and leaf_ari).
+nested generator), planted_leaves, leaves and leaf_ari; confident_share and ari_confident:
+the share of users at least cluster.min_confidence sure of their top segment, and the top
+level's ARI among them alone).
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def measure(
     from seqclust.segment.cluster import coarse
 
     stored_clusters = store.read(spark, tables.clusters, ctx.run_id)
-    clusters = coarse(stored_clusters).select("entity_id", "cluster_id").toPandas().set_index("entity_id")
+    conf_col = F.col("confidence") if "confidence" in stored_clusters.columns else F.lit(None).cast("double").alias("confidence")
+    clusters = coarse(stored_clusters).select("entity_id", "cluster_id", conf_col).toPandas().set_index("entity_id")
     leaf = stored_clusters.where(F.col("granularity") == "leaf").select("entity_id", "cluster_id").toPandas().set_index("entity_id")
     n_sess = {
         r["entity_id"]: r["n_sessions"] or 0 for r in emb.where(F.col("entity_type") == "user").select("entity_id", "n_sessions").collect()
@@ -155,6 +158,12 @@ def measure(
             res["leaves"] = int(len(np.unique(leaves)))
             g = np.array([(groups or labels).get(i, "?") for i in ids])
             res["top_ari_groups"] = float(adjusted_rand_score(g, pred))
+            # confident members (clusters.confidence >= cluster.min_confidence): their share and
+            # their top level's ARI, against everyone's (does the confidence mean anything?)
+            conf = clusters.loc[ids, "confidence"].to_numpy(dtype=float)
+            sure = conf >= cfg.cluster.min_confidence
+            res["confident_share"] = float(np.mean(sure)) if np.isfinite(conf).all() else None
+            res["ari_confident"] = float(adjusted_rand_score(y[sure], pred[sure])) if sure.sum() >= 20 else None
         else:
             res["ari"] = float(adjusted_rand_score(y, _segments(X, P, rich, chosen_k, seed, cfg.cluster)))
         res["ari_planted_k"] = float(adjusted_rand_score(y, _segments(X, P, rich, planted_k, seed, cfg.cluster)))
@@ -247,6 +256,8 @@ def main() -> None:
             "leaves": meas["default"]["leaves"],
             "leaf_ari": meas["default"]["leaf_ari"],
             "top_ari_groups": meas["default"]["top_ari_groups"],
+            "confident_share": meas["default"].get("confident_share"),
+            "ari_confident": meas["default"].get("ari_confident"),
             "k_uncertain": bool(choice.get("uncertain", False)),
             "k_runner_up": choice.get("runner_up"),
             "ari": meas["default"]["ari"],
@@ -283,10 +294,16 @@ def main() -> None:
         print(f"{g:<14} {r['planted_k']:>9} {r['k_chosen']:>7}{flag} {r['supervised_ceiling']:>8.3f} {bayes:>6}  " + "  ".join(cells))
     print(
         f"\n{'generator':<16} {'top planted':>11} {'top chosen':>10} {'top ARI vs groups':>17} {'leaves planted':>14} {'leaves':>6} {'leaf ARI':>8}"
+        f" {'confident':>9} {'ARI confident':>13}"
     )
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for g, r in results.items():
         print(
             f"{g:<16} {r['planted_top']:>11} {r['k_chosen']:>10} {r['top_ari_groups']:>17.3f} {r['planted_k']:>14} {r['leaves']:>6} {r['leaf_ari']:>8.3f}"
+            f" {num(r['confident_share'], '.1%'):>9} {num(r['ari_confident'], '.3f'):>13}"
         )
     for g, why in skipped.items():
         print(f"{g:<14} skipped: {why}")
@@ -309,6 +326,8 @@ def main() -> None:
                 "planted_leaves": r["planted_k"],
                 "leaves": r["leaves"],
                 "leaf_ari": round(r["leaf_ari"], 4),
+                "confident_share": None if r["confident_share"] is None else round(r["confident_share"], 4),
+                "ari_confident": None if r["ari_confident"] is None else round(r["ari_confident"], 4),
                 "ari": round(r["ari"], 4),
                 "ari_planted_k": round(r["ari_planted_k"], 4),
                 "supervised_ceiling": round(r["supervised_ceiling"], 4),

@@ -114,6 +114,8 @@ class RunSummary:
     report: Path | None = None
     # table_rows: the run's rows in each table (True) or the rows this command wrote (a single stage)
     whole_run_rows: bool = True
+    # how far each level holds, in sentences (seqclust.evaluate.trust)
+    trust: list[str] = dataclasses.field(default_factory=list)
 
 
 # Each stage: (spark, cfg, ctx, rec, state) -> None. It reads what earlier stages committed for
@@ -314,7 +316,19 @@ def _summary(
     cold JVM. Metrics: this process's evaluation, else (a whole run) the table's."""
     table_rows = _run_row_counts(spark, ctx) if whole else dict(ctx.written)
     metrics = state.get("metrics") or (_read_metrics(spark, ctx) if whole else {})
-    return RunSummary(ctx.run_id, rec, table_rows, metrics, ctx.store.root, seconds, state.get("k_choice"), report, whole)
+    trust = run_trust(spark, ctx) if whole or "metrics" in state else []
+    return RunSummary(ctx.run_id, rec, table_rows, metrics, ctx.store.root, seconds, state.get("k_choice"), report, whole, trust)
+
+
+def run_trust(spark: SparkSession, ctx: RunContext) -> list[str]:
+    """The run's verdicts per level (``seqclust.evaluate.trust``) from its ``metrics`` rows."""
+    from seqclust.evaluate.trust import statements
+
+    if not ctx.store.exists(ctx.tables.metrics):
+        return []
+    fams = ("downstream", "temporal", "confidence")
+    rows = ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).where(F.col("family").isin(*fams)).collect()  # hundreds of rows
+    return statements([r.asDict() for r in rows])
 
 
 def _run_row_counts(spark: SparkSession, ctx: RunContext) -> dict[str, int]:
@@ -384,8 +398,12 @@ def format_summary(s: RunSummary) -> str:
         kc = s.k_choice
         stab = f", stability {kc['stability']:.3f} [{kc['stability_low']:.3f}, {kc['stability_high']:.3f}]" if "stability" in kc else ""
         lines.append(f"  k = {kc['k']}{' (uncertain)' if kc.get('uncertain') else ''}: {kc['rule']}{stab}")
+    if s.trust:
+        lines.append("  how far the segments hold (better: above the reference's 95% interval):")
+        lines += [f"    {t}" for t in s.trust]
     if s.metrics:
         methods = [m for m in ("encoder", "bag_of_events", "random") if m in s.metrics]
+        first = methods[:1] + (["leaf"] if "silhouette" in s.metrics.get("leaf", {}) else []) + methods[1:]
         names = [
             m
             for m in (
@@ -407,17 +425,21 @@ def format_summary(s: RunSummary) -> str:
         ]
         n_eval = s.metrics.get("encoder", {}).get("evaluated_users")
         sample = f"; on a hash sample of {int(n_eval)} of {rec.users} users" if n_eval and rec.users and n_eval < rec.users else ""
-        lines.append(f"  metrics at k={rec.k} (*_buyer, *_dominant_category: vs proxy labels{sample})")
-        lines += _method_table(s.metrics, methods, names, 24)
+        lines.append(f"  metrics at k={rec.k}, leaf: the segment tree's leaves (*_buyer, *_dominant_category: vs proxy labels{sample})")
+        lines += _method_table(s.metrics, first, names, 24)
         drifted = [m for m in methods if "psi_cluster_shares" in s.metrics[m]]
         if drifted:
             n_cmp = int(s.metrics[drifted[0]]["users_compared"])
             lines.append(f"  drift vs the previous run ({n_cmp} shared users)")
             lines += _method_table(s.metrics, drifted, ("psi_cluster_shares", "js_cluster_shares", "users_changed_cluster"), 24)
         down = sorted({m for x in methods for m in s.metrics[x] if "@" in m})
-        with_fine = methods[:1] + (["fine"] if "fine" in s.metrics else []) + methods[1:]
+        more = [m for m in ("leaf", "confident", "fine") if any("@" in x or x.startswith("temporal") for x in s.metrics.get(m, {}))]
+        with_fine = methods[:1] + more + methods[1:]
         if down:
-            lines.append("  next-session recommendation (history only; segment lists from each method's segments; fine: the fine segments)")
+            lines.append(
+                "  next-session recommendation (history only; segment lists from each method's segments; leaf: the segment tree's "
+                "leaves; confident: the top level's confident members; fine: the fine segments)"
+            )
             lines += _method_table(s.metrics, with_fine, down, 40)
         conv = [
             m

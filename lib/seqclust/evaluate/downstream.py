@@ -39,6 +39,8 @@ from seqclust.evaluate.baseline import random_assignment
 from seqclust.evaluate.metrics import external_scores, hash_uniform
 from seqclust.runtime.store import one_row
 from seqclust.segment.cluster import assign_nearest
+from seqclust.segment.hierarchy import Tree
+from seqclust.segment.leaves import place
 
 log = logging.getLogger(__name__)
 
@@ -396,29 +398,46 @@ def temporal_stability_rows(
     random_shares: Sequence[float],
     seed: int,
     replicates: int = 200,
+    tree: Tree | None = None,
+    confident: DataFrame | None = None,
 ) -> list[MetricRow]:
     """Is a user's segment a trait or a mood? Each user with two or more sessions gets a segment
     from the first half of their sessions and one from the second half (vectors made from
     those sessions alone, nearest of the run's centroids). ``temporal_ari`` is the ARI between
     the two (family ``temporal``), ``temporal_same_segment`` the share of users whose segment
     did not change; the reference is ``random`` (two independent draws of the same sizes:
-    ARI about 0). Intervals: the same 1024-bucket bootstrap (bucket x segment x segment counts)."""
+    ARI about 0). With a segment ``tree`` that splits, the leaves each half reaches too (method
+    ``leaf``); with ``confident`` (``user_id`` of the confident members), the top level among
+    them alone (method ``confident``). Intervals: the same 1024-bucket bootstrap (bucket x
+    segment x segment counts)."""
 
     w = Window.partitionBy("user_id").orderBy("start_ts", "session_id")
     ranked = sessions.withColumn("_r", F.row_number().over(w)).withColumn("_n", F.count("*").over(Window.partitionBy("user_id")))
     ranked = ranked.where(F.col("_n") >= 2)
     first = ranked.where(F.col("_r") <= F.floor(F.col("_n") / 2)).drop("_r", "_n")
     second = ranked.where(F.col("_r") > F.floor(F.col("_n") / 2)).drop("_r", "_n")
-    a = nearest_centroid(history_vectors(first), centroids).select(F.col("entity_id").alias("user_id"), F.col("cluster_id").alias("c1"))
-    b = nearest_centroid(history_vectors(second), centroids).select(F.col("entity_id").alias("user_id"), F.col("cluster_id").alias("c2"))
-    pairs = a.join(b, "user_id").persist(StorageLevel.MEMORY_AND_DISK)
+    leaves = tree is not None and not tree.is_flat
+
+    def assigned(half: DataFrame, i: int) -> DataFrame:
+        v = nearest_centroid(history_vectors(half), centroids)
+        cols = [F.col("entity_id").alias("user_id"), F.col("cluster_id").alias(f"c{i}")]
+        if leaves:
+            assert tree is not None
+            v = place(v, tree, vec_col="embedding", top_col="cluster_id")
+            cols.append(F.col("leaf_id").alias(f"l{i}"))
+        return v.select(*cols)
+
+    pairs = assigned(first, 1).join(assigned(second, 2), "user_id").persist(StorageLevel.MEMORY_AND_DISK)
     try:
         users = pairs.select("user_id")
         r1 = random_assignment(users, random_shares, seed + 11, "c1", key="user_id")
         r2 = random_assignment(users, random_shares, seed + 12, "c2", key="user_id")
-        methods = [("encoder", pairs), ("random", r1.join(r2, "user_id"))]
+        methods = [("encoder", pairs.select("user_id", "c1", "c2")), ("random", r1.join(r2, "user_id"))]
+        if leaves:
+            methods.append(("leaf", pairs.select("user_id", F.col("l1").alias("c1"), F.col("l2").alias("c2"))))
+        if confident is not None:
+            methods.append(("confident", pairs.select("user_id", "c1", "c2").join(confident, "user_id")))
         rows: list[MetricRow] = []
-        k = len(centroids)
         for method, df in methods:
             counts = (
                 df.withColumn("_g", (hash_uniform("user_id", seed=seed) * BOOTSTRAP_BUCKETS).cast("int"))
@@ -427,36 +446,39 @@ def temporal_stability_rows(
                 .collect()
             )
             if not counts:
-                return []
+                continue
+            k = max(max(r["c1"], r["c2"]) for r in counts) + 1
             t = np.zeros((BOOTSTRAP_BUCKETS, k, k))
             for r in counts:
                 t[r["_g"], r["c1"], r["c2"]] += r["count"]
-            total = t.sum(axis=0)
-            ari = external_scores(total)["ari"]
-            same = float(np.trace(total) / total.sum())
-            wts = np.random.default_rng(seed).poisson(1.0, size=(replicates, BOOTSTRAP_BUCKETS)).astype(np.float64)
-            reps = [np.tensordot(wi, t, axes=1) for wi in wts]
-            rep_ari = np.array([external_scores(m)["ari"] for m in reps if m.sum() > 0])
-            rep_same = np.array([np.trace(m) / m.sum() for m in reps if m.sum() > 0])
-            n_users = int(total.sum())
-            details = {"halves": "first and second half of each user's sessions", "users": n_users, "bootstrap": replicates}
-            for name, value, reps_ in (("temporal_ari", ari, rep_ari), ("temporal_same_segment", same, rep_same)):
-                lo, hi = np.percentile(reps_, [2.5, 97.5]) if len(reps_) else (float("nan"), float("nan"))
-                rows.append(
-                    MetricRow(
-                        method=method,
-                        family="temporal",
-                        metric=name,
-                        value=float(value),
-                        ci_low=float(lo),
-                        ci_high=float(hi),
-                        details=details,
-                    )
-                )
-            log.info("temporal stability (%s, %d users): ARI %.3f, same segment %.1f%%", method, n_users, ari, 100 * same)
+            rows += _temporal_rows(method, t, seed, replicates)
         return rows
     finally:
         pairs.unpersist()
+
+
+def _temporal_rows(method: str, t: np.ndarray, seed: int, replicates: int) -> list[MetricRow]:
+    """``temporal_ari`` and ``temporal_same_segment`` of one method from its bucket x first
+    half's segment x second half's segment counts ``t``, with bootstrap intervals."""
+    total = t.sum(axis=0)
+    ari = external_scores(total)["ari"]
+    same = float(np.trace(total) / total.sum())
+    wts = np.random.default_rng(seed).poisson(1.0, size=(replicates, BOOTSTRAP_BUCKETS)).astype(np.float64)
+    reps = [np.tensordot(wi, t, axes=1) for wi in wts]
+    rep_ari = np.array([external_scores(m)["ari"] for m in reps if m.sum() > 0])
+    rep_same = np.array([np.trace(m) / m.sum() for m in reps if m.sum() > 0])
+    n_users = int(total.sum())
+    details = {"halves": "first and second half of each user's sessions", "users": n_users, "bootstrap": replicates}
+    rows = []
+    for name, value, reps_ in (("temporal_ari", ari, rep_ari), ("temporal_same_segment", same, rep_same)):
+        lo, hi = np.percentile(reps_, [2.5, 97.5]) if len(reps_) else (float("nan"), float("nan"))
+        rows.append(
+            MetricRow(
+                method=method, family="temporal", metric=name, value=float(value), ci_low=float(lo), ci_high=float(hi), details=details
+            )
+        )
+    log.info("temporal stability (%s, %d users): ARI %.3f, same segment %.1f%%", method, n_users, ari, 100 * same)
+    return rows
 
 
 def evaluate_downstream(
@@ -470,9 +492,13 @@ def evaluate_downstream(
     replicates: int = 200,
     baseline_assign: Callable[[DataFrame], DataFrame] | None = None,
     fine_centroids: Sequence[Sequence[float]] | None = None,
+    tree: Tree | None = None,
+    confident: DataFrame | None = None,
 ) -> list[MetricRow]:
     """Metric rows (family ``downstream``) for the encoder's segments and the random baseline
-    (and, with ``fine_centroids``, the fine segments as method ``fine``).
+    (and, with ``fine_centroids``, the fine segments as method ``fine``; with a segment
+    ``tree`` that splits, its leaves as method ``leaf``; with ``confident``, ``user_id`` of the
+    confident members, the top level among them alone as method ``confident``).
 
     Args:
         sessions: modelled sessions (session_id, user_id, start_ts, and the ``fields`` arrays).
@@ -498,6 +524,11 @@ def evaluate_downstream(
         both = nearest_centroid(users, centroids).withColumnRenamed("cluster_id", "_enc")
         if fine_centroids:
             both = nearest_centroid(both, fine_centroids).withColumnRenamed("cluster_id", "_fine")
+        leaves = tree is not None and not tree.is_flat
+        if leaves:
+            assert tree is not None
+            both = place(both, tree, vec_col="embedding", top_col="_enc").withColumnRenamed("leaf_id", "_leaf")
+            both = both.drop("segment_path", "leaf_distance", "top_confidence", "leaf_confidence")
         both = both.drop("embedding").persist(StorageLevel.MEMORY_AND_DISK)
         n_users = both.count()
         if n_users == 0:
@@ -509,6 +540,10 @@ def evaluate_downstream(
         log.info("downstream: %d users with history assigned to the encoder's segments", n_users)
         if fine_centroids:
             methods.append(("fine", both.select("user_id", F.col("_fine").alias("cluster_id"))))
+        if leaves:
+            methods.append(("leaf", both.select("user_id", F.col("_leaf").alias("cluster_id"))))
+        if confident is not None:
+            methods.append(("confident", enc.join(confident, "user_id")))
         if baseline_assign is not None:
             boe = baseline_assign(history).persist(StorageLevel.MEMORY_AND_DISK)
             methods.append(("bag_of_events", boe))

@@ -26,7 +26,7 @@ from seqclust.core.tables import MetricRow, write_metrics
 from seqclust.evaluate.baseline import boe_clusters, random_assignment
 from seqclust.evaluate.metrics import contingencies, external_scores, user_sample
 from seqclust.runtime.store import read_labels
-from seqclust.segment.cluster import coarse, leaf_rows, model_run_centers, silhouette
+from seqclust.segment.cluster import coarse, leaf_rows, model_run_centers, model_run_tree, silhouette
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +293,11 @@ def _usefulness_rows(
     cluster_cfg: ClusterConfig,
     baseline: BaselineConfig,
     history_vectors: Callable[[DataFrame, DataFrame], DataFrame] | None,
+    confident: DataFrame | None = None,
 ) -> list[MetricRow]:
     """Families ``downstream`` (next session: items, categories, conversion; return within N
-    days) and ``temporal`` (first half vs second half of each user's history)."""
+    days) and ``temporal`` (first half vs second half of each user's history), for the top
+    level, the segment tree's leaves and the confident members (``user_id``)."""
     from seqclust.evaluate.downstream import evaluate_downstream, return_rows, temporal_stability_rows
 
     cents = [
@@ -328,11 +330,22 @@ def _usefulness_rows(
         def boe_assign(hist: DataFrame) -> DataFrame:
             return boe_clusters(hist, k, n_eval, seed, baseline, cluster_cfg, vectors=False, id_col="user_id")
 
+    tree = model_run_tree(spark, ctx, ctx.run_id)
     try:
         rows = evaluate_downstream(
-            sessions, hv, cents, shares, seed, ev.top_n, replicates=ev.bootstrap, baseline_assign=boe_assign, fine_centroids=fine_cents
+            sessions,
+            hv,
+            cents,
+            shares,
+            seed,
+            ev.top_n,
+            replicates=ev.bootstrap,
+            baseline_assign=boe_assign,
+            fine_centroids=fine_cents,
+            tree=tree,
+            confident=confident,
         )
-        rows += temporal_stability_rows(sessions, hv, cents, shares, seed, ev.bootstrap)
+        rows += temporal_stability_rows(sessions, hv, cents, shares, seed, ev.bootstrap, tree=tree, confident=confident)
         if ev.return_days > 0:
             rows += return_rows(sessions, hv, cents, shares, seed, ev.return_days, ev.bootstrap, fine_centroids=fine_cents)
     finally:
@@ -368,11 +381,8 @@ def run(
         .where(F.col("entity_type") == "user")
         .select("entity_id", F.col("embedding").alias("emb"))
     )
-    cl = (
-        coarse(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id))
-        .where(F.col("entity_type") == "user")
-        .select("entity_id", "cluster_id")
-    )
+    top_rows = coarse(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id)).where(F.col("entity_type") == "user")
+    cl = top_rows.select("entity_id", "cluster_id")
     sizes = {r["cluster_id"]: r["count"] for r in cl.groupBy("cluster_id").count().collect()}
     k = len(sizes)
     n_users = sum(sizes.values())
@@ -388,6 +398,10 @@ def run(
     if n_eval < n_users:
         log.info("evaluate: on a hash sample of %d of %d users (evaluate.sample_users=%d)", n_eval, n_users, ev.sample_users)
     sessions = keep(ctx.store.read(spark, ctx.tables.sessions, ctx.run_id).where("is_modelled"), "user_id")
+    confident = None  # the members at least cluster.min_confidence sure of their top segment
+    if "confidence" in top_rows.columns:
+        sure = top_rows.where(F.col("confidence") >= cluster_cfg.min_confidence)
+        confident = keep(sure, "entity_id").select(F.col("entity_id").alias("user_id"))
     boe = None
     try:
         details = {"users": n_users, "sampled": n_eval < n_users, "sample_users": ev.sample_users}
@@ -406,7 +420,7 @@ def run(
         rows += _drift_rows(spark, ctx, cluster_cfg, k, seed, baseline, boe, keep)
         families: tuple[str, ...] = ("internal", "external", "proxy", "drift")
         if ev.downstream:
-            rows += _usefulness_rows(spark, ctx, sessions, shares, k, n_eval, seed, ev, cluster_cfg, baseline, history_vectors)
+            rows += _usefulness_rows(spark, ctx, sessions, shares, k, n_eval, seed, ev, cluster_cfg, baseline, history_vectors, confident)
             families = (*families, "downstream", "temporal")
         write_metrics(spark, ctx, rows, families=families)
         results: dict[str, dict[str, float | None]] = {}

@@ -21,7 +21,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from seqclust.evaluate.metrics import hash_uniform, user_sample
-from seqclust.segment.cluster import coarse
+from seqclust.segment.cluster import at_level, coarse
 
 if TYPE_CHECKING:
     from seqclust.core.config import BaselineConfig, ClusterConfig, ReportConfig
@@ -80,15 +80,18 @@ def map_data(
     seed: int,
     baseline: BaselineConfig | None = None,
     cluster_cfg: ClusterConfig | None = None,
+    level: str = "top",
 ) -> MapData | None:
     """The map's points: a seeded hash sample of at most ``cfg.map_users`` users with a vector
-    and a segment (None when the run has none). (Long on purpose: the sample, its projection,
-    the bag of events of the same users at the same k and t-SNE share the one sample.)"""
+    and a segment (None when the run has none); ``level``: coloured by top-level segment or by
+    leaf of the segment tree (centres: the sampled members' means). (Long on purpose: the
+    sample, its projection, the bag of events of the same users at the same k and t-SNE share
+    the one sample.)"""
     store, t = ctx.store, ctx.tables
     if not (store.exists(t.embeddings) and store.exists(t.clusters)):
         return None
     users = store.read(spark, t.embeddings, ctx.run_id).where(F.col("entity_type") == "user").select("entity_id", "embedding", "n_sessions")
-    seg = coarse(store.read(spark, t.clusters, ctx.run_id)).where(F.col("entity_type") == "user").select("entity_id", "cluster_id")
+    seg = at_level(store.read(spark, t.clusters, ctx.run_id), level).where(F.col("entity_type") == "user").select("entity_id", "cluster_id")
     both = users.join(seg, "entity_id")
     n = both.count()
     if n == 0:
@@ -104,12 +107,18 @@ def map_data(
     ids = [r["entity_id"] for r in rows]
     x = np.asarray([r["embedding"] for r in rows], dtype=np.float64)
     mean, axes, xy, shares = _pca2(x)
-    cent_rows = store.read(spark, t.centroids, ctx.run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
-    cents = np.asarray([r["centroid"] for r in cent_rows], dtype=np.float64)
-    cxy = (cents - mean) @ axes.T if len(cents) and cents.shape[1] == x.shape[1] else np.zeros((0, 2))
+    labels = np.asarray([r["cluster_id"] for r in rows])
+    if level == "top":
+        cent_rows = store.read(spark, t.centroids, ctx.run_id).where(F.col("method") == "encoder").orderBy("cluster_id").collect()
+        cents = np.asarray([r["centroid"] for r in cent_rows], dtype=np.float64)
+        cxy = (cents - mean) @ axes.T if len(cents) and cents.shape[1] == x.shape[1] else np.zeros((0, 2))
+    else:
+        cxy = np.full((int(labels.max()) + 1 if len(labels) else 0, 2), np.nan)
+        for c in set(labels.tolist()):
+            cxy[int(c)] = xy[labels == c].mean(axis=0)
     out = MapData(
         xy=xy,
-        cluster=np.asarray([r["cluster_id"] for r in rows]),
+        cluster=labels,
         one_session=np.asarray([(r["n_sessions"] or 0) <= 1 for r in rows]),
         centroids=cxy,
         explained=shares,
@@ -172,16 +181,17 @@ def _boe_map(
 class Heatmap:
     """Segments x behaviour features: each cell the segment's value over everyone's."""
 
-    segments: list[int]
+    segments: list[int] | list[str]  # cluster ids or segment paths
     features: list[str]
     lift: np.ndarray  # len(segments) x len(features); nan where the source lacks the field
 
 
-def heatmap(profiles: list[dict[str, Any]]) -> Heatmap | None:
+def heatmap(profiles: list[dict[str, Any]], by_path: bool = False) -> Heatmap | None:
     """From the run's ``cluster_profiles`` rows. Event-type shares, the price index and category
     lifts are already relative to everyone; the other columns are divided by their users'
-    average over all segments (weighted by segment size). Columns a source lacks (no price, no
-    purchases) are left out, not drawn as 1."""
+    average over the given segments (weighted by segment size: the children of one split are
+    read against each other). Columns a source lacks (no price, no purchases) are left out, not
+    drawn as 1. Rows are labelled by cluster id, or with ``by_path`` by segment path."""
     if not profiles:
         return None
     sizes = np.asarray([float(p["size"]) for p in profiles])
@@ -215,7 +225,10 @@ def heatmap(profiles: list[dict[str, Any]]) -> Heatmap | None:
         cols["top category lift"] = [max((float(c["lift"]) for c in (p.get("top_categories") or [])), default=math.nan) for p in profiles]
     feats = list(cols)
     lift = np.asarray([[cols[f][i] for f in feats] for i in range(len(profiles))], dtype=np.float64)
-    return Heatmap([int(p["cluster_id"]) for p in profiles], feats, lift)
+    labels: list[int] | list[str] = (
+        [str(p.get("segment_path") or p["cluster_id"]) for p in profiles] if by_path else [int(p["cluster_id"]) for p in profiles]
+    )
+    return Heatmap(labels, feats, lift)
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,6 +261,7 @@ def journeys(
     seed: int = 42,
     min_count: int = MIN_NGRAM_COUNT,
     sample_users: int | None = None,
+    level: str = "top",
 ) -> Journeys | None:
     """Per segment: the ``top`` event-type 2- and 3-grams most over-represented against everyone
     (lift = the n-gram's share of the segment's n-grams of that length over its share of
@@ -256,11 +270,11 @@ def journeys(
     The n-grams are counted over the sessions of a seeded hash sample of about ``sample_users``
     users (every user when there are fewer or it is None): at 100M events counting them over
     every session took most of the report's ten minutes; lifts of event-type n-grams need far
-    fewer sessions."""
+    fewer sessions. ``level``: the top level (``top``) or the segment tree's leaves (``leaf``)."""
     store, t = ctx.store, ctx.tables
     if not (store.exists(t.sessions) and store.exists(t.clusters)):
         return None
-    seg = coarse(store.read(spark, t.clusters, ctx.run_id)).where(F.col("entity_type") == "user")
+    seg = at_level(store.read(spark, t.clusters, ctx.run_id), level).where(F.col("entity_type") == "user")
     sessions = store.read(spark, t.sessions, ctx.run_id).where("is_modelled")
     s = sessions.select("user_id", "event_types").join(seg.select(F.col("entity_id").alias("user_id"), "cluster_id"), "user_id")
     if sample_users is not None:

@@ -23,15 +23,16 @@ from typing import TYPE_CHECKING, Any
 from pyspark.sql import SparkSession
 
 from seqclust.core.context import RunContext
+from seqclust.evaluate.trust import statements
 from seqclust.report import charts
-from seqclust.segment.cluster import coarse
+from seqclust.segment.cluster import coarse, leaf_rows
 
 if TYPE_CHECKING:
     from seqclust.core.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("encoder", "fine", "bag_of_events", "random")
+METHODS = ("encoder", "leaf", "confident", "fine", "bag_of_events", "random")
 CSS = """
 *{box-sizing:border-box}
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 16px;color:#222}
@@ -147,25 +148,97 @@ def _heatmap_section(profiles: list[dict[str, Any]]) -> list[str]:
     return ["<h2>What sets each segment apart</h2>", _figure(charts.heatmap(h), "segment by feature heatmap", cap)]
 
 
-def _journeys_section(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> list[str]:
+def _tree_section(
+    spark: SparkSession, ctx: RunContext, cfg: PipelineConfig, metrics: list[dict[str, Any]], nodes: list[dict[str, Any]]
+) -> list[str]:
+    """The segment tree, when some segment split: every split test (the evidence), a heatmap
+    per split (its sub-segments read against each other), the map coloured by leaf and the
+    typical journeys per leaf."""
+    import dataclasses
+
+    from seqclust.report.explain import heatmap, map_data
+
+    tests: dict[str, dict[str, Any]] = {}
+    for r in metrics:
+        if r["family"] == "hierarchy":
+            path = json.loads(r["details"] or "{}").get("segment_path")
+            t = tests.setdefault(str(path), {"k": r["k"], "details": json.loads(r["details"] or "{}")})
+            t[r["metric"]] = r["value"]
+    if not any(t.get("split") == 1.0 for t in tests.values()):
+        return []
+    out = [
+        "<h2>The segment tree</h2>",
+        "<p class=note>Every segment was tested for segments of its own (docs/EVALUATION.md): its best sub-split's silhouette "
+        "against one Gaussian blob's of the same shape (the gap), the split's stability on subsamples, and whether users keep "
+        "their sub-segment across the two halves of their history (ARI). A segment splits when all three pass.</p>",
+    ]
+    head = ["segment", "users", "sub-k", "silhouette", "gap", "stability", "across halves", "verdict"]
+    rows = []
+    from seqclust.segment.hierarchy import path_key
+
+    for path in sorted(tests, key=path_key):
+        t = tests[path]
+        rows.append(
+            [
+                html.escape(path),
+                str(t["details"].get("users", "")),
+                str(t["k"]),
+                _fmt(t.get("split_silhouette")),
+                _fmt(t.get("split_gap")),
+                _fmt(t.get("split_stability")),
+                _fmt(t.get("split_temporal_ari")),
+                html.escape(str(t["details"].get("reason", ""))),
+            ]
+        )
+    out.append(_table(head, rows, left=8))
+    for path in sorted((p for p, t in tests.items() if t.get("split") == 1.0), key=path_key):
+        kids = [n for n in nodes if str(n.get("segment_path") or "").rsplit(".", 1)[0] == path and "." in str(n.get("segment_path"))]
+        h = heatmap(sorted(kids, key=lambda n: path_key(n["segment_path"])), by_path=True)
+        if h is None or not h.features:
+            continue
+        cap = (
+            f"Segment {path}'s sub-segments, each read against the segment's own users (1.00 = like the segment; red above, "
+            "blue below): what the split separates."
+        )
+        out += [f"<h3>Inside segment {html.escape(path)}</h3>", _figure(charts.heatmap(h), f"sub-segments of {path}", cap)]
+    m = map_data(spark, ctx, dataclasses.replace(cfg.report, tsne_users=0), cfg.run.seed, level="leaf")
+    if m is not None:
+        cap = (
+            f"The same map coloured by leaf ({len(m.xy):,} users): numbers are leaf ids (the table at the top gives their paths), "
+            "crosses the sampled members' means."
+        )
+        out.append(_figure(charts.user_map(m), "map of users by leaf", cap))
+    out += _journeys_section(spark, ctx, cfg, level="leaf")
+    return out
+
+
+def _journeys_section(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig, level: str = "top") -> list[str]:
     from seqclust.report.explain import MIN_NGRAM_COUNT, journeys
 
     r = cfg.report
     j = journeys(
-        spark, ctx, top=r.top_ngrams, examples=r.examples, neighbourhood=r.neighbourhood, seed=cfg.run.seed, sample_users=r.journey_users
+        spark,
+        ctx,
+        top=r.top_ngrams,
+        examples=r.examples,
+        neighbourhood=r.neighbourhood,
+        seed=cfg.run.seed,
+        sample_users=r.journey_users,
+        level=level,
     )
     if j is None or not (j.ngrams or j.examples):
         return []
+    what = "leaf" if level == "leaf" else "segment"
     out = [
-        "<h2>Typical journeys</h2>",
-        f"<p class=note>Per segment: the event sequences (2 and 3 events in a row) most over-represented against everyone "
+        "<h2>Typical journeys" + (" per leaf" if level == "leaf" else "") + "</h2>",
+        f"<p class=note>Per {what}: the event sequences (2 and 3 events in a row) most over-represented against everyone "
         f"(lift = their share of the segment's sequences over their share of everyone's; seen at least {MIN_NGRAM_COUNT} times), and "
         f"{r.examples} sessions drawn at random from the segment's {r.neighbourhood} users nearest its centre, "
         "with the time between events. Session handles are hashes, not ids.</p>",
     ]
     for c in sorted(set(j.ngrams) | set(j.examples)):
         grams = ", ".join(f"<b>{html.escape(g)}</b> {lift:.1f}x" for g, lift, _ in j.ngrams.get(c, []))
-        out.append(f"<h3>segment {c}</h3><p>{grams or f'<span class=note>no sequence seen {MIN_NGRAM_COUNT} times</span>'}</p>")
+        out.append(f"<h3>{what} {c}</h3><p>{grams or f'<span class=note>no sequence seen {MIN_NGRAM_COUNT} times</span>'}</p>")
         for e in j.examples.get(c, []):
             out.append(f"<div class=note>session {html.escape(e['session'])} ({_gap(float(e['duration_s'] or 0))})</div>")
             out.append(_journey(e["events"], e["gaps_s"]))
@@ -203,6 +276,51 @@ def _flows_section(spark: SparkSession, ctx: RunContext, drift_details: str | No
     return out
 
 
+def _verdict(
+    profiles: list[dict[str, Any]], leaves: list[dict[str, Any]], metrics: list[dict[str, Any]], k_rule: dict[str, Any]
+) -> list[str]:
+    """The first screen: how many segments, one line on who each one is, how sure its members
+    are, and how far each level holds (``seqclust.evaluate.trust``)."""
+    sure = {
+        (r["method"], json.loads(r["details"] or "{}").get("segment")): r["value"]
+        for r in metrics
+        if r["family"] == "confidence" and r["metric"] == "confident_share"
+    }
+    split = len(leaves) > len(profiles)
+    head = f"{len(profiles)} segments" + (f", {len(leaves)} once the segments that hold sub-segments are split" if split else "")
+    out = [
+        "<h2>Verdict</h2>",
+        f"<p><b>{head}.</b>" + (" <b>k uncertain</b>: another k fits about as well." if k_rule.get("uncertain") else "") + "</p>",
+    ]
+
+    def rows(ps: list[dict[str, Any]], method: str) -> list[list[str]]:
+        return [
+            [
+                html.escape(str(p["cluster_id"]) if method == "encoder" else f"{p['cluster_id']} (path {p.get('segment_path')})"),
+                str(p["size"]),
+                f"{p['share']:.1%}",
+                _fmt(sure.get((method, int(p["cluster_id"])))),
+                html.escape(p.get("description") or ""),
+            ]
+            for p in ps
+        ]
+
+    head_cols = ["segment", "users", "share", "confident", "who they are"]
+    out.append(_table(head_cols, rows(profiles, "encoder"), left=5))
+    if split:
+        out.append("<p>The leaves of the segment tree (each user in their deepest segment; the path names the segments above):</p>")
+        out.append(_table(head_cols, rows(leaves, "leaf"), left=5))
+    trust = statements(metrics)
+    if trust:
+        out.append("<p>How far the segments hold (better: above the reference's 95% interval):</p>")
+        out.append("<ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in trust) + "</ul>")
+    out.append(
+        "<p class=note>confident: the share of a segment's users whose margin over the nearest other segment "
+        "(clusters.confidence) reaches cluster.min_confidence.</p>"
+    )
+    return out
+
+
 def write_report(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig | None = None) -> Path:
     """Write the run's report; return its path. (Long on purpose: one HTML page assembled in
     reading order from the tables' rows; each section is a few lines.)"""
@@ -221,6 +339,14 @@ def write_report(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig | Non
         if ctx.store.exists(ctx.tables.cluster_profiles)
         else []
     )
+    leaves: list[dict[str, Any]] = []
+    nodes: list[dict[str, Any]] = []  # every node below the top level: leaves and inner nodes
+    if ctx.store.exists(ctx.tables.cluster_profiles):
+        every = ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id)
+        leaf_profiles = leaf_rows(every)
+        if leaf_profiles is not None:
+            leaves = [r.asDict() for r in leaf_profiles.orderBy("cluster_id").collect()]
+            nodes = [r.asDict() for r in every.where("granularity IN ('leaf', 'node')").collect()]
     by: dict[tuple[str, str, str], Any] = {}
     sweep: dict[int, dict[str, Any]] = {}
     k_rule: dict[str, Any] = {}
@@ -248,7 +374,10 @@ def write_report(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig | Non
         f"<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width, initial-scale=1'><title>seqclust run {html.escape(ctx.run_id)}</title><style>{CSS}</style></head><body>"
     ]
     parts.append(f"<h1>seqclust run <code>{html.escape(ctx.run_id)}</code></h1>")
+    if profiles:
+        parts += _verdict(profiles, leaves, [r.asDict() for r in metrics], k_rule)
     if rec is not None:
+        parts.append("<h2>The run</h2>")
         parts.append(
             _table(
                 ["field", "value"],
@@ -322,6 +451,7 @@ def write_report(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig | Non
     parts += _section("the heatmap", lambda: _heatmap_section(profiles))
     parts += _section("the map", lambda: _map_section(spark, ctx, cfg))
     parts += _section("typical journeys", lambda: _journeys_section(spark, ctx, cfg))
+    parts += _section("the segment tree", lambda: _tree_section(spark, ctx, cfg, [r.asDict() for r in metrics], nodes))
     if sweep:
         parts.append("<h2>How k was chosen</h2>")
         parts.append(

@@ -25,7 +25,7 @@ def _describe(p: dict[str, Any], overall_conv: float) -> str:
         parts.append(f"{t} events {v:.1f}x the average share")
     if overall_conv > 0:
         parts.append(f"conversion {100 * p['conversion_rate']:.0f}% ({p['conversion_rate'] / overall_conv:.1f}x)")
-    parts.append(f"median session {p['median_session_events']:.0f} events over {p['median_session_duration_s'] / 60:.1f} min")
+    parts.append(f"median session: {p['median_session_events']:.0f} events over {p['median_session_duration_s'] / 60:.1f} min")
     if p["median_gap_s"] is not None:
         parts.append(f"{p['median_gap_s']:.0f}s between events")
     if p["price_index"] is not None:
