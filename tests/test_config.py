@@ -185,3 +185,11 @@ def test_shuffle_partitions_grow_with_the_rows_and_never_below_the_configured_fl
     assert SparkConfig(rows_per_partition=0).rows_per_partition == 0
     with pytest.raises(ConfigError, match="rows_per_partition"):
         SparkConfig(rows_per_partition=-1)
+
+
+def test_the_configuration_reference_holds_base_yaml_as_it_is():
+    """docs/CONFIGURATION.md's "Every key" block is conf/base.yaml, byte for byte (so every key
+    and its comment is documented, and a key added to one is added to the other)."""
+    doc = (REPO / "docs" / "CONFIGURATION.md").read_text()
+    block = doc.split("## Every key", 1)[1].split("```yaml\n", 1)[1].split("\n```", 1)[0]
+    assert block.rstrip() == (REPO / "conf" / "base.yaml").read_text().rstrip()
