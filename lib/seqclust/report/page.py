@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -321,117 +322,177 @@ def _verdict(
     return out
 
 
-def write_report(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig | None = None) -> Path:
-    """Write the run's report; return its path. (Long on purpose: one HTML page assembled in
-    reading order from the tables' rows; each section is a few lines.)"""
-    if cfg is None:
-        from seqclust.core.config import PipelineConfig
+@dataclass
+class _Run:
+    """What the report reads back from the run's tables (a few hundred rows)."""
 
-        cfg = PipelineConfig()
-    out = ctx.run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    rec = ctx.store.read(spark, ctx.tables.runs, ctx.run_id).first() if ctx.store.exists(ctx.tables.runs) else None
-    metrics = (
-        ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).collect() if ctx.store.exists(ctx.tables.metrics) else []
-    )  # hundreds of rows
-    profiles = (
-        [r.asDict() for r in coarse(ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id)).orderBy("cluster_id").collect()]
-        if ctx.store.exists(ctx.tables.cluster_profiles)
-        else []
-    )
+    rec: Any
+    metrics: list[dict[str, Any]]
+    profiles: list[dict[str, Any]]  # the top level
+    leaves: list[dict[str, Any]]
+    nodes: list[dict[str, Any]]  # every node below the top level: leaves and inner nodes
+    by: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (family, method, metric) -> (value, low, high)
+    sweep: dict[int, dict[str, Any]] = field(default_factory=dict)
+    k_rule: dict[str, Any] = field(default_factory=dict)
+    drift_details: str | None = None
+
+
+def _read(spark: SparkSession, ctx: RunContext) -> _Run:
+    store, t = ctx.store, ctx.tables
+    rec = store.read(spark, t.runs, ctx.run_id).first() if store.exists(t.runs) else None
+    metrics = [r.asDict() for r in store.read(spark, t.metrics, ctx.run_id).collect()] if store.exists(t.metrics) else []
+    profiles: list[dict[str, Any]] = []
     leaves: list[dict[str, Any]] = []
-    nodes: list[dict[str, Any]] = []  # every node below the top level: leaves and inner nodes
-    if ctx.store.exists(ctx.tables.cluster_profiles):
-        every = ctx.store.read(spark, ctx.tables.cluster_profiles, ctx.run_id)
+    nodes: list[dict[str, Any]] = []
+    if store.exists(t.cluster_profiles):
+        every = store.read(spark, t.cluster_profiles, ctx.run_id)
+        profiles = [r.asDict() for r in coarse(every).orderBy("cluster_id").collect()]
         leaf_profiles = leaf_rows(every)
         if leaf_profiles is not None:
             leaves = [r.asDict() for r in leaf_profiles.orderBy("cluster_id").collect()]
             nodes = [r.asDict() for r in every.where("granularity IN ('leaf', 'node')").collect()]
-    by: dict[tuple[str, str, str], Any] = {}
-    sweep: dict[int, dict[str, Any]] = {}
-    k_rule: dict[str, Any] = {}
-    drift_details = None
+    run = _Run(rec, metrics, profiles, leaves, nodes)
     for r in metrics:
         if r["family"] == "sweep":
-            d = sweep.setdefault(int(r["k"]), {})
+            d = run.sweep.setdefault(int(r["k"]), {})
             d[r["metric"]] = (r["value"], r["ci_low"], r["ci_high"]) if r["metric"] == "stability" else r["value"]
             det = json.loads(r["details"] or "{}")
             d["chosen"] = d.get("chosen") or det.get("chosen", False)
             if det.get("chosen"):
-                k_rule = det
-        else:
-            by[(r["family"], r["method"], r["metric"])] = (r["value"], r["ci_low"], r["ci_high"])
+                run.k_rule = det
+        elif '"segment"' not in (r["details"] or ""):  # per-segment rows stay out of the run's tables
+            run.by[(r["family"], r["method"], r["metric"])] = (r["value"], r["ci_low"], r["ci_high"])
             if r["family"] == "drift" and r["method"] == "encoder":
-                drift_details = r["details"]
-    down = {
-        (m, metric.split("_categories_", 1)[1]): v
-        for (fam, m, metric), v in by.items()
-        if fam == "downstream" and metric.startswith("hitrate@") and "_categories_" in metric
-    }
-    n_eval = by.get(("internal", "encoder", "evaluated_users"))
+                run.drift_details = r["details"]
+    return run
 
-    parts = [
-        f"<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width, initial-scale=1'><title>seqclust run {html.escape(ctx.run_id)}</title><style>{CSS}</style></head><body>"
-    ]
-    parts.append(f"<h1>seqclust run <code>{html.escape(ctx.run_id)}</code></h1>")
-    if profiles:
-        parts += _verdict(profiles, leaves, [r.asDict() for r in metrics], k_rule)
+
+RUN_FIELDS = (
+    "status",
+    "input_path",
+    "rows_input",
+    "rows_clean",
+    "rows_quarantined",
+    "rows_duplicates",
+    "sessions",
+    "users",
+    "k",
+    "encoder_id",
+    "git_commit",
+    "config_hash",
+)
+
+
+def _run_section(run: _Run) -> list[str]:
+    """The run record, and how k was chosen (with the warning when the rule was unsure)."""
+    out = []
+    rec = run.rec
+    n_eval = run.by.get(("internal", "encoder", "evaluated_users"))
     if rec is not None:
-        parts.append("<h2>The run</h2>")
-        parts.append(
-            _table(
-                ["field", "value"],
-                [
-                    [html.escape(k), html.escape(str(rec[k]))]
-                    for k in (
-                        "status",
-                        "input_path",
-                        "rows_input",
-                        "rows_clean",
-                        "rows_quarantined",
-                        "rows_duplicates",
-                        "sessions",
-                        "users",
-                        "k",
-                        "encoder_id",
-                        "git_commit",
-                        "config_hash",
-                    )
-                    if k in rec.asDict()
-                ]
-                + (
-                    [["evaluated_users", f"{int(n_eval[0])} (seeded hash sample: evaluate.sample_users)"]]
-                    if n_eval and rec["users"] and n_eval[0] < rec["users"]
-                    else []
-                ),
+        rows = [[html.escape(k), html.escape(str(rec[k]))] for k in RUN_FIELDS if k in rec.asDict()]
+        if n_eval and rec["users"] and n_eval[0] < rec["users"]:
+            rows.append(["evaluated_users", f"{int(n_eval[0])} (seeded hash sample: evaluate.sample_users)"])
+        out += ["<h2>The run</h2>", _table(["field", "value"], rows)]
+    if run.k_rule.get("rule"):
+        chosen_k = next((k for k, d in run.sweep.items() if d.get("chosen")), None)
+        if run.k_rule.get("uncertain"):
+            out.append(
+                f"<p class=warn><b>k uncertain</b>: k = {chosen_k} was chosen, but k = {run.k_rule.get('runner_up')} fits about as "
+                "well; read the segments as one plausible granularity, not a finding.</p>"
             )
-        )
-    if k_rule.get("rule"):
-        chosen_k = next((k for k, d in sweep.items() if d.get("chosen")), None)
-        if k_rule.get("uncertain"):
-            parts.append(
-                f"<p class=warn><b>k uncertain</b>: k = {chosen_k} was chosen, but k = {k_rule.get('runner_up')} fits about as well; "
-                "read the segments as one plausible granularity, not a finding.</p>"
-            )
-        parts.append(f"<p class=note>How k was chosen: {html.escape(str(k_rule['rule']))}</p>")
-    families = [
-        ("internal", "Internal indices (each method in its own space)"),
-        ("external", "Agreement with known labels"),
-        ("proxy", "Agreement with proxy labels (derived from the events, not ground truth)"),
-        ("downstream", "Next-session recommendation, conversion and return within N days, from history only (95% bootstrap CI)"),
-        ("drift", "Drift against the previous run"),
-        ("temporal", "Segments as traits: first vs second half of each user's sessions (random: independent draws)"),
-    ]
-    for fam, title in families:
+        out.append(f"<p class=note>How k was chosen: {html.escape(str(run.k_rule['rule']))}</p>")
+    return out
+
+
+FAMILIES = (
+    ("internal", "Internal indices (each method in its own space)"),
+    ("external", "Agreement with known labels"),
+    ("proxy", "Agreement with proxy labels (derived from the events, not ground truth)"),
+    ("downstream", "Next-session recommendation, conversion and return within N days, from history only (95% bootstrap CI)"),
+    ("drift", "Drift against the previous run"),
+    ("temporal", "Segments as traits: first vs second half of each user's sessions (random: independent draws)"),
+)
+
+
+def _metric_sections(run: _Run) -> list[str]:
+    """A table per metric family, one column per method (the run's segments beside its baselines)."""
+    out = []
+    by = run.by
+    for fam, title in FAMILIES:
         names = sorted({m for (f, _, m) in by if f == fam})
         if not names:
             continue
         methods = [m for m in METHODS if any((fam, m, n) in by for n in names)]
         blank = (None, None, None)
         rows = [[html.escape(n)] + [_fmt(by.get((fam, m, n), blank)[0], ci=by.get((fam, m, n), blank)[1:]) for m in methods] for n in names]
-        parts.append(f"<h2>{html.escape(title)}</h2>" + _table(["metric", *methods], rows))
-        if fam == "drift" and drift_details:
-            parts.append(f"<p class=note>{html.escape(drift_details)}</p>")
+        out.append(f"<h2>{html.escape(title)}</h2>" + _table(["metric", *methods], rows))
+        if fam == "drift" and run.drift_details:
+            out.append(f"<p class=note>{html.escape(run.drift_details)}</p>")
+    return out
+
+
+def _sweep_and_hitrate(run: _Run) -> list[str]:
+    """The k sweep's chart and the next-session HitRate beside random segments."""
+    out = []
+    if run.sweep:
+        out.append("<h2>How k was chosen</h2>")
+        out.append(
+            _figure(
+                charts.sweep(run.sweep),
+                "k sweep",
+                "Silhouette (higher: tighter, better separated segments) and stability (how often refits on other "
+                "samples agree) at each k tried; the dashed line is the chosen k.",
+            )
+        )
+    down = {
+        (m, metric.split("_categories_", 1)[1]): v
+        for (fam, m, metric), v in run.by.items()
+        if fam == "downstream" and metric.startswith("hitrate@") and "_categories_" in metric
+    }
+    if down:
+        out.append(
+            _figure(
+                charts.downstream(down),
+                "next-session HitRate",
+                "How often a list built from the user's segment contains a category of the user's next session, for "
+                "this run's segments and for random segments of the same sizes; bars that do not clear random add nothing.",
+            )
+        )
+    return out
+
+
+CHECKS = (
+    # filled in by the browser once images have loaded: the headless check reads them
+    '<p class=note>images loaded: <span id="img-check">?</span>; page width: <span id="scroll-check">?</span></p>'
+    '<script>window.addEventListener("load",function(){'
+    "var i=document.images,n=0;for(var j=0;j<i.length;j++){if(i[j].complete&&i[j].naturalWidth>0)n++;}"
+    'document.getElementById("img-check").textContent=n+"/"+i.length;'
+    "var d=document.documentElement,w=window.innerWidth;"
+    'document.getElementById("scroll-check").textContent=d.scrollWidth<=w?"fits "+w:"overflows "+d.scrollWidth+" > "+w;});</script>'
+)
+
+
+def write_report(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig | None = None) -> Path:
+    """Write the run's report; return its path. Reading order: the verdict, the run, the
+    metric tables, the segments and their pictures, the tree, how k was chosen, across runs."""
+    if cfg is None:
+        from seqclust.core.config import PipelineConfig
+
+        cfg = PipelineConfig()
+    out = ctx.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    run = _read(spark, ctx)
+    profiles = run.profiles
+    title = html.escape(ctx.run_id)
+    parts = [
+        "<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width, initial-scale=1'>"
+        f"<title>seqclust run {title}</title><style>{CSS}</style></head><body>",
+        f"<h1>seqclust run <code>{title}</code></h1>",
+    ]
+    if profiles:
+        parts += _verdict(profiles, run.leaves, run.metrics, run.k_rule)
+    parts += _run_section(run)
+    parts += _metric_sections(run)
     if profiles:
         parts.append("<h2>Segments</h2>")
         parts.append(
@@ -441,47 +502,14 @@ def write_report(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig | Non
                 left=4,
             )
         )
-    parts.append(
-        _figure(
-            charts.sizes(profiles),
-            "segment sizes",
-            "The share of users in each segment (colours as in the map below).",
-        )
-    )
+    parts.append(_figure(charts.sizes(profiles), "segment sizes", "The share of users in each segment (colours as in the map below)."))
     parts += _section("the heatmap", lambda: _heatmap_section(profiles))
     parts += _section("the map", lambda: _map_section(spark, ctx, cfg))
     parts += _section("typical journeys", lambda: _journeys_section(spark, ctx, cfg))
-    parts += _section("the segment tree", lambda: _tree_section(spark, ctx, cfg, [r.asDict() for r in metrics], nodes))
-    if sweep:
-        parts.append("<h2>How k was chosen</h2>")
-        parts.append(
-            _figure(
-                charts.sweep(sweep),
-                "k sweep",
-                "Silhouette (higher: tighter, better separated segments) and stability (how often refits on other "
-                "samples agree) at each k tried; the dashed line is the chosen k.",
-            )
-        )
-    if down:
-        parts.append(
-            _figure(
-                charts.downstream(down),
-                "next-session HitRate",
-                "How often a list built from the user's segment contains a category of the user's next session, for "
-                "this run's segments and for random segments of the same sizes; bars that do not clear random add nothing.",
-            )
-        )
-    parts += _section("the flow across runs", lambda: _flows_section(spark, ctx, drift_details))
-    # filled in by the browser once images have loaded: the headless check reads them
-    parts.append(
-        '<p class=note>images loaded: <span id="img-check">?</span>; page width: <span id="scroll-check">?</span></p>'
-        '<script>window.addEventListener("load",function(){'
-        "var i=document.images,n=0;for(var j=0;j<i.length;j++){if(i[j].complete&&i[j].naturalWidth>0)n++;}"
-        'document.getElementById("img-check").textContent=n+"/"+i.length;'
-        "var d=document.documentElement,w=window.innerWidth;"
-        'document.getElementById("scroll-check").textContent=d.scrollWidth<=w?"fits "+w:"overflows "+d.scrollWidth+" > "+w;});</script>'
-    )
-    parts.append("</body></html>")
+    parts += _section("the segment tree", lambda: _tree_section(spark, ctx, cfg, run.metrics, run.nodes))
+    parts += _sweep_and_hitrate(run)
+    parts += _section("the flow across runs", lambda: _flows_section(spark, ctx, run.drift_details))
+    parts += [CHECKS, "</body></html>"]
     path = out / "report.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     log.info("report: %s", path)
