@@ -294,3 +294,30 @@ def test_the_chosen_backend_is_written_where_keras_reads_it(monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")  # undone after the test
     monkeypatch.delenv("KERAS_BACKEND")
     assert keras_backend() == "tensorflow" and os.environ["KERAS_BACKEND"] == "tensorflow"
+
+
+def test_tensorflow_start_up_lines_go_to_the_native_log_not_the_console(tmp_path):
+    """absl prints TensorFlow's start-up notices straight to stderr before any log level
+    applies; seqclust sends them to a file ($SEQCLUST_NATIVE_LOG) and keeps the console for its
+    own lines. The same import with SEQCLUST_NATIVE_LOG=- shows what would have been printed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("tensorflow")
+    code = "from seqclust.represent.encoder import keras_backend; keras_backend(); print('backend ready')"
+    env = {k: v for k, v in os.environ.items() if k not in ("SEQCLUST_NATIVE_LOG", "KERAS_BACKEND")}
+
+    def start(target: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**env, "SEQCLUST_NATIVE_LOG": target}
+        )
+
+    loud = start("-")
+    assert loud.returncode == 0 and "backend ready" in loud.stdout, loud.stderr[-2000:]
+    log_file = tmp_path / "native.log"
+    quiet = start(str(log_file))
+    assert quiet.returncode == 0 and "backend ready" in quiet.stdout, quiet.stderr[-2000:]
+    assert quiet.stderr.strip() == "", quiet.stderr[-2000:]
+    if loud.stderr.strip():  # this TensorFlow build prints start-up lines: they are in the file
+        assert loud.stderr.strip().splitlines()[0] in log_file.read_text()

@@ -299,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.verbose:  # TensorFlow's start-up lines on the console too (else: encoder.native_stderr_to_log's file)
+        os.environ.setdefault("SEQCLUST_NATIVE_LOG", "-")
     try:
         if args.command == "generate":
             return cmd_generate(args)

@@ -13,13 +13,14 @@ Artifact layout (a directory; nothing pickled):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ def keras_backend(threads: int | None = None) -> str:
                 f"keras was already imported with the {active} backend in this process; KERAS_BACKEND={name} comes too late"
             )
     if name == "tensorflow":
-        import tensorflow as tf
+        with native_stderr_to_log():
+            import tensorflow as tf
 
         if threads:
             try:  # only possible before TensorFlow's runtime has started in this process
@@ -114,6 +116,40 @@ def keras_backend(threads: int | None = None) -> str:
         if threads:
             torch.set_num_threads(threads)
     return name
+
+
+NATIVE_LOG_ENV = "SEQCLUST_NATIVE_LOG"  # where TensorFlow's start-up lines go (the CLI sets it; -v: the console)
+
+
+@contextlib.contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """While TensorFlow's C++ runtime starts (its import), file descriptor 2 goes to a log file:
+    absl writes its start-up lines (oneDNN notices, "All log messages before
+    absl::InitializeLog() …") straight to stderr, before any log level applies, and in every
+    Python worker that embeds. The file: ``$SEQCLUST_NATIVE_LOG``, else
+    ``<temp dir>/seqclust-native.log``; ``SEQCLUST_NATIVE_LOG=-`` leaves stderr alone."""
+    import sys
+    import tempfile
+
+    target = os.environ.get(NATIVE_LOG_ENV) or os.path.join(tempfile.gettempdir(), "seqclust-native.log")
+    if target == "-" or "tensorflow" in sys.modules:
+        yield
+        return
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _tf(threads: int | None = None) -> Any:
@@ -412,6 +448,91 @@ def _crop(tf: Any, x: dict[str, Any], seed: Any, min_ratio: float = 0.6) -> dict
     return {f: tf.where(keep, tf.gather(x[f], idx, batch_dims=1), tf.zeros_like(x[f])) for f in FIELDS}
 
 
+def _head(keras: Any, objective: str, embedding_dim: int, vocab: Vocab) -> Any:
+    """The training head on top of the encoder's session vector: one softmax per field (the
+    bag to reconstruct) or the contrastive projection (two dense layers)."""
+    z_in = keras.Input(shape=(embedding_dim,))
+    if objective == "bag_reconstruction":
+        act = keras.layers.Activation("gelu")(z_in)
+        return keras.Model(z_in, {f: keras.layers.Dense(vocab.sizes[f], name=f"head_{f}")(act) for f in FIELDS})
+    proj = keras.layers.Dense(embedding_dim, activation="gelu", name="proj1")(z_in)
+    return keras.Model(z_in, keras.layers.Dense(embedding_dim, name="proj2")(proj))
+
+
+def _loss(tf: Any, objective: str, encoder: Any, head_model: Any, mask_prob: float, mask_ids: dict[str, int]) -> Callable[..., Any]:
+    """``loss(x, seed, training)`` of a batch for ``objective`` (see ``train``)."""
+    temperature = 0.1
+
+    def sub_seed(s: Any, i: int) -> Any:
+        return tf.stack([s[0], s[1] * 8 + i])
+
+    def loss_fn(x: dict[str, Any], s: Any, training: bool) -> Any:
+        if objective == "bag_reconstruction":
+            view = _augment(tf, x, mask_prob, mask_ids, s)
+            logits = head_model(encoder(view, training=training), training=training)
+            valid = tf.cast(tf.not_equal(x["tok"], PAD), tf.float32)
+            count = tf.maximum(tf.reduce_sum(valid, axis=1), 1.0)
+            total = 0.0
+            for f in FIELDS:
+                logp = tf.nn.log_softmax(logits[f], axis=-1)
+                picked = tf.gather(logp, x[f], batch_dims=1)  # [B, L]
+                total += tf.reduce_mean(-tf.reduce_sum(picked * valid, axis=1) / count)
+            return total
+        views = [_augment(tf, _crop(tf, x, sub_seed(s, 2 * i)), mask_prob, mask_ids, sub_seed(s, 2 * i + 1)) for i in range(2)]
+        p1, p2 = (tf.math.l2_normalize(head_model(encoder(v, training=training), training=training), axis=1) for v in views)
+        logits = tf.matmul(p1, p2, transpose_b=True) / temperature
+        labels = tf.range(tf.shape(logits)[0])
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits
+        return 0.5 * (tf.reduce_mean(ce(labels, logits)) + tf.reduce_mean(ce(labels, tf.transpose(logits))))
+
+    return loss_fn
+
+
+def _fit(
+    tf: Any,
+    encoder: Any,
+    steps: tuple[Any, Any],
+    batches: Callable[[np.ndarray], Any],
+    split: tuple[np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+    seed: int,
+    epochs: int,
+    patience: int,
+) -> tuple[list[dict[str, Any]], float, list[np.ndarray] | None]:
+    """The epochs with early stopping on the validation loss: (history, best validation loss,
+    the encoder's weights at it, or None when no epoch improved)."""
+    train_step, eval_step = steps
+    val_idx, tr_idx = split
+    n_val = len(val_idx)
+    history = []
+    best, best_weights, bad_epochs = float("inf"), None, 0
+    step = 0
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        perm = tr_idx[rng.permutation(len(tr_idx))]
+        losses = []
+        for _, xb in batches(perm):
+            step += 1
+            losses.append(float(train_step(xb, tf.constant([seed, step], tf.int32))))
+        tr_loss = float(np.mean(losses)) if losses else float("nan")
+        if n_val:
+            vl = [float(eval_step(xb, tf.constant([seed + 1, b], tf.int32))) * len(xb["tok"]) for b, xb in batches(val_idx)]
+            val_loss = float(np.sum(vl) / n_val)
+        else:
+            val_loss = tr_loss
+        dt = time.perf_counter() - t0
+        history.append({"epoch": epoch, "loss": tr_loss, "val_loss": val_loss, "seconds": dt})
+        log.info("train: epoch %d/%d loss %.4f val_loss %.4f (%.1fs)", epoch, epochs, tr_loss, val_loss, dt)
+        if val_loss < best - 1e-4:
+            best, best_weights, bad_epochs = val_loss, [w.copy() for w in encoder.get_weights()], 0
+        else:
+            bad_epochs += 1
+            if bad_epochs > patience:
+                log.info("train: early stop after epoch %d (best val_loss %.4f)", epoch, best)
+                break
+    return history, best, best_weights
+
+
 def train(
     features: dict[str, np.ndarray],
     vocab: Vocab,
@@ -429,11 +550,8 @@ def train(
     seed: int,
     objective: str = "bag_reconstruction",
 ) -> tuple[dict[str, Any], list[np.ndarray], dict[str, Any]]:
-    """Train the encoder self-supervised on featurised sessions.
-
-    Long on purpose: seeding, the validation split, the model, the objective's targets, the
-    training loop with early stopping and the history it returns must happen in this order
-    for a seeded run to be reproducible; each piece is a few lines.
+    """Train the encoder self-supervised on featurised sessions. Seeding, the validation split,
+    the model, the head and the loop happen in this order, so a seeded run is reproducible.
 
     Objectives:
         ``bag_reconstruction``: from a view of the session with random positions masked,
@@ -468,16 +586,8 @@ def train(
         "format_version": FORMAT_VERSION,
     }
     encoder = build_encoder(model_cfg)
-    z_in = keras.Input(shape=(embedding_dim,))
-    if objective == "bag_reconstruction":
-        act = keras.layers.Activation("gelu")(z_in)
-        head_model = keras.Model(z_in, {f: keras.layers.Dense(vocab.sizes[f], name=f"head_{f}")(act) for f in FIELDS})
-    else:
-        proj = keras.layers.Dense(embedding_dim, activation="gelu", name="proj1")(z_in)
-        head_model = keras.Model(z_in, keras.layers.Dense(embedding_dim, name="proj2")(proj))
+    head_model = _head(keras, objective, embedding_dim, vocab)
     optimizer = keras.optimizers.Adam(learning_rate)
-    mask_ids = vocab.mask_ids
-    temperature = 0.1
 
     n = len(features["tok"])
     rng = np.random.default_rng(seed)
@@ -485,29 +595,7 @@ def train(
     n_val = int(round(n * validation_fraction)) if n >= 20 else 0
     val_idx, tr_idx = order[:n_val], order[n_val:]
     train_vars = encoder.trainable_variables + head_model.trainable_variables
-
-    def sub_seed(s: Any, i: int) -> Any:
-        return tf.stack([s[0], s[1] * 8 + i])
-
-    def loss_fn(x: dict[str, Any], s: Any, training: bool) -> Any:
-        if objective == "bag_reconstruction":
-            view = _augment(tf, x, mask_prob, mask_ids, s)
-            logits = head_model(encoder(view, training=training), training=training)
-            valid = tf.cast(tf.not_equal(x["tok"], PAD), tf.float32)
-            count = tf.maximum(tf.reduce_sum(valid, axis=1), 1.0)
-            total = 0.0
-            for f in FIELDS:
-                logp = tf.nn.log_softmax(logits[f], axis=-1)
-                picked = tf.gather(logp, x[f], batch_dims=1)  # [B, L]
-                total += tf.reduce_mean(-tf.reduce_sum(picked * valid, axis=1) / count)
-            return total
-        views = [_augment(tf, _crop(tf, x, sub_seed(s, 2 * i)), mask_prob, mask_ids, sub_seed(s, 2 * i + 1)) for i in range(2)]
-        p1, p2 = (tf.math.l2_normalize(head_model(encoder(v, training=training), training=training), axis=1) for v in views)
-        logits = tf.matmul(p1, p2, transpose_b=True) / temperature
-        labels = tf.range(tf.shape(logits)[0])
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits
-        return 0.5 * (tf.reduce_mean(ce(labels, logits)) + tf.reduce_mean(ce(labels, tf.transpose(logits))))
-
+    loss_fn = _loss(tf, objective, encoder, head_model, mask_prob, vocab.mask_ids)
     spec = {f: tf.TensorSpec([None, None], tf.int32) for f in FIELDS}  # batches are cut to their longest session
 
     @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
@@ -529,32 +617,7 @@ def train(
             x = trim(features, idx[b : b + batch_size], lengths)
             yield b, {f: tf.constant(x[f]) for f in FIELDS}
 
-    history = []
-    best, best_weights, bad_epochs = float("inf"), None, 0
-    step = 0
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        perm = tr_idx[rng.permutation(len(tr_idx))]
-        losses = []
-        for _, xb in batches(perm):
-            step += 1
-            losses.append(float(train_step(xb, tf.constant([seed, step], tf.int32))))
-        tr_loss = float(np.mean(losses)) if losses else float("nan")
-        if n_val:
-            vl = [float(eval_step(xb, tf.constant([seed + 1, b], tf.int32))) * len(xb["tok"]) for b, xb in batches(val_idx)]
-            val_loss = float(np.sum(vl) / n_val)
-        else:
-            val_loss = tr_loss
-        dt = time.perf_counter() - t0
-        history.append({"epoch": epoch, "loss": tr_loss, "val_loss": val_loss, "seconds": dt})
-        log.info("train: epoch %d/%d loss %.4f val_loss %.4f (%.1fs)", epoch, epochs, tr_loss, val_loss, dt)
-        if val_loss < best - 1e-4:
-            best, best_weights, bad_epochs = val_loss, [w.copy() for w in encoder.get_weights()], 0
-        else:
-            bad_epochs += 1
-            if bad_epochs > patience:
-                log.info("train: early stop after epoch %d (best val_loss %.4f)", epoch, best)
-                break
+    history, best, best_weights = _fit(tf, encoder, (train_step, eval_step), batches, (val_idx, tr_idx), rng, seed, epochs, patience)
     weights = best_weights if best_weights is not None else encoder.get_weights()
     metrics = {
         "history": history,
