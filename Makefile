@@ -23,7 +23,8 @@ run: $(STAMP)
 
 # two workers (pytest-xdist), a test file each at a time (--dist loadfile: a module's fixture,
 # such as test_e2e's full run, is built once): the suite is mostly small Spark jobs and
-# subprocesses that leave a core idle (two workers, with the compat venvs, Airflow, the real DAG run, the stream and Kafka tests: 41.2 min on an idle 2-core machine, session 15 — 35.6 in session 14, the slowest tests ~20% slower across the board, untouched ones too)
+# subprocesses that leave a core idle (with the compat venvs, Airflow, the real DAG run, the stream and
+# Kafka tests: about 30 minutes on an idle 2-core machine; docs/BENCHMARKS.md has the latest figure)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 

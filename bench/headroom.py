@@ -1,7 +1,7 @@
 """How much room a real log leaves for segments: next-session fill and conversion, read from a run.
 
-The #15 goals for a real log ask that fine segments, used to fill a user's own history up to
-N items, beat global-popularity fill with non-overlapping 95% intervals, and that personas
+A useful segmentation of a real log would have fine segments, used to fill a user's own history up to
+N items, beat global-popularity fill with non-overlapping 95% intervals, and personas
 beat random segments on next-session conversion. Whether any segmentation *can* do that
 depends on the log. This reads a finished run's Delta tables (``sessions``, ``clusters``) and
 measures, on the same users and the same split as ``evaluate`` (each user's last modelled

@@ -1,4 +1,4 @@
-"""File-level bad input (#21): what real exports look like on a bad day. Each case is read
+"""File-level bad input: what real exports look like on a bad day. Each case is read
 through ingest into Delta; every row is accounted for, and nothing is silently wrong."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One process per run id (#21): the second start of a live run id is refused with one line;
+"""One process per run id: the second start of a live run id is refused with one line;
 a lease whose owner is gone (dead process here, or no heartbeat for run.lease_timeout_s) is
 taken over; two processes taking the same lease at once: exactly one wins."""
 
