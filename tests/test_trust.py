@@ -7,8 +7,16 @@ import json
 from seqclust.evaluate.trust import statements
 
 
-def _row(method, metric, value, low=None, high=None, **details):
-    return {"method": method, "metric": metric, "value": value, "ci_low": low, "ci_high": high, "details": json.dumps(details)}
+def _row(method, metric, value, low=None, high=None, family="downstream", **details):
+    return {
+        "method": method,
+        "family": family,
+        "metric": metric,
+        "value": value,
+        "ci_low": low,
+        "ci_high": high,
+        "details": json.dumps(details),
+    }
 
 
 def test_a_level_no_better_than_bag_of_events_says_so_and_weak_persistence_is_called_weak():
@@ -57,3 +65,11 @@ def test_leaves_and_confident_members_get_lines_of_their_own_against_all_members
     assert leaf.startswith("leaves: stability: weak")
     assert sure.startswith("confident members (top level): 60% of users; stability: better than all members and random segments")
     assert "stability: better than random segments" in top
+
+
+def test_a_tree_that_did_not_split_says_so_and_one_that_did_does_not():
+    top = [_row("encoder", "temporal_ari", 0.6, 0.55, 0.65), _row("random", "temporal_ari", 0.0, -0.01, 0.01)]
+    flat = [_row("leaf", "split", 0.0, family="hierarchy", segment_path=str(i)) for i in range(3)]
+    assert statements(top + flat)[-1] == "leaves: no segment holds segments of its own (3 tested); the leaves are the top level"
+    split = flat[:2] + [_row("leaf", "split", 1.0, family="hierarchy", segment_path="2")]
+    assert not any(t.startswith("leaves: no segment") for t in statements(top + split))

@@ -326,7 +326,7 @@ def run_trust(spark: SparkSession, ctx: RunContext) -> list[str]:
 
     if not ctx.store.exists(ctx.tables.metrics):
         return []
-    fams = ("downstream", "temporal", "confidence")
+    fams = ("downstream", "temporal", "confidence", "hierarchy")
     rows = ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).where(F.col("family").isin(*fams)).collect()  # hundreds of rows
     return statements([r.asDict() for r in rows])
 

@@ -88,7 +88,10 @@ def _job_sentence(job: str, me: Figure, refs: list[tuple[str, Figure, bool]], la
 
 def statements(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     """One line per level: its size, the share of confident members, and a verdict per job
-    (conversion, stability, next-session items), each against the references measured."""
+    (conversion, stability, next-session items), each against the references measured; and,
+    from the segment tree's split tests (family ``hierarchy``), a line saying so when no
+    segment split."""
+    rows = list(rows)
     f = figures(rows)
     items = _items_metric(f)
     out = []
@@ -117,4 +120,7 @@ def statements(rows: Iterable[Mapping[str, Any]]) -> list[str]:
             sure = f"{100 * share.value:.0f}% of users" + (" confident" if method != "confident" else "")
             parts.insert(0, sure)
         out.append(f"{level}: " + "; ".join(parts))
+    splits = [r.get("value") for r in rows if r.get("family") == "hierarchy" and r.get("metric") == "split"]
+    if splits and not any(v == 1.0 for v in splits):
+        out.append(f"leaves: no segment holds segments of its own ({len(splits)} tested); the leaves are the top level")
     return out
