@@ -79,6 +79,7 @@ def test_a_segment_too_small_to_test_is_a_leaf():
     rng = np.random.default_rng(6)
     test, labels = split_test("4", rng.normal(size=(50, 5)), RULE, 1)
     assert not test.split and labels is None and "too few" in test.reason
+    assert np.isnan(test.silhouette) and np.isnan(test.stability) and np.isnan(test.gap)  # not measured, not zero
 
 
 def test_grow_splits_only_the_nested_segment_and_descend_reaches_its_leaves():

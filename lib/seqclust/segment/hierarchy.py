@@ -106,6 +106,8 @@ class SplitTest:
         return self.silhouette - self.null_silhouette
 
     def summary(self) -> str:
+        if np.isnan(self.silhouette):
+            return f"segment {self.path} ({self.users} users): {self.reason}"
         t = "n/a" if self.temporal_ari is None else f"{self.temporal_ari:.2f} ({self.temporal_users} users)"
         return (
             f"segment {self.path} ({self.users} users): best sub-k {self.k}, silhouette {self.silhouette:.3f} vs "
@@ -292,7 +294,8 @@ def split_test(
     n = len(X)
     ks = [k for k in range(2, rule.k_max + 1) if k * rule.min_child_users <= n]
     if n < rule.min_users or not ks:
-        return SplitTest(path, n, 1, 0.0, 0.0, 0.0, None, 0, False, f"too few users to test (fewer than {rule.min_users})"), None
+        nan = float("nan")  # not measured (the metrics table gets nulls, not zeros)
+        return SplitTest(path, n, 1, nan, nan, nan, None, 0, False, f"too few users to test (fewer than {rule.min_users})"), None
     mu = X.mean(axis=0)
     _, s, vt = np.linalg.svd(X - mu, full_matrices=False)
     d = int(min(rule.pca_dim, n - 1, len(s)))
