@@ -16,7 +16,8 @@ Usage: python bench/pipeline.py [--sizes 1M,10M,100M] [--cores 2] [--out DIR] [-
 Last line: JSON with events (largest size), wall_s, driver_peak_rss_mb, jvm_peak_rss_mb, and named
 for the sizes (largest vs smallest; time also vs the one before it): e.g. for 1M,10M,100M
 driver_rss_ratio_100m_vs_1m, jvm_rss_ratio_100m_vs_1m, time_ratio_100m_vs_1m,
-time_ratio_100m_vs_10m, wall_s_100m, spill_bytes_100m; per-size details under "runs".
+time_ratio_100m_vs_10m, wall_s_100m, spill_bytes_100m; split_tests_share_of_cluster_<size> (the segment
+tree's split tests, from their log lines, over the cluster stage); per-size details under "runs".
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 EVENTS_PER_USER = 47.5  # what the generator makes on average
 STAGE_RE = re.compile(r"stage (\w+): done in ([0-9.]+)s")
+TREE_START, TREE_END = "cluster: testing ", "cluster: segment tree of "  # the split tests' log lines
 START_RE = re.compile(r"stage (\w+): start \(run")
 
 
@@ -200,6 +202,7 @@ def run_pipeline(data: Path, out: Path, cores: int, extra: list[str]) -> dict:
     stages: dict[str, float] = {}
     windows: dict[str, tuple[float, float]] = {}
     err_tail: list[str] = []
+    tree: dict[str, float] = {}  # when the segment tree's split tests started and ended
 
     log_path = out.parent / f"{out.name}.log"  # the run's whole log, for profiling a stage
 
@@ -212,6 +215,9 @@ def run_pipeline(data: Path, out: Path, cores: int, extra: list[str]) -> dict:
 
     def pump_line(line: str) -> None:
         now = time.time()
+        for marker, key in ((TREE_START, "start"), (TREE_END, "end")):
+            if marker in line:
+                tree[key] = now
         m = START_RE.search(line)
         if m:
             windows[m.group(1)] = (now, float("inf"))
@@ -245,6 +251,7 @@ def run_pipeline(data: Path, out: Path, cores: int, extra: list[str]) -> dict:
         "spill": spill(out.parent / f"{out.name}-eventlog", windows),
         "delta": delta_files(out),
         "log": str(log_path),
+        "split_tests_s": round(tree["end"] - tree["start"], 1) if {"start", "end"} <= set(tree) else None,
         "k": int(k.group(1)) if k else None,
         "ari": {"encoder": float(ari.group(1)), "bag_of_events": float(ari.group(2)), "random": float(ari.group(3))} if ari else None,
     }
@@ -302,6 +309,9 @@ def main() -> None:
         "cores": args.cores,
         "runs": runs,
     }
+    for r in runs:  # the segment tree's split tests against the whole cluster stage
+        if r.get("split_tests_s") is not None and r["stage_s"].get("cluster"):
+            result[f"split_tests_share_of_cluster_{r['size']}"] = round(r["split_tests_s"] / r["stage_s"]["cluster"], 3)
     if len(runs) > 2:
         prev = runs[-2]
         result[f"time_ratio_{big['size']}_vs_{prev['size']}"] = round(big["wall_s"] / prev["wall_s"], 3)

@@ -7,6 +7,7 @@ from a contingency table built in Spark. scikit-learn is the test oracle for bot
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -391,7 +392,14 @@ def run(
     scored = emb.join(cl, "entity_id")
     leaf = leaf_rows(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id))
     leaves = len(leaf.select("cluster_id").distinct().collect()) if leaf is not None else 0
-    if leaf is not None and leaves:
+    # a tree where no segment split has the top level as its leaves (the same rows): its
+    # figures are the encoder's, copied rather than measured twice
+    flat_tree = leaf is not None and leaves == k and leaf.where(F.col("segment_path").contains(".")).limit(1).count() == 0
+    if flat_tree:
+        leaves_measured = 0
+    else:
+        leaves_measured = leaves
+    if leaf is not None and leaves_measured:
         scored = scored.join(leaf.select("entity_id", F.col("cluster_id").alias("leaf_id")), "entity_id", "left")
     users = random_assignment(keep(scored, "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
     n_eval = users.count()
@@ -408,15 +416,21 @@ def run(
         rows = [MetricRow(method="encoder", k=k, family="internal", metric="evaluated_users", value=float(n_eval), details=details)]
         if baseline.bag_of_events:
             boe = boe_clusters(sessions, k, n_eval, seed, baseline, cluster_cfg)
-        rows += _internal_rows(users, boe, k, baseline, leaves)
+        rows += _internal_rows(users, boe, k, baseline, leaves_measured)
         # every method's segment id beside the user: one contingency job per label serves all
-        assigned = users.select("entity_id", "cluster_id", "random_id", *(["leaf_id"] if leaves else []))
-        method_cols = [("encoder", "cluster_id"), ("random", "random_id")] + ([("leaf", "leaf_id")] if leaves else [])
+        assigned = users.select("entity_id", "cluster_id", "random_id", *(["leaf_id"] if leaves_measured else []))
+        method_cols = [("encoder", "cluster_id"), ("random", "random_id")] + ([("leaf", "leaf_id")] if leaves_measured else [])
         if boe is not None:
             assigned = assigned.join(boe.select("entity_id", F.col("cluster_id").alias("boe_id")), "entity_id", "left")
             method_cols.append(("bag_of_events", "boe_id"))
         agreement, n_labelled = _agreement_rows(spark, ctx, assigned, method_cols, sessions, labels, salt, k)
         rows += [r.with_k(leaves) if r.method == "leaf" else r for r in agreement]
+        if flat_tree:
+            rows += [
+                dataclasses.replace(r, method="leaf", k=leaves)
+                for r in rows
+                if r.method == "encoder" and r.family in ("internal", "external", "proxy") and r.metric != "evaluated_users"
+            ]
         rows += _drift_rows(spark, ctx, cluster_cfg, k, seed, baseline, boe, keep)
         families: tuple[str, ...] = ("internal", "external", "proxy", "drift")
         if ev.downstream:
