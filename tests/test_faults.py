@@ -61,6 +61,35 @@ def test_conflict_retry_gives_up_on_other_errors_at_once():
     assert len(calls) == 3
 
 
+def test_an_expected_conflict_is_retried_quietly_and_an_unexpected_one_warns(caplog):
+    import logging
+
+    from pyspark.errors import PySparkException
+
+    from seqclust.runtime.store import retry_conflicts
+
+    def flaky():
+        """A write that meets a concurrent append on its first try only."""
+        calls = []
+
+        def write():
+            calls.append(1)
+            if len(calls) == 1:
+                raise PySparkException("[DELTA_CONCURRENT_APPEND] ConcurrentAppendException: files were added")
+            return "done"
+
+        return write
+
+    def retry_levels(expected: bool) -> set[int]:
+        caplog.clear()
+        assert retry_conflicts(flaky(), "w", base_s=0.0, expected=expected) == "done"
+        return {r.levelno for r in caplog.records if "committed first" in r.getMessage()}
+
+    caplog.set_level(logging.INFO, logger="seqclust.runtime.store")
+    assert retry_levels(expected=True) == {logging.INFO}  # the lease heartbeat beside the run's own commits
+    assert retry_levels(expected=False) == {logging.WARNING}
+
+
 def _mount_tmpfs(where, size: str) -> bool:
     import subprocess
 

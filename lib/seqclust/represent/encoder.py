@@ -122,17 +122,19 @@ NATIVE_LOG_ENV = "SEQCLUST_NATIVE_LOG"  # where TensorFlow's start-up lines go (
 
 
 @contextlib.contextmanager
-def native_stderr_to_log() -> Iterator[None]:
+def native_stderr_to_log(first_run: bool = False) -> Iterator[None]:
     """While TensorFlow's C++ runtime starts (its import), file descriptor 2 goes to a log file:
     absl writes its start-up lines (oneDNN notices, "All log messages before
     absl::InitializeLog() …") straight to stderr, before any log level applies, and in every
-    Python worker that embeds. The file: ``$SEQCLUST_NATIVE_LOG``, else
-    ``<temp dir>/seqclust-native.log``; ``SEQCLUST_NATIVE_LOG=-`` leaves stderr alone."""
+    Python worker that embeds. ``first_run``: around a model's first call instead (oneDNN's
+    notice that it falls back for boolean tensors comes then). The file:
+    ``$SEQCLUST_NATIVE_LOG``, else ``<temp dir>/seqclust-native.log``;
+    ``SEQCLUST_NATIVE_LOG=-`` leaves stderr alone."""
     import sys
     import tempfile
 
     target = os.environ.get(NATIVE_LOG_ENV) or os.path.join(tempfile.gettempdir(), "seqclust-native.log")
-    if target == "-" or "tensorflow" in sys.modules:
+    if target == "-" or (not first_run and "tensorflow" in sys.modules):
         yield
         return
     try:
@@ -415,9 +417,15 @@ def embedding_fn(
         for b in range(0, n, chunk):
             rows = order[b : b + chunk]
             x = trim(features, rows, lengths)
-            out[rows] = _predict(x)
+            if first[0]:
+                with native_stderr_to_log(first_run=True):
+                    out[rows] = _predict(x)
+                first[0] = False
+            else:
+                out[rows] = _predict(x)
         return out
 
+    first = [True]  # the model's first call, with TensorFlow's one-time notices
     return predict
 
 
@@ -617,7 +625,20 @@ def train(
             x = trim(features, idx[b : b + batch_size], lengths)
             yield b, {f: tf.constant(x[f]) for f in FIELDS}
 
-    history, best, best_weights = _fit(tf, encoder, (train_step, eval_step), batches, (val_idx, tr_idx), rng, seed, epochs, patience)
+    def first_quiet(step: Callable[..., Any]) -> Callable[..., Any]:
+        calls = [0]
+
+        def run(*a: Any) -> Any:
+            calls[0] += 1
+            if calls[0] > 1:
+                return step(*a)
+            with native_stderr_to_log(first_run=True):  # TensorFlow's one-time notices at the first step
+                return step(*a)
+
+        return run
+
+    steps = (first_quiet(train_step), first_quiet(eval_step))
+    history, best, best_weights = _fit(tf, encoder, steps, batches, (val_idx, tr_idx), rng, seed, epochs, patience)
     weights = best_weights if best_weights is not None else encoder.get_weights()
     metrics = {
         "history": history,

@@ -222,6 +222,6 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                retry_conflicts(self.beat, f"lease heartbeat of run {self.ctx.run_id}")
+                retry_conflicts(self.beat, f"lease heartbeat of run {self.ctx.run_id}", expected=True)
             except Exception as e:  # noqa: BLE001 - a missed beat is logged; the next one may land
                 log.warning("run lease: heartbeat of run %s failed (%s)", self.ctx.run_id, spark_error_line(e)[:200])

@@ -74,10 +74,12 @@ CONFLICTS = (
 )
 
 
-def retry_conflicts(fn, what: str, attempts: int = 6, base_s: float = 0.5):
+def retry_conflicts(fn, what: str, attempts: int = 6, base_s: float = 0.5, expected: bool = False):
     """``fn()``, again after a seeded-jitter backoff when Delta reports a concurrent-writer
     conflict (two runs creating the same table at once, a backfill beside a daily run);
-    other errors, and the last conflict, propagate."""
+    other errors, and the last conflict, propagate. ``expected``: conflicts are part of the
+    design (a run's lease heartbeat beside its own commits to ``runs``): logged at INFO, not
+    as a warning."""
     import random
     import time
 
@@ -90,7 +92,13 @@ def retry_conflicts(fn, what: str, attempts: int = 6, base_s: float = 0.5):
             if attempt == attempts or not any(c in text for c in CONFLICTS):
                 raise
             wait = base_s * (2 ** (attempt - 1)) * (1 + rng.random())
-            log.warning("%s: a concurrent writer committed first (%s); retrying in %.1fs", what, spark_error_line(e)[:120], wait)
+            log.log(
+                logging.INFO if expected else logging.WARNING,
+                "%s: a concurrent writer committed first (%s); retrying in %.1fs",
+                what,
+                spark_error_line(e)[:120],
+                wait,
+            )
             time.sleep(wait)
     return None  # pragma: no cover - the loop returns or raises
 
