@@ -247,14 +247,21 @@ def test_a_delta_source_is_read_at_the_version_its_fingerprint_records(spark, st
     real_read = ingest.read_source
     seen = []
 
+    late = [("u3", dt.datetime(2026, 10, 1, 12), "purchase")]
+
     def spy(spark_, path, cfg):
         seen.append(cfg.delta_version)
-        return real_read(spark_, path, cfg)
+        df = real_read(spark_, path, cfg)
+        if cfg.delta_version is not None and seen.count(cfg.delta_version) == 1:
+            # a producer commits to the source once ingest has pinned its version and read it
+            spark_.createDataFrame(late, "user_id string, ts timestamp, event_type string").write.format("delta").mode("append").save(src)
+        return df
 
     monkeypatch.setattr(ingest, "read_source", spy)
     r = ingest.run(spark, _ctx(store, src), SourceConfig(columns=cols))
-    assert r.input_version == 1 and (r.input_rows, r.clean_rows) == (2, 2)
-    assert seen[-1] == 1  # the DataFrame every pass reads is pinned to version 1
+    assert spark.read.format("delta").load(src).count() == 3  # the commit did land, as version 2
+    assert r.input_version == 1 and (r.input_rows, r.clean_rows) == (2, 2)  # every pass read version 1
+    assert seen[-1] == 1  # the DataFrame the passes read is pinned to version 1
 
 
 def test_rows_written_are_found_behind_more_commits_than_the_history_window(spark, store):
