@@ -36,6 +36,58 @@ def test_two_runs_creating_the_same_tables_at_once_both_land(spark, tmp_path):
         assert got == {f"r{attempt}-0": 10, f"r{attempt}-1": 11}
 
 
+def test_a_conflict_injected_between_two_creators_is_retried_and_both_land(spark, tmp_path, monkeypatch, caplog):
+    """The race above, made certain: run a's first save is held until run b has created the
+    table and then fails with the conflict Delta reports in that case; the store's retry path
+    must run (logged) and write a's rows after b's, neither run losing a row."""
+    import logging
+
+    from pyspark.errors import PySparkException
+
+    from seqclust.runtime import store as store_mod
+    from seqclust.runtime.store import TableStore
+
+    st = TableStore(str(tmp_path / "out"))
+    b_done = threading.Event()
+    real_retry = store_mod.retry_conflicts
+    attempts: dict[str, int] = {}
+
+    def retry(fn, what, **kw):
+        def held():
+            if what.endswith("run a"):  # the store names a run's write 'table <name>, run <id>'
+                attempts["a"] = attempts.get("a", 0) + 1
+                if attempts["a"] == 1:
+                    assert b_done.wait(120)
+                    raise PySparkException("[DELTA_PROTOCOL_CHANGED] ProtocolChangedException: the table was created concurrently")
+            return fn()
+
+        return real_retry(held, what, base_s=0.0, **kw)
+
+    monkeypatch.setattr(store_mod, "retry_conflicts", retry)
+    caplog.set_level(logging.WARNING, logger="seqclust.runtime.store")
+    errors: list[BaseException] = []
+
+    def write(run_id: str, n: int) -> None:
+        try:
+            st.write_run(spark.range(n).selectExpr("id", f"'{run_id}' AS source"), "runs", run_id)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            if run_id == "b":
+                b_done.set()
+
+    threads = [threading.Thread(target=write, args=("a", 10)), threading.Thread(target=write, args=("b", 11))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert attempts.get("a", 0) >= 2  # a's save ran again after the conflict
+    assert any("committed first" in r.getMessage() for r in caplog.records)
+    got = {r["run_id"]: r["count"] for r in st.read(spark, "runs").groupBy("run_id").count().collect()}
+    assert got == {"a": 10, "b": 11}
+
+
 def test_conflict_retry_gives_up_on_other_errors_at_once():
     from pyspark.errors import PySparkException
 
