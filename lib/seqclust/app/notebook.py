@@ -98,8 +98,8 @@ def run_notebook(dbutils) -> str:  # noqa: ANN001
 
 def open_run(get: Callable[[str], str | None]):  # -> tuple[PipelineConfig, TableStore, str]
     """The configuration, table store and run id the widgets describe (to read a run's tables)."""
-    from seqclust.app.pipeline import table_store
     from seqclust.core.config import load_config
+    from seqclust.runtime.store import table_store
 
     args = cli_args(get)
     conf = args[args.index("--conf") + 1] if "--conf" in args else None

@@ -31,7 +31,7 @@ from seqclust.represent import embed as embed_stage
 from seqclust.represent import train as train_stage
 from seqclust.runtime import lease
 from seqclust.runtime.spark import scale_shuffle
-from seqclust.runtime.store import TableStore
+from seqclust.runtime.store import table_store
 from seqclust.segment import cluster as cluster_stage
 from seqclust.sessionize import stage as sessionize_stage
 
@@ -57,13 +57,6 @@ def load_record(spark: SparkSession, ctx: RunContext) -> RunRecord | None:
     if row is None:
         return None
     return RunRecord.from_row(row.asDict())
-
-
-def table_store(cfg: PipelineConfig) -> TableStore:
-    """The Delta tables under ``run.output`` (a local folder made absolute, or a URI), or in the
-    metastore when ``tables.schema`` is set (artifacts stay under ``run.output``)."""
-    root = str(Path(cfg.run.output).absolute()) if "://" not in cfg.run.output else cfg.run.output
-    return TableStore(root, cfg.tables.catalog, cfg.tables.schema)
 
 
 def make_context(

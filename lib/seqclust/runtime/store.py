@@ -18,7 +18,7 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from seqclust.core.config import SourceConfig, validate_identifier, validate_run_id
+from seqclust.core.config import PipelineConfig, SourceConfig, validate_identifier, validate_run_id
 from seqclust.core.errors import ConfigError, InputError, SeqclustError
 
 log = logging.getLogger(__name__)
@@ -668,3 +668,10 @@ def read_labels(spark: SparkSession, path: str, fmt: str, user_col: str, label_c
     return df.select(F.col(user_col).cast("string").alias("user_id"), F.col(label_col).cast("string").alias("label")).where(
         F.col("user_id").isNotNull() & F.col("label").isNotNull()
     )
+
+
+def table_store(cfg: PipelineConfig) -> TableStore:
+    """The Delta tables under ``run.output`` (a local folder made absolute, or a URI), or in the
+    metastore when ``tables.schema`` is set (artifacts stay under ``run.output``)."""
+    root = str(Path(cfg.run.output).absolute()) if "://" not in cfg.run.output else cfg.run.output
+    return TableStore(root, cfg.tables.catalog, cfg.tables.schema)

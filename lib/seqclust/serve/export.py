@@ -27,10 +27,10 @@ from typing import Any
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from seqclust.app.pipeline import table_store
 from seqclust.core.config import PipelineConfig
 from seqclust.core.errors import ConfigError, InputError
 from seqclust.core.privacy import pseudonym
+from seqclust.runtime.store import table_store
 from seqclust.segment.cluster import at_level
 
 log = logging.getLogger(__name__)
