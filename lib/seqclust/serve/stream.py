@@ -93,7 +93,7 @@ class Model:
     artifact: Any
     centers: list[list[float]]
     token_segments: refine.TokenSegments | None
-    tree: Tree  # every node of the model run's segment tree (its top level alone for a run without one)
+    tree: Tree | None = None  # every node of the model run's segment tree (None: its top level, flat)
 
 
 def load_model(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> Model:
@@ -576,7 +576,8 @@ def live_updater(model: Model, cfg: EmbedConfig) -> Any:
     meta, npz = (tm.to_json(), tm.arrays_npz()) if tm is not None else (None, None)
     segs_npz = model.token_segments.to_npz() if model.token_segments is not None else None
     centers = np.asarray(model.centers, dtype=np.float64)
-    paths, parent, nodes = model.tree.paths, model.tree.parent.copy(), model.tree.centers.copy()
+    tree = model.tree if model.tree is not None else Tree.flat(centers)
+    paths, parent, nodes = tree.paths, tree.parent.copy(), tree.centers.copy()
 
     def run(batches: Any) -> Any:
         tmodel = TokenModel.load(meta, npz) if meta is not None and npz is not None else None
