@@ -28,6 +28,7 @@ from seqclust.evaluate.baseline import boe_clusters, random_assignment
 from seqclust.evaluate.metrics import contingencies, external_scores, user_sample
 from seqclust.runtime.store import read_labels
 from seqclust.segment.cluster import coarse, leaf_rows, model_run_centers, model_run_tree, silhouette
+from seqclust.segment.hierarchy import Tree
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def _usefulness_rows(
     baseline: BaselineConfig,
     history_vectors: Callable[[DataFrame, DataFrame], DataFrame] | None,
     confident: DataFrame | None = None,
+    tree: Tree | None = None,
 ) -> list[MetricRow]:
     """Families ``downstream`` (next session: items, categories, conversion; return within N
     days) and ``temporal`` (first half vs second half of each user's history), for the top
@@ -331,7 +333,6 @@ def _usefulness_rows(
         def boe_assign(hist: DataFrame) -> DataFrame:
             return boe_clusters(hist, k, n_eval, seed, baseline, cluster_cfg, vectors=False, id_col="user_id")
 
-    tree = model_run_tree(spark, ctx, ctx.run_id)
     try:
         rows = evaluate_downstream(
             sessions,
@@ -391,14 +392,12 @@ def run(
     keep = user_sample(n_users, ev.sample_users, seed)
     scored = emb.join(cl, "entity_id")
     leaf = leaf_rows(ctx.store.read(spark, ctx.tables.clusters, ctx.run_id))
-    leaves = len(leaf.select("cluster_id").distinct().collect()) if leaf is not None else 0
+    tree = model_run_tree(spark, ctx, ctx.run_id) if leaf is not None else None
+    leaves = len(tree.leaf_nodes) if tree is not None else 0
     # a tree where no segment split has the top level as its leaves (the same rows): its
     # figures are the encoder's, copied rather than measured twice
-    flat_tree = leaf is not None and leaves == k and leaf.where(F.col("segment_path").contains(".")).limit(1).count() == 0
-    if flat_tree:
-        leaves_measured = 0
-    else:
-        leaves_measured = leaves
+    flat_tree = tree is not None and tree.is_flat
+    leaves_measured = 0 if flat_tree else leaves
     if leaf is not None and leaves_measured:
         scored = scored.join(leaf.select("entity_id", F.col("cluster_id").alias("leaf_id")), "entity_id", "left")
     users = random_assignment(keep(scored, "entity_id"), shares, seed).persist(StorageLevel.MEMORY_AND_DISK)
@@ -434,7 +433,9 @@ def run(
         rows += _drift_rows(spark, ctx, cluster_cfg, k, seed, baseline, boe, keep)
         families: tuple[str, ...] = ("internal", "external", "proxy", "drift")
         if ev.downstream:
-            rows += _usefulness_rows(spark, ctx, sessions, shares, k, n_eval, seed, ev, cluster_cfg, baseline, history_vectors, confident)
+            rows += _usefulness_rows(
+                spark, ctx, sessions, shares, k, n_eval, seed, ev, cluster_cfg, baseline, history_vectors, confident, tree
+            )
             families = (*families, "downstream", "temporal")
         write_metrics(spark, ctx, rows, families=families)
         results: dict[str, dict[str, float | None]] = {}
