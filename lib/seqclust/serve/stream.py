@@ -447,12 +447,7 @@ class LiveScorer:
         )
         labels = out.select(
             "user_id",
-            "cluster_id",
-            "distance_to_centroid",
-            "confidence",
-            "leaf_id",
-            "segment_path",
-            "leaf_confidence",
+            *PLACEMENT,
             F.col("sessions").alias("sessions_counted"),
             "last_session_id",
         )
@@ -473,12 +468,7 @@ class LiveScorer:
         )
         seg = labels.select(
             "user_id",
-            "cluster_id",
-            "distance_to_centroid",
-            "confidence",
-            "leaf_id",
-            "segment_path",
-            "leaf_confidence",
+            *PLACEMENT,
             F.lit(self.model.run_id).alias("model_run_id"),
             F.lit(self.model.artifact.encoder_id).alias("encoder_id"),
             "sessions_counted",
@@ -546,6 +536,8 @@ _STATE_COLS = (
     ("last_end_ts", _TS),
     ("last_session_id", _STR),
 )
+# a user's placement, as the updater computes it and live_segments stores it
+PLACEMENT = ("cluster_id", "distance_to_centroid", "confidence", "leaf_id", "segment_path", "leaf_confidence")
 UPDATED = T.StructType(
     [
         T.StructField("user_id", _STR),
