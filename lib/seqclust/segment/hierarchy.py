@@ -249,13 +249,12 @@ def margin(own_d2: np.ndarray, other_d2: np.ndarray) -> np.ndarray:
     simplified silhouette ``(b - a) / max(a, b)`` of Euclidean distances ``a`` (own centre) and
     ``b`` (nearest other centre), clipped at 0. 1 on its own centre, 0 halfway to the other
     (or nearer to it: refined segments are chosen by token likelihood, not always the nearest
-    centre); 1 where there is no other centre."""
+    centre); 0 where both distances are 0. ``own_margin`` gives 1 where there is no other centre."""
     a = np.sqrt(np.maximum(own_d2, 0.0))
     b = np.sqrt(np.maximum(other_d2, 0.0))
     top = np.maximum(a, b)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m = np.where(top > 0, (b - a) / np.where(top > 0, top, 1.0), 0.0)
-    return np.where(np.isinf(other_d2), 1.0, np.clip(m, 0.0, 1.0))
+    m = (b - a) / np.where(top > 0, top, 1.0)
+    return np.clip(m, 0.0, 1.0)
 
 
 def own_margin(d2: np.ndarray, own: np.ndarray) -> np.ndarray:
