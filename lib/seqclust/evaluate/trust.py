@@ -20,6 +20,7 @@ persistence (ARI under ``WEAK_TEMPORAL``) is said so even when it beats random.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -41,13 +42,18 @@ class Figure:
         return self.value > ref
 
 
+def per_segment(row: Mapping[str, Any]) -> bool:
+    """A ``metrics`` row about one segment (``details.segment``), not the run's level as a whole."""
+    return "segment" in json.loads(row.get("details") or "{}")
+
+
 def figures(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Figure]:
     """``(method, metric) -> Figure`` from ``metrics`` rows (run-level rows only: rows of one
     segment, ``details.segment``, are left out)."""
     out: dict[tuple[str, str], Figure] = {}
     for r in rows:
         v = r.get("value")
-        if v is None or not math.isfinite(float(v)) or '"segment"' in str(r.get("details") or ""):
+        if v is None or not math.isfinite(float(v)) or per_segment(r):
             continue
         out[(r["method"], r["metric"])] = Figure(float(v), r.get("ci_low"), r.get("ci_high"))
     return out

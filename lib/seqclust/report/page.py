@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pyspark.sql import SparkSession
 
 from seqclust.core.context import RunContext
-from seqclust.evaluate.trust import statements
+from seqclust.evaluate.trust import per_segment, statements
 from seqclust.report import charts
 from seqclust.segment.cluster import coarse, leaf_rows
 
@@ -360,7 +360,7 @@ def _read(spark: SparkSession, ctx: RunContext) -> _Run:
             d["chosen"] = d.get("chosen") or det.get("chosen", False)
             if det.get("chosen"):
                 run.k_rule = det
-        elif '"segment"' not in (r["details"] or ""):  # per-segment rows stay out of the run's tables
+        elif not per_segment(r):  # per-segment rows stay out of the run's tables
             run.by[(r["family"], r["method"], r["metric"])] = (r["value"], r["ci_low"], r["ci_high"])
             if r["family"] == "drift" and r["method"] == "encoder":
                 run.drift_details = r["details"]
