@@ -60,7 +60,7 @@ def ctx(store, tmp_path):
     import datetime as dt
 
     from seqclust.core.config import TablesConfig
-    from seqclust.core.context import RunContext
+    from seqclust.runtime.context import RunContext
 
     return RunContext(
         run_id="t1",

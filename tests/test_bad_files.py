@@ -9,9 +9,9 @@ import gzip
 import pytest
 
 from seqclust.core.config import SourceConfig, TablesConfig
-from seqclust.core.context import RunContext
 from seqclust.core.errors import InputError
 from seqclust.ingest import stage as ingest
+from seqclust.runtime.context import RunContext
 
 NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
 HEAD = "user_id,ts,event_type,category_id,price"

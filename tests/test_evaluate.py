@@ -4,8 +4,9 @@ from pyspark.sql import functions as F
 from sklearn import metrics as skm
 from sklearn.datasets import make_blobs
 
+from seqclust.core.sampling import bootstrap_ci
 from seqclust.evaluate.baseline import random_assignment
-from seqclust.evaluate.metrics import bootstrap_ci, contingency, external_scores
+from seqclust.evaluate.metrics import contingency, external_scores
 from seqclust.evaluate.stage import internal_scores
 
 
@@ -49,7 +50,7 @@ def test_contingencies_of_several_columns_from_one_job_equal_each_contingency(sp
 
 
 def test_evaluation_sample_keeps_the_same_users_in_every_table_and_leaves_the_baseline_draws_alone(spark):
-    from seqclust.evaluate.metrics import user_sample
+    from seqclust.core.sampling import user_sample
 
     users = spark.range(20000).select(F.concat(F.lit("u"), F.col("id").cast("string")).alias("entity_id"))
     sessions = users.select(F.col("entity_id").alias("user_id")).crossJoin(spark.range(2).select(F.col("id").alias("s")))

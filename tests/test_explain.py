@@ -121,7 +121,7 @@ def test_journeys_lifts_match_a_plain_python_count(spark, ctx, small_run):
 def test_journeys_count_n_grams_over_a_seeded_user_sample(spark, ctx, small_run):
     """With ``sample_users`` below the users there are, the n-grams are those of the sampled
     users' sessions only (the same hash sample as evaluate's), about that many users."""
-    from seqclust.evaluate.metrics import in_user_sample
+    from seqclust.core.sampling import in_user_sample
     from seqclust.report.explain import journeys
 
     sessions, clusters, _ = small_run
@@ -270,7 +270,8 @@ def test_report_embeds_every_picture_with_a_caption(spark, ctx, small_run):
     _write(spark, ctx, "cluster_profiles", [{**prof, "cluster_id": c, "event_mix_lift": {"view": 0.5 + c}} for c in range(3)])
     import dataclasses
 
-    from seqclust.core.tables import MetricRow, write_metrics
+    from seqclust.core.tables import MetricRow
+    from seqclust.runtime.context import write_metrics
 
     # an earlier run the drift was measured against: the report shows users moving between them
     prev = dataclasses.replace(ctx, run_id="t0")

@@ -4,9 +4,9 @@ import pytest
 from pyspark.sql import functions as F
 
 from seqclust.core.config import ColumnsConfig, SourceConfig
-from seqclust.core.context import RunContext
 from seqclust.core.errors import InputError, MissingColumnError
 from seqclust.ingest import stage as ingest
+from seqclust.runtime.context import RunContext
 from seqclust.runtime.store import read_source
 
 NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)

@@ -50,7 +50,7 @@ def test_a_second_start_of_a_live_run_id_is_refused_and_a_stale_lease_taken_over
     from seqclust.app.cli import main
     from seqclust.app.pipeline import load_record, save_record
     from seqclust.core.config import TablesConfig
-    from seqclust.core.context import RunContext
+    from seqclust.runtime.context import RunContext
     from seqclust.runtime.store import TableStore
 
     src = tmp_path / "ev.csv"
@@ -79,8 +79,8 @@ def test_two_processes_taking_one_lease_at_once_one_wins(spark, tmp_path, row):
     conditional UPDATE; either way the two racers' compare-and-set lets exactly one win."""
     from seqclust.app.pipeline import load_record, save_record
     from seqclust.core.config import TablesConfig
-    from seqclust.core.context import RunContext
     from seqclust.core.errors import SeqclustError
+    from seqclust.runtime.context import RunContext
     from seqclust.runtime.store import TableStore
 
     for attempt in range(2):  # the race is not certain every time: two fresh folders
@@ -122,7 +122,7 @@ def test_the_lease_update_writes_the_whole_record(spark, tmp_path):
     timestamps included): what an earlier run of the id left is not kept by accident."""
     from seqclust.app.pipeline import load_record, save_record
     from seqclust.core.config import TablesConfig
-    from seqclust.core.context import RunContext
+    from seqclust.runtime.context import RunContext
     from seqclust.runtime.store import TableStore
 
     ctx = RunContext(run_id="again", store=TableStore(str(tmp_path / "out")), tables=TablesConfig(), started_at=NOW)
@@ -168,8 +168,8 @@ def test_lease_timeout_is_checked(timeout):
 def test_a_runs_table_of_an_older_version_gets_the_lease_columns(spark, tmp_path):
     """A runs table written before the lease existed: the lease's MERGE adds its columns first."""
     from seqclust.core.config import TablesConfig
-    from seqclust.core.context import RunContext
     from seqclust.core.tables import RUNS
+    from seqclust.runtime.context import RunContext
     from seqclust.runtime.store import TableStore
 
     old = [f for f in RUNS.fields if f.name not in ("lease_owner", "lease_heartbeat", "rows_empty_optional")]

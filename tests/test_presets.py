@@ -8,9 +8,9 @@ import pytest
 from pyspark.sql import functions as F
 
 from seqclust.core.config import TablesConfig, load_config, presets
-from seqclust.core.context import RunContext
 from seqclust.core.errors import ConfigError
 from seqclust.ingest import stage as ingest
+from seqclust.runtime.context import RunContext
 from seqclust.sessionize import stage as sessionize
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -8,11 +8,11 @@ from pyspark.sql import functions as F
 
 from seqclust.app.cli import main
 from seqclust.core.config import PrivacyConfig, SourceConfig, TablesConfig
-from seqclust.core.context import RunContext
 from seqclust.core.errors import ConfigError
 from seqclust.core.privacy import pseudonym, pseudonym_py
 from seqclust.datasets.generated import write_dataset
 from seqclust.ingest import stage as ingest
+from seqclust.runtime.context import RunContext
 
 REPO = Path(__file__).resolve().parents[1]
 SALT = "a-test-salt-of-some-length"

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 def test_report_says_how_many_users_a_sampled_evaluation_measured(spark, ctx):
     from seqclust.app.pipeline import save_record
-    from seqclust.core.tables import MetricRow, RunRecord, write_metrics
+    from seqclust.core.tables import MetricRow, RunRecord
     from seqclust.report.page import write_report
+    from seqclust.runtime.context import write_metrics
 
     save_record(spark, ctx, RunRecord(status="succeeded", users=30000, k=3))
 
@@ -22,8 +23,9 @@ def test_report_says_how_many_users_a_sampled_evaluation_measured(spark, ctx):
 
 def test_report_says_k_uncertain_with_the_runner_up_only_when_the_rule_did(spark, ctx):
     from seqclust.app.pipeline import save_record
-    from seqclust.core.tables import MetricRow, RunRecord, write_metrics
+    from seqclust.core.tables import MetricRow, RunRecord
     from seqclust.report.page import write_report
+    from seqclust.runtime.context import write_metrics
 
     save_record(spark, ctx, RunRecord(status="succeeded", users=300, k=3))
 

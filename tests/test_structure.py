@@ -25,18 +25,13 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path) -> set[str]:
-    """seqclust modules imported anywhere in ``path`` at run time (``if TYPE_CHECKING:`` blocks
-    are not run), as dotted names below the package (``core.config``)."""
+    """seqclust modules imported anywhere in ``path`` — at module level, in functions and in
+    ``if TYPE_CHECKING:`` blocks (a type-only import is a dependency too) — as dotted names below
+    the package (``core.config``)."""
     known = _modules()
     tree = ast.parse(path.read_text())
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            skip |= {id(n) for b in node.body for n in ast.walk(b)}
     out: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "seqclust":
             base = node.module.partition(".")[2]
             subs = {f"{base}.{a.name}".lstrip(".") for a in node.names}
@@ -72,6 +67,28 @@ def test_the_package_has_no_import_cycles():
     assert len(graph) > 30 and graph["evaluate.stage"] >= {"evaluate.downstream", "evaluate.baseline", "core.tables"}
     assert "represent.behaviour" in graph["segment.cluster"]
     assert _cycles(graph) == []
+
+
+def _packages(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The sub-package graph: ``core`` -> ``runtime`` when a module of one imports one of the other."""
+    out: dict[str, set[str]] = {}
+    for m, deps in graph.items():
+        a = m.split(".")[0]
+        out.setdefault(a, set()).update(b for b in (d.split(".")[0] for d in deps) if b != a)
+    return out
+
+
+def test_the_sub_packages_have_no_import_cycles():
+    """The folders are layers: ``core`` imports no other sub-package, ``runtime`` only ``core``,
+    and so on up to ``app``; a cycle between two folders means one of them holds the wrong module."""
+    graph = _packages({m: _imports(p) for m, p in _modules().items()})
+    assert graph["core"] == set(), f"core imports {sorted(graph['core'])}"
+    assert _cycles(graph) == []
+
+
+def test_type_only_imports_count():
+    # report.explain names RunContext and the config classes in annotations only
+    assert {"runtime.context", "core.config"} <= _imports(PKG / "report" / "explain.py")
 
 
 def test_the_cycle_finder_finds_a_cycle():

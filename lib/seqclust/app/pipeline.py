@@ -21,7 +21,6 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from seqclust.core.config import PipelineConfig
-from seqclust.core.context import RunContext
 from seqclust.core.errors import ConfigError, InputError, SeqclustError
 from seqclust.core.stages import STAGES
 from seqclust.core.tables import RUNS, RunRecord
@@ -30,6 +29,7 @@ from seqclust.ingest import stage as ingest_stage
 from seqclust.represent import embed as embed_stage
 from seqclust.represent import train as train_stage
 from seqclust.runtime import lease
+from seqclust.runtime.context import RunContext
 from seqclust.runtime.spark import scale_shuffle
 from seqclust.runtime.store import table_store
 from seqclust.segment import cluster as cluster_stage

@@ -20,16 +20,13 @@ import math
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from seqclust import __version__
 from seqclust.core.errors import SeqclustError
-
-if TYPE_CHECKING:
-    from seqclust.core.context import RunContext
 
 STR, INT, LONG, DBL, FLT, BOOL, TS = (
     T.StringType(),
@@ -341,17 +338,6 @@ def metric_rows_frame(spark: SparkSession, rows: Iterable[MetricRow], families: 
             raise ValueError(f"metric row of family {r.family} written with families {sorted(fams)}")
         data.append(r.row())
     return spark.createDataFrame(data, METRICS)
-
-
-def write_metrics(spark: SparkSession, ctx: RunContext, rows: Iterable[MetricRow], families: Iterable[str]) -> int:
-    """Replace this run's metrics of the given families with ``rows``."""
-    families = tuple(families)
-    for f in families:  # they reach SQL below
-        if not f.replace("_", "").isalpha() or not f.islower():
-            raise ValueError(f"metric family {f!r} is not a lower-case word")
-    df = metric_rows_frame(spark, rows, families)
-    fam = ", ".join(f"'{f}'" for f in families)
-    return ctx.write(df, "metrics", extra_predicate=f"family IN ({fam})")
 
 
 # ---------------------------------------------------------------------------------------

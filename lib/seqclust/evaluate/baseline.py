@@ -22,7 +22,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from seqclust.core.config import BaselineConfig, ClusterConfig
-from seqclust.evaluate.metrics import hash_uniform
+from seqclust.core.sampling import hash_uniform
 from seqclust.segment.cluster import fit_best, user_partitions
 
 

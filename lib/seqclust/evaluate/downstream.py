@@ -34,9 +34,10 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from seqclust.core.sampling import hash_uniform
 from seqclust.core.tables import MetricRow
 from seqclust.evaluate.baseline import random_assignment
-from seqclust.evaluate.metrics import external_scores, hash_uniform
+from seqclust.evaluate.metrics import external_scores
 from seqclust.runtime.store import one_row
 from seqclust.segment.cluster import assign_nearest
 from seqclust.segment.hierarchy import Tree

@@ -21,11 +21,12 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from seqclust.core.config import BaselineConfig, ClusterConfig, EvaluateConfig, LabelsConfig
-from seqclust.core.context import RunContext
 from seqclust.core.privacy import pseudonym
-from seqclust.core.tables import MetricRow, write_metrics
+from seqclust.core.sampling import user_sample
+from seqclust.core.tables import MetricRow
 from seqclust.evaluate.baseline import boe_clusters, random_assignment
-from seqclust.evaluate.metrics import contingencies, external_scores, user_sample
+from seqclust.evaluate.metrics import contingencies, external_scores
+from seqclust.runtime.context import RunContext, write_metrics
 from seqclust.runtime.store import read_labels
 from seqclust.segment.cluster import coarse, leaf_rows, model_run_centers, model_run_tree, silhouette
 from seqclust.segment.hierarchy import Tree

@@ -22,10 +22,10 @@ from pyspark.sql import types as T
 
 from seqclust.core.compat import try_cast
 from seqclust.core.config import SourceConfig
-from seqclust.core.context import RunContext
 from seqclust.core.errors import ConfigError, InputError, ReconciliationError
 from seqclust.core.privacy import pseudonym, redacted
 from seqclust.core.tables import conform
+from seqclust.runtime.context import RunContext
 from seqclust.runtime.spark import scale_shuffle
 from seqclust.runtime.store import CORRUPT_COL, FILE_COL, mapped_columns, read_failure, read_source, source_fingerprint, source_format
 

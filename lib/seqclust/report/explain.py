@@ -20,12 +20,12 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from seqclust.evaluate.metrics import hash_uniform, user_sample
+from seqclust.core.sampling import hash_uniform, user_sample
 from seqclust.segment.cluster import at_level, coarse
 
 if TYPE_CHECKING:
     from seqclust.core.config import BaselineConfig, ClusterConfig, ReportConfig
-    from seqclust.core.context import RunContext
+    from seqclust.runtime.context import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import SparkSession
 
-from seqclust.core.context import RunContext
 from seqclust.evaluate.trust import per_segment, statements
 from seqclust.report import charts
+from seqclust.runtime.context import RunContext
 from seqclust.segment.cluster import coarse, leaf_rows
 
 if TYPE_CHECKING:

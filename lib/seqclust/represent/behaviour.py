@@ -281,7 +281,7 @@ def fit(counts: DataFrame, vocab_size: int, min_df: int, dim: int, fit_users: in
     from scipy import sparse
     from sklearn.decomposition import TruncatedSVD
 
-    from seqclust.evaluate.metrics import user_sample
+    from seqclust.core.sampling import user_sample
 
     n_users = counts.count()  # a row per user
     ranked = (

@@ -27,10 +27,10 @@ from pyspark.sql import types as T
 
 from seqclust.core.compat import to_arrow
 from seqclust.core.config import EmbedConfig
-from seqclust.core.context import RunContext
 from seqclust.core.errors import ArtifactError
 from seqclust.represent import behaviour
 from seqclust.represent.features import DEFAULT_TOKEN_FIELDS, Vocab, compose_tokens, event_parts, featurize, input_columns
+from seqclust.runtime.context import RunContext
 from seqclust.runtime.store import one_row
 
 log = logging.getLogger(__name__)

@@ -12,12 +12,12 @@ from pyspark.sql import functions as F
 
 from seqclust.core.compat import to_arrow
 from seqclust.core.config import EmbedConfig, EncoderConfig, TokenizeConfig
-from seqclust.core.context import RunContext
 from seqclust.core.errors import InputError
 from seqclust.represent import behaviour
 from seqclust.represent.encoder import Artifact, load_artifact, save_artifact, train
 from seqclust.represent.features import featurize, input_columns
 from seqclust.represent.tokens import build_vocab
+from seqclust.runtime.context import RunContext
 from seqclust.runtime.spark import ROWS_CACHE
 
 log = logging.getLogger(__name__)

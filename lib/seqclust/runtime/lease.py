@@ -36,8 +36,8 @@ from seqclust.core.errors import SeqclustError
 from seqclust.runtime.store import retry_conflicts, spark_error_line
 
 if TYPE_CHECKING:
-    from seqclust.core.context import RunContext
     from seqclust.core.tables import RunRecord
+    from seqclust.runtime.context import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from pyspark.sql import functions as F
 from seqclust.core import tables
 from seqclust.core.compat import to_arrow
 from seqclust.core.config import ClusterConfig, validate_run_id
-from seqclust.core.context import RunContext
 from seqclust.core.errors import ConfigError, InputError
-from seqclust.evaluate.metrics import bootstrap_ci, user_sample
+from seqclust.core.sampling import bootstrap_ci, user_sample
+from seqclust.runtime.context import RunContext, write_metrics
 from seqclust.runtime.spark import ROWS_CACHE
 from seqclust.runtime.store import one_row
 from seqclust.segment import refine
@@ -672,7 +672,7 @@ def _write_sweep(spark: SparkSession, ctx: RunContext, sweep: list, k: int, rule
         for m in ("silhouette", "inertia", "stability")
         if m in r
     ]
-    tables.write_metrics(spark, ctx, sweep_rows, families=("sweep",))
+    write_metrics(spark, ctx, sweep_rows, families=("sweep",))
 
 
 def _finish(
@@ -825,7 +825,7 @@ def _write_confidence_metrics(spark: SparkSession, ctx: RunContext, counts: list
                 )
                 for r in sorted(mine, key=lambda r: r["cluster_id"])
             ]
-    tables.write_metrics(spark, ctx, rows, families=("confidence",))
+    write_metrics(spark, ctx, rows, families=("confidence",))
 
 
 def _write_profiles(
@@ -905,7 +905,7 @@ def _write_tree_metrics(spark: SparkSession, ctx: RunContext, tree: Tree) -> Non
             tables.MetricRow(method="leaf", family="hierarchy", metric=m, value=float(v), k=t.k, details=details)
             for m, v in figures.items()
         ]
-    tables.write_metrics(spark, ctx, rows, families=("hierarchy",))
+    write_metrics(spark, ctx, rows, families=("hierarchy",))
 
 
 def model_run_tree(spark: SparkSession, ctx: RunContext, run_id: str) -> Tree | None:

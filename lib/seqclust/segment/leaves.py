@@ -15,8 +15,8 @@ from pyspark.sql import functions as F
 
 from seqclust.core.compat import to_arrow
 from seqclust.core.config import ClusterConfig
-from seqclust.core.context import RunContext
-from seqclust.evaluate.metrics import user_sample
+from seqclust.core.sampling import user_sample
+from seqclust.runtime.context import RunContext
 from seqclust.segment.hierarchy import SplitRule, Tree, grow
 
 log = logging.getLogger(__name__)

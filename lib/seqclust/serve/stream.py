@@ -61,12 +61,12 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust.core.config import EmbedConfig, PipelineConfig
-from seqclust.core.context import RunContext
 from seqclust.core.errors import ConfigError, InputError
 from seqclust.core.tables import conform
 from seqclust.ingest import stage as ingest
 from seqclust.represent import behaviour, embed
 from seqclust.represent.features import _list_parts
+from seqclust.runtime.context import RunContext
 from seqclust.runtime.spark import concurrently, materialised, release
 from seqclust.runtime.store import CORRUPT_COL, FILE_COL, mapped_columns, one_row, source_format
 from seqclust.segment import cluster, refine

@@ -15,9 +15,9 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from seqclust.core.config import SessionizeConfig
-from seqclust.core.context import RunContext
 from seqclust.core.errors import InputError
 from seqclust.core.tables import conform
+from seqclust.runtime.context import RunContext
 from seqclust.runtime.spark import ROWS_CACHE, concurrently, materialised, release
 from seqclust.runtime.store import one_row
 

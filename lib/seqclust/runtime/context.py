@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 
 from seqclust.core.config import TablesConfig, validate_run_id
-from seqclust.core.tables import TABLES, conform
+from seqclust.core.tables import TABLES, MetricRow, conform, metric_rows_frame
 from seqclust.runtime.store import TableStore
 
 
@@ -60,3 +61,14 @@ class RunContext:
         if n >= 0:
             self.written[name] = self.written.get(name, 0) + n
         return n
+
+
+def write_metrics(spark: SparkSession, ctx: RunContext, rows: Iterable[MetricRow], families: Iterable[str]) -> int:
+    """Replace this run's metrics of the given families with ``rows``."""
+    families = tuple(families)
+    for f in families:  # they reach SQL below
+        if not f.replace("_", "").isalpha() or not f.islower():
+            raise ValueError(f"metric family {f!r} is not a lower-case word")
+    df = metric_rows_frame(spark, rows, families)
+    fam = ", ".join(f"'{f}'" for f in families)
+    return ctx.write(df, "metrics", extra_predicate=f"family IN ({fam})")
