@@ -7,7 +7,7 @@ from seqclust.core.config import ColumnsConfig, SourceConfig
 from seqclust.core.errors import InputError, MissingColumnError
 from seqclust.ingest import stage as ingest
 from seqclust.runtime.context import RunContext
-from seqclust.runtime.store import read_source
+from seqclust.runtime.store import read_source, rows_written, table_version
 
 NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
 COLS = ["event_id", "user_id", "ts", "event_type", "item_id", "category_id", "price"]
@@ -271,10 +271,10 @@ def test_rows_written_are_found_behind_more_commits_than_the_history_window(spar
 
     df = spark.createDataFrame([(i,) for i in range(7)], "x long")
     store.write_run(df, "t", "a")
-    before = store._version("t")
+    before = table_version(store, "t")
     store.write_run(df.limit(5), "t", "b", count=False)
     for i in range(HISTORY_WINDOW + 2):  # more commits than the window after ours
         store.write_run(df.limit(1), "t", f"c{i}", count=False)
-    assert store._rows_written("t", before, "run_id = 'b'") == 5
-    assert store._rows_written("t", store._version("t") - 3, "run_id = 'b'") == 0  # not among the commits after that
-    assert store._rows_written("t", before - 1, "run_id = 'a'") == 7
+    assert rows_written(store, "t", before, "run_id = 'b'") == 5
+    assert rows_written(store, "t", table_version(store, "t") - 3, "run_id = 'b'") == 0  # not among the commits after that
+    assert rows_written(store, "t", before - 1, "run_id = 'a'") == 7

@@ -4,6 +4,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from seqclust.core.config import ConfigError, TablesConfig
+from seqclust.runtime.merge import merge_insert, merge_replace
 from seqclust.runtime.store import TableStore
 
 
@@ -26,8 +27,8 @@ def test_store_by_table_name_replaces_runs_and_merges(spark, schema, tmp_path):
     assert store.exists("events")
     assert spark.table(f"spark_catalog.{schema}.events").count() == 5  # a real metastore table
     assert {r["run_id"]: r["count"] for r in store.read(spark, "events").groupBy("run_id").count().collect()} == {"a": 3, "b": 2}
-    assert store.merge_insert(spark.range(2, 6).withColumn("x", F.lit(2)), "events", "a", "t.id", "s.id") == 3
-    ins, deleted = store.merge_replace(spark.range(1).withColumn("x", F.lit(9)), spark.range(3).select("id"), "events", "a", "id")
+    assert merge_insert(store, spark.range(2, 6).withColumn("x", F.lit(2)), "events", "a", "t.id", "s.id") == 3
+    ins, deleted = merge_replace(store, spark.range(1).withColumn("x", F.lit(9)), spark.range(3).select("id"), "events", "a", "id")
     assert (ins, deleted) == (1, 2)
     assert sorted((r["id"], r["x"]) for r in store.read(spark, "events", "a").collect()) == [(0, 9), (3, 2), (4, 2), (5, 2)]
     assert not (tmp_path / "artifacts" / "events").exists()  # nothing written as a folder
@@ -53,7 +54,7 @@ def test_merge_row_counts_from_the_result_and_from_the_log_agree(spark, tmp_path
         df = spark.range(5).withColumn("x", F.lit(1))
         store.write_run(df, "events", "a")
         store.write_run(df, "events", "b")  # another run's rows: not counted
-        ins = store.merge_insert(spark.range(3, 8).withColumn("x", F.lit(2)), "events", "a", "t.id", "s.id")
-        rep = store.merge_replace(spark.range(2).withColumn("x", F.lit(9)), spark.range(4).select("id"), "events", "a", "id")
+        ins = merge_insert(store, spark.range(3, 8).withColumn("x", F.lit(2)), "events", "a", "t.id", "s.id")
+        rep = merge_replace(store, spark.range(2).withColumn("x", F.lit(9)), spark.range(4).select("id"), "events", "a", "id")
         got[flag] = (ins, rep)
     assert got[True] == got[False] == (3, (2, 2))

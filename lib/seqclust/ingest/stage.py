@@ -26,6 +26,7 @@ from seqclust.core.errors import ConfigError, InputError, ReconciliationError
 from seqclust.core.privacy import pseudonym, redacted
 from seqclust.core.tables import conform
 from seqclust.runtime.context import RunContext
+from seqclust.runtime.merge import merge_insert
 from seqclust.runtime.spark import scale_shuffle
 from seqclust.runtime.store import CORRUPT_COL, FILE_COL, mapped_columns, read_failure, read_source, source_fingerprint, source_format
 
@@ -314,7 +315,7 @@ def ingest_rows(
             recent = F.col("t.ts") >= F.lit(late_before) if late_before is not None else None
             n_clean = ctx.wrote(
                 ctx.tables.events,
-                ctx.store.merge_insert(conform(clean, "events"), ctx.tables.events, ctx.run_id, event_key("t."), event_key("s."), recent),
+                merge_insert(ctx.store, conform(clean, "events"), ctx.tables.events, ctx.run_id, event_key("t."), event_key("s."), recent),
             )
         else:
             n_clean = ctx.write(clean, "events")

@@ -402,6 +402,20 @@ def _write_error(name: str, path: str, e: BaseException) -> SeqclustError:
     return SeqclustError(f"table {name} at {path}: write failed ({line[:300]})")
 
 
+def active_spark() -> SparkSession:
+    """The process's Spark session, from any thread."""
+    # the active session is thread-local in PySpark; a store used from a worker thread (a
+    # scheduler running two writes at once) finds the process's session through the builder
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        from pyspark import SparkContext
+
+        if SparkContext._active_spark_context is None:
+            raise SeqclustError("no Spark session: start one (seqclust.runtime.spark.get_spark) before using the table store")
+        spark = SparkSession.builder.getOrCreate()
+    return spark
+
+
 @dataclass(frozen=True)
 class TableStore:
     """Delta tables, partitioned by ``run_id``: folders under a path root, or (``schema`` set)
@@ -426,19 +440,6 @@ class TableStore:
             return ".".join(p for p in (self.catalog, self.schema, name) if p)
         return str(Path(self.root) / name) if "://" not in self.root else f"{self.root.rstrip('/')}/{name}"
 
-    @staticmethod
-    def _spark() -> SparkSession:
-        # the active session is thread-local in PySpark; a store used from a worker thread (a
-        # scheduler running two writes at once) finds the process's session through the builder
-        spark = SparkSession.getActiveSession()
-        if spark is None:
-            from pyspark import SparkContext
-
-            if SparkContext._active_spark_context is None:
-                raise SeqclustError("no Spark session: start one (seqclust.runtime.spark.get_spark) before using the table store")
-            spark = SparkSession.builder.getOrCreate()
-        return spark
-
     def delta_table(self, spark: SparkSession, name: str):  # -> delta.tables.DeltaTable
         from delta.tables import DeltaTable
 
@@ -457,7 +458,7 @@ class TableStore:
     def exists(self, name: str) -> bool:
         p = self.path(name)
         if self.in_metastore:
-            return self._spark().catalog.tableExists(p)
+            return active_spark().catalog.tableExists(p)
         if "://" in p and not p.startswith("file:"):
             return True
         log_dir = Path(p.removeprefix("file:")) / "_delta_log"
@@ -486,7 +487,7 @@ class TableStore:
         predicate = f"run_id = '{run_id}'" + (f" AND ({extra_predicate})" if extra_predicate else "")
         if "run_id" not in df.columns:
             df = df.withColumn("run_id", F.lit(run_id))
-        before = self._version(name) if count else -1
+        before = table_version(self, name) if count else -1
         log.info("table %s: writing run %s", name, run_id)
 
         # mergeSchema: a newer version may add columns to a table written by an older one
@@ -495,7 +496,7 @@ class TableStore:
         if not count:
             log.info("table %s: committed run %s", name, run_id)
             return -1
-        n = self._rows_written(name, before, predicate)
+        n = rows_written(self, name, before, predicate)
         log.info("table %s: committed %d rows of run %s", name, n, run_id)
         return n
 
@@ -522,120 +523,6 @@ class TableStore:
         except (AnalysisException, Py4JJavaError, PySparkException) as e:
             raise _write_error(name, path, e) from None
 
-    def merge_insert(
-        self, df: DataFrame, name: str, run_id: str, target_key: str, source_key: str, target_filter: Column | None = None
-    ) -> int:
-        """MERGE ``df`` into ``run_id``'s rows of table ``name``, inserting only rows whose key
-        is not there yet (keys are SQL expressions from code); return the rows inserted.
-        ``target_filter``: a condition on the target rows (``t.``) a match must meet: Delta
-        reads only the files whose statistics allow it."""
-        validate_run_id(run_id)
-        spark = df.sparkSession
-        before = -1 if MERGE_RETURNS_METRICS else self._version(name)
-        log.info("table %s: merging new rows into run %s", name, run_id)
-        src = df.withColumn("run_id", F.lit(run_id))
-        cond = f"t.run_id = '{run_id}' AND {target_key} = {source_key}"
-        try:
-            out = (
-                self.delta_table(spark, name)
-                .alias("t")
-                .merge(src.alias("s"), cond if target_filter is None else F.expr(cond) & target_filter)
-                .whenNotMatchedInsertAll()
-                .execute()
-            )
-        except (AnalysisException, Py4JJavaError, PySparkException) as e:
-            raise SeqclustError(f"table {name} at {self.path(name)}: merge failed ({spark_error_line(e)[:300]})") from None
-        n = int(self._merge_metrics(name, before, out).get("numTargetRowsInserted", 0))
-        log.info("table %s: merged %d new rows into run %s", name, n, run_id)
-        return n
-
-    def merge_replace(
-        self, new: DataFrame, stale_keys: DataFrame, name: str, run_id: str, key: str, target_filter: Column | None = None
-    ) -> tuple[int, int]:
-        """One atomic MERGE into ``run_id``'s rows of ``name``: rows of ``new`` replace or join
-        the rows with the same ``key``; rows keyed in ``stale_keys`` and absent from ``new`` are
-        deleted. Returns (rows inserted or updated, rows deleted). Creates the table if needed.
-        ``target_filter``: a condition every target row with one of those keys meets (``t.``):
-        Delta reads only the files whose statistics allow it."""
-        validate_run_id(run_id)
-        if not self.exists(name):
-            return self.write_run(new, name, run_id), 0
-        spark = new.sparkSession
-        before = -1 if MERGE_RETURNS_METRICS else self._version(name)
-        cols = [c for c in new.columns if c != "run_id"]
-        gone = stale_keys.select(key).distinct().join(new.select(key), key, "left_anti")
-        src = new.withColumn("_op", F.lit("upsert")).withColumn("run_id", F.lit(run_id))
-        empty = [F.lit(None).cast(new.schema[c].dataType).alias(c) for c in cols if c != key]
-        src = src.unionByName(gone.select(key, *empty, F.lit("delete").alias("_op"), F.lit(run_id).alias("run_id")))
-        values = {c: f"s.`{c}`" for c in [*cols, "run_id"]}
-        cond = f"t.run_id = '{run_id}' AND t.`{key}` = s.`{key}`"
-        log.info("table %s: merging recomputed rows into run %s", name, run_id)
-        try:
-            out = (
-                self.delta_table(spark, name)
-                .alias("t")
-                .merge(src.alias("s"), cond if target_filter is None else F.expr(cond) & target_filter)
-                .whenMatchedDelete(condition="s._op = 'delete'")
-                .whenMatchedUpdate(set=values)
-                .whenNotMatchedInsert(condition="s._op = 'upsert'", values=values)
-                .execute()
-            )
-        except (AnalysisException, Py4JJavaError, PySparkException) as e:
-            raise SeqclustError(f"table {name} at {self.path(name)}: merge failed ({spark_error_line(e)[:300]})") from None
-        m = self._merge_metrics(name, before, out)
-        ins = int(m.get("numTargetRowsInserted", 0)) + int(m.get("numTargetRowsUpdated", 0))
-        deleted = int(m.get("numTargetRowsDeleted", 0))
-        log.info("table %s: run %s: %d rows inserted or replaced, %d deleted", name, run_id, ins, deleted)
-        return ins, deleted
-
-    def _merge_metrics(self, name: str, before: int, result: Any = None) -> dict[str, Any]:
-        """The MERGE's row counts: from its result (Delta 4: a one-row DataFrame, no job), else
-        the operation metrics of the newest MERGE commit after version ``before`` (the log)."""
-        if MERGE_RETURNS_METRICS and isinstance(result, DataFrame):
-            r = result.first()
-            if r is not None:
-                d = r.asDict()
-                return {
-                    "numTargetRowsInserted": d.get("num_inserted_rows", 0),
-                    "numTargetRowsUpdated": d.get("num_updated_rows", 0),
-                    "numTargetRowsDeleted": d.get("num_deleted_rows", 0),
-                }
-        if before < 0 and MERGE_RETURNS_METRICS:
-            before = 0  # no result to read (not expected): the log's newest MERGE
-        row = self._newest_commit(name, before, F.col("operation") == "MERGE")
-        return dict((row["operationMetrics"] if row else None) or {})
-
-    def _newest_commit(self, name: str, before: int, where: Column) -> Row | None:
-        """The newest commit after version ``before`` that matches ``where`` (its operation
-        metrics). Reads the last few commits of the log, the whole history only when more than
-        that were committed since ``before`` (a stream's tables gain a commit per micro-batch:
-        reading every commit made each MERGE slower than the last)."""
-        table = self.delta_table(self._spark(), name)
-        for limit in (HISTORY_WINDOW, None):
-            h = table.history(limit) if limit else table.history()
-            rows = h.where(F.col("version") > before).select("version", "operationMetrics", where.alias("_ours")).collect()
-            mine = [r for r in rows if r["_ours"]]
-            if mine:
-                return max(mine, key=lambda r: r["version"])
-            if limit is not None and len(rows) < limit:  # the window reached back to ``before``: nothing else
-                return None
-        return None
-
-    def _version(self, name: str) -> int:
-        if not self.exists(name):
-            return -1
-        row = self.delta_table(self._spark(), name).history(1).select("version").first()
-        return int(row["version"]) if row else -1
-
-    def _rows_written(self, name: str, before: int, predicate: str) -> int:
-        """Rows added by our commit after version ``before``: found by its predicate, so a
-        concurrent writer's commit is not mistaken for ours. 0 when Delta made no commit (an
-        empty write into a partition that did not exist changes nothing)."""
-        ours = self._newest_commit(name, before, F.col("operationParameters")["predicate"] == predicate)
-        if ours is None:
-            return 0
-        return int((ours["operationMetrics"] or {}).get("numOutputRows", 0))
-
     def read(self, spark: SparkSession, name: str, run_id: str | None = None) -> DataFrame:
         path = self.path(name)
         if not self.exists(name):
@@ -648,6 +535,63 @@ class TableStore:
             validate_run_id(run_id)
             df = df.where(F.col("run_id") == run_id)
         return df
+
+
+# ---------------------------------------------------------------------------------------
+# What a commit did: read back from the Delta log
+
+
+def merge_metrics(store: TableStore, name: str, before: int, result: Any = None) -> dict[str, Any]:
+    """The MERGE's row counts: from its result (Delta 4: a one-row DataFrame, no job), else
+    the operation metrics of the newest MERGE commit after version ``before`` (the log)."""
+    if MERGE_RETURNS_METRICS and isinstance(result, DataFrame):
+        r = result.first()
+        if r is not None:
+            d = r.asDict()
+            return {
+                "numTargetRowsInserted": d.get("num_inserted_rows", 0),
+                "numTargetRowsUpdated": d.get("num_updated_rows", 0),
+                "numTargetRowsDeleted": d.get("num_deleted_rows", 0),
+            }
+    if before < 0 and MERGE_RETURNS_METRICS:
+        before = 0  # no result to read (not expected): the log's newest MERGE
+    row = newest_commit(store, name, before, F.col("operation") == "MERGE")
+    return dict((row["operationMetrics"] if row else None) or {})
+
+
+def newest_commit(store: TableStore, name: str, before: int, where: Column) -> Row | None:
+    """The newest commit after version ``before`` that matches ``where`` (its operation
+    metrics). Reads the last few commits of the log, the whole history only when more than
+    that were committed since ``before`` (a stream's tables gain a commit per micro-batch:
+    reading every commit made each MERGE slower than the last)."""
+    table = store.delta_table(active_spark(), name)
+    for limit in (HISTORY_WINDOW, None):
+        h = table.history(limit) if limit else table.history()
+        rows = h.where(F.col("version") > before).select("version", "operationMetrics", where.alias("_ours")).collect()
+        mine = [r for r in rows if r["_ours"]]
+        if mine:
+            return max(mine, key=lambda r: r["version"])
+        if limit is not None and len(rows) < limit:  # the window reached back to ``before``: nothing else
+            return None
+    return None
+
+
+def table_version(store: TableStore, name: str) -> int:
+    """The table's newest version (-1: no table yet)."""
+    if not store.exists(name):
+        return -1
+    row = store.delta_table(active_spark(), name).history(1).select("version").first()
+    return int(row["version"]) if row else -1
+
+
+def rows_written(store: TableStore, name: str, before: int, predicate: str) -> int:
+    """Rows added by our commit after version ``before``: found by its predicate, so a
+    concurrent writer's commit is not mistaken for ours. 0 when Delta made no commit (an
+    empty write into a partition that did not exist changes nothing)."""
+    ours = newest_commit(store, name, before, F.col("operationParameters")["predicate"] == predicate)
+    if ours is None:
+        return 0
+    return int((ours["operationMetrics"] or {}).get("numOutputRows", 0))
 
 
 def read_labels(spark: SparkSession, path: str, fmt: str, user_col: str, label_col: str) -> DataFrame:

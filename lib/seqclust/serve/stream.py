@@ -67,6 +67,7 @@ from seqclust.ingest import stage as ingest
 from seqclust.represent import behaviour, embed
 from seqclust.represent.features import _list_parts
 from seqclust.runtime.context import RunContext
+from seqclust.runtime.merge import merge_insert, merge_replace
 from seqclust.runtime.spark import concurrently, materialised, release
 from seqclust.runtime.store import CORRUPT_COL, FILE_COL, mapped_columns, one_row, source_format
 from seqclust.segment import cluster, refine
@@ -485,10 +486,10 @@ class LiveScorer:
             # a stored copy of one of these sessions (this batch's, written before a crash)
             # starts when it does: Delta reads only the files that can hold one
             copies = F.col("t.start_ts") >= F.lit(first_start)
-            return store.merge_insert(conform(sess, "live_sessions"), name, rid, "t.session_id", "s.session_id", copies)
+            return merge_insert(store, conform(sess, "live_sessions"), name, rid, "t.session_id", "s.session_id", copies)
 
         def by_user(key: str, df: DataFrame) -> Callable[[], int]:
-            return lambda: store.merge_replace(conform(df, key), empty, self._table(key), rid, "user_id")[0]
+            return lambda: merge_replace(store, conform(df, key), empty, self._table(key), rid, "user_id")[0]
 
         # three tables at once (their inputs are materialised): each write is idempotent on its
         # own, so a crash after any subset of them leaves what the batch's re-run rewrites the
@@ -523,7 +524,7 @@ class LiveScorer:
 
         df = self.spark.createDataFrame([row], LIVE_PROGRESS)
         empty = self.spark.createDataFrame([], T.StructType([T.StructField("batch_id", T.LongType())]))
-        self.ctx.store.merge_replace(conform(df, "live_progress"), empty, self._table("live_progress"), self.ctx.run_id, "batch_id")
+        merge_replace(self.ctx.store, conform(df, "live_progress"), empty, self._table("live_progress"), self.ctx.run_id, "batch_id")
 
 
 _STR, _LONG, _TS = T.StringType(), T.LongType(), T.TimestampType()

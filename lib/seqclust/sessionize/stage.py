@@ -18,6 +18,7 @@ from seqclust.core.config import SessionizeConfig
 from seqclust.core.errors import InputError
 from seqclust.core.tables import conform
 from seqclust.runtime.context import RunContext
+from seqclust.runtime.merge import merge_replace
 from seqclust.runtime.spark import ROWS_CACHE, concurrently, materialised, release
 from seqclust.runtime.store import one_row
 
@@ -291,12 +292,12 @@ def _run_incremental(
                 and _none_of_run(spark, ctx, ctx.tables.session_quarantine)
             ):
                 return 0, 0  # nothing to insert and nothing of the run's to replace: no MERGE (a commit and a scan)
-            return ctx.store.merge_replace(
-                conform(bots, "session_quarantine"), stale, ctx.tables.session_quarantine, ctx.run_id, "session_id", after
+            return merge_replace(
+                ctx.store, conform(bots, "session_quarantine"), stale, ctx.tables.session_quarantine, ctx.run_id, "session_id", after
             )
 
         def sessions() -> tuple[int, int]:
-            return ctx.store.merge_replace(conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id", after)
+            return merge_replace(ctx.store, conform(out, "sessions"), stale, ctx.tables.sessions, ctx.run_id, "session_id", after)
 
         # at once: a crash between the two commits is re-run whole (the same keys replaced)
         merged = concurrently({"session_quarantine": runaways, "sessions": sessions})
