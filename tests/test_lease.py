@@ -73,48 +73,76 @@ def test_a_second_start_of_a_live_run_id_is_refused_and_a_stale_lease_taken_over
     assert rec.lease_owner is None and rec.rows_clean == 2 and "ingest" in rec.stages_completed
 
 
+@pytest.mark.parametrize("order", ["overlapping commits", "one after the other"])
 @pytest.mark.parametrize("row", ["new run id", "finished run id"])
-def test_two_processes_taking_one_lease_at_once_one_wins(spark, tmp_path, row):
+def test_two_processes_taking_one_lease_at_once_one_wins(spark, tmp_path, monkeypatch, row, order):
     """A new run id takes its lease by MERGE (insert unless present), an existing row by a
-    conditional UPDATE; either way the two racers' compare-and-set lets exactly one win."""
+    conditional UPDATE; both racers read the run's row before either writes (the same ``prev``),
+    so both pass the holder check and only the compare-and-set can stop one. Each interleaving
+    is forced, not hoped for: *overlapping commits* — the loser's first commit is held until
+    the winner has committed and then fails with the conflict Delta reports when two commits
+    overlap; its retry must run and find the row taken; *one after the other* — the loser
+    starts only once the winner has committed, from the stale row."""
+    from pyspark.errors import PySparkException
+
     from seqclust.app.pipeline import load_record, save_record
     from seqclust.core.config import TablesConfig
     from seqclust.core.errors import SeqclustError
     from seqclust.runtime.context import RunContext
     from seqclust.runtime.store import TableStore
 
-    for attempt in range(2):  # the race is not certain every time: two fresh folders
-        ctx = RunContext(run_id="twice", store=TableStore(str(tmp_path / f"out{attempt}")), tables=TablesConfig(), started_at=NOW)
-        prev = None
-        if row == "finished run id":
-            save_record(spark, ctx, RunRecord(status="succeeded", stages_completed=["ingest"]))
-            prev = load_record(spark, ctx)
-            assert prev is not None and prev.lease_owner is None
-        barrier = threading.Barrier(2)
-        won: list[str] = []
-        refused: list[str] = []
-        other: list[BaseException] = []
+    ctx = RunContext(run_id="twice", store=TableStore(str(tmp_path / "out")), tables=TablesConfig(), started_at=NOW)
+    prev = None
+    if row == "finished run id":
+        save_record(spark, ctx, RunRecord(status="succeeded", stages_completed=["ingest"]))
+        prev = load_record(spark, ctx)
+        assert prev is not None and prev.lease_owner is None
+    winner, loser = "host.example:1:w", "host.example:2:l"
+    won_done = threading.Event()
+    attempts: list[str] = []
+    real_retry = lease.retry_conflicts
 
-        def start(me: str, ctx=ctx, barrier=barrier, won=won, refused=refused, other=other, prev=prev) -> None:
-            try:
-                barrier.wait()
-                lease.acquire(spark, ctx, RunRecord(status="running"), prev, me, 300)
-                won.append(me)
-            except SeqclustError as e:
-                refused.append(str(e))
-            except BaseException as e:  # noqa: BLE001 - reported below
-                other.append(e)
+    def retry(fn, what, **kw):
+        me = threading.current_thread().name
 
-        threads = [threading.Thread(target=start, args=(f"host.example:{i}:t{attempt}",)) for i in (1, 2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not other, other
-        assert len(won) == 1 and len(refused) == 1, (won, refused)
-        assert "run twice is already running in" in refused[0]
-        row = ctx.store.read(spark, "runs", "twice").collect()
-        assert len(row) == 1 and row[0]["lease_owner"] == won[0]
+        def held():
+            if what.startswith("table runs, lease"):
+                attempts.append(me)
+                if me == loser and attempts.count(loser) == 1 and order == "overlapping commits":
+                    assert won_done.wait(120)
+                    raise PySparkException("[DELTA_CONCURRENT_APPEND] ConcurrentAppendException: files were added by a concurrent update")
+            return fn()
+
+        return real_retry(held, what, **{**kw, "base_s": 0.0})
+
+    monkeypatch.setattr(lease, "retry_conflicts", retry)
+    outcome: dict[str, str] = {}
+
+    def start(me: str) -> None:
+        try:
+            if me == loser and order == "one after the other":
+                assert won_done.wait(120)
+            lease.acquire(spark, ctx, RunRecord(status="running"), prev, me, 300)
+            outcome[me] = "won"
+        except SeqclustError as e:
+            outcome[me] = str(e)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            outcome[me] = f"unexpected {e!r}"
+        finally:
+            if me == winner:
+                won_done.set()
+
+    threads = [threading.Thread(target=start, args=(me,), name=me) for me in (winner, loser)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert outcome[winner] == "won", outcome
+    assert outcome[loser].startswith("run twice is already running in host.example:1:w"), outcome
+    # the loser's compare-and-set ran: twice when its first commit met the conflict (the retry)
+    assert attempts.count(loser) == (2 if order == "overlapping commits" else 1), attempts
+    rows = ctx.store.read(spark, "runs", "twice").collect()
+    assert len(rows) == 1 and rows[0]["lease_owner"] == winner
 
 
 def test_the_lease_update_writes_the_whole_record(spark, tmp_path):
