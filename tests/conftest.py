@@ -36,14 +36,17 @@ def spark():
     from seqclust.core.config import SparkConfig
     from seqclust.runtime.spark import get_spark
 
-    session = get_spark(
-        SparkConfig(
-            master="local[2]",
-            shuffle_partitions=2,
-            log_level="ERROR",
-            conf={"spark.default.parallelism": "2", "spark.sql.adaptive.coalescePartitions.enabled": "true"},
-        )
+    conf = SparkConfig(
+        master="local[2]",
+        shuffle_partitions=2,
+        log_level="ERROR",
+        conf={"spark.default.parallelism": "2", "spark.sql.adaptive.coalescePartitions.enabled": "true"},
     )
+    # the tests' JVM keeps the console as its stderr (capfd sees executor errors); the CLI's
+    # default sends it to a file (core.console)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEQCLUST_NATIVE_LOG", "-")
+        session = get_spark(conf)
     yield session
     session.stop()
 

@@ -62,3 +62,37 @@ def test_a_materialised_frame_has_no_delta_scan_left_and_is_freed(spark, tmp_pat
     assert len(done) == 1 and persistent.contains(rdd_id)  # its blocks are kept
     release(done)
     assert done == [] and not spark.sparkContext._jsc.sc().getPersistentRDDs().contains(rdd_id)
+
+
+def test_the_jvm_and_blas_lines_go_to_the_native_log_not_the_console(tmp_path):
+    """The JVM prints "Using incubator modules" at launch and netlib's JNI loader prints that it
+    found no system BLAS at the first MLlib fit, both straight to the JVM's stderr; a JVM that
+    seqclust launches keeps the native log file as its stderr. The same start with
+    SEQCLUST_NATIVE_LOG=- shows what would have been printed."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from seqclust.core.config import SparkConfig; from seqclust.runtime.spark import get_spark\n"
+        "spark = get_spark(SparkConfig(master='local[1]', shuffle_partitions=1, log_level='WARN'))\n"
+        "from pyspark.ml.clustering import KMeans; from pyspark.ml.linalg import Vectors\n"
+        "df = spark.createDataFrame([(Vectors.dense([float(i % 7), float(i % 3)]),) for i in range(60)], ['features'])\n"
+        "KMeans(k=3, seed=1).fit(df); print('fitted'); spark.stop()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SEQCLUST_NATIVE_LOG"}
+
+    def start(target: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**env, "SEQCLUST_NATIVE_LOG": target}
+        )
+
+    log_file = tmp_path / "native.log"
+    quiet = start(str(log_file))
+    assert quiet.returncode == 0 and "fitted" in quiet.stdout, quiet.stderr[-2000:]
+    assert quiet.stderr.strip() == "", quiet.stderr[-2000:]
+    loud = start("-")
+    assert loud.returncode == 0 and "fitted" in loud.stdout, loud.stderr[-2000:]
+    native = [ln for ln in loud.stderr.splitlines() if "incubator" in ln or "netlib" in ln]
+    assert native, loud.stderr[-2000:]  # this JVM does print them (MLlib's BLAS probe on every Spark line)
+    assert all(ln in log_file.read_text() for ln in native)

@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.verbose:  # TensorFlow's start-up lines on the console too (else: encoder.native_stderr_to_log's file)
+    if args.verbose:  # TensorFlow, the JVM and BLAS on the console too (else: core.console.native_log())
         os.environ.setdefault("SEQCLUST_NATIVE_LOG", "-")
     try:
         if args.command == "generate":

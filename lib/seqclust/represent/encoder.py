@@ -13,20 +13,20 @@ Artifact layout (a directory; nothing pickled):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from seqclust.core.console import native_stderr_to_log
 from seqclust.core.errors import ArtifactError
 from seqclust.represent.features import FIELDS, PAD, Vocab
 
@@ -116,42 +116,6 @@ def keras_backend(threads: int | None = None) -> str:
         if threads:
             torch.set_num_threads(threads)
     return name
-
-
-NATIVE_LOG_ENV = "SEQCLUST_NATIVE_LOG"  # where TensorFlow's start-up lines go (the CLI sets it; -v: the console)
-
-
-@contextlib.contextmanager
-def native_stderr_to_log(first_run: bool = False) -> Iterator[None]:
-    """While TensorFlow's C++ runtime starts (its import), file descriptor 2 goes to a log file:
-    absl writes its start-up lines (oneDNN notices, "All log messages before
-    absl::InitializeLog() …") straight to stderr, before any log level applies, and in every
-    Python worker that embeds. ``first_run``: around a model's first call instead (oneDNN's
-    notice that it falls back for boolean tensors comes then). The file:
-    ``$SEQCLUST_NATIVE_LOG``, else ``<temp dir>/seqclust-native.log``;
-    ``SEQCLUST_NATIVE_LOG=-`` leaves stderr alone."""
-    import sys
-    import tempfile
-
-    target = os.environ.get(NATIVE_LOG_ENV) or os.path.join(tempfile.gettempdir(), "seqclust-native.log")
-    if target == "-" or (not first_run and "tensorflow" in sys.modules):
-        yield
-        return
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    except OSError:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    os.dup2(fd, 2)
-    os.close(fd)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _tf(threads: int | None = None) -> Any:
@@ -418,7 +382,7 @@ def embedding_fn(
             rows = order[b : b + chunk]
             x = trim(features, rows, lengths)
             if first[0]:
-                with native_stderr_to_log(first_run=True):
+                with native_stderr_to_log():
                     out[rows] = _predict(x)
                 first[0] = False
             else:
@@ -632,7 +596,7 @@ def train(
             calls[0] += 1
             if calls[0] > 1:
                 return step(*a)
-            with native_stderr_to_log(first_run=True):  # TensorFlow's one-time notices at the first step
+            with native_stderr_to_log():  # TensorFlow's one-time notices at the first step
                 return step(*a)
 
         return run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from pyspark.errors import PySparkRuntimeError
 from pyspark.sql import DataFrame, SparkSession
 
 from seqclust.core.config import SparkConfig
+from seqclust.core.console import native_log, native_stderr_to_log
 from seqclust.core.errors import SeqclustError
 
 log = logging.getLogger(__name__)
@@ -149,8 +151,11 @@ def get_spark(cfg: SparkConfig | None = None, packages: Sequence[str] = ()) -> S
             builder = configure_spark_with_delta_pip(builder, extra_packages=list(packages) or None)
             package = None if own_jars or packages else delta_package()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    log.info("starting Spark (master=%s)", master or "from spark-submit")
-    spark = _start(builder, packages)
+    target = None if submitted else native_log()
+    log.info(
+        "starting Spark (master=%s)%s", master or "from spark-submit", f"; its own messages go to {target} (-v: here)" if target else ""
+    )
+    spark = _start(builder, packages, target)
     spark.sparkContext.setLogLevel(cfg.log_level)
     if package:
         _remember_jars(spark, package)
@@ -170,15 +175,19 @@ def scale_shuffle(spark: SparkSession, rows: int | None) -> int:
     return n
 
 
-def _start(builder: SparkSession.Builder, packages: Sequence[str]) -> SparkSession:
-    """``builder.getOrCreate()``; a JVM that died resolving ``packages`` is one clear error."""
+def _start(builder: SparkSession.Builder, packages: Sequence[str], target: str | None) -> SparkSession:
+    """``builder.getOrCreate()``; a JVM that died resolving ``packages`` is one clear error.
+    ``target``: the file a JVM this process launches keeps as its stderr (``core.console``: the
+    JVM's own warnings, netlib's BLAS probe, Spark's log4j console lines), None: the console."""
     try:
-        return builder.getOrCreate()
+        with native_stderr_to_log() if target else contextlib.nullcontext():
+            return builder.getOrCreate()
     except PySparkRuntimeError as e:
         if not packages or "JAVA_GATEWAY_EXITED" not in str(e):
             raise
+        where = f"in {target}" if target else "above"
         raise SeqclustError(
-            f"Spark did not start: it could not resolve {', '.join(packages)} (the resolver's lines above say which jar; "
+            f"Spark did not start: it could not resolve {', '.join(packages)} (the resolver's lines {where} say which jar; "
             "a module whose POM is in ~/.m2 without its jar stops Ivy: run `mvn dependency:get -Dartifact=<that module>` "
             "or remove its folder there)"
         ) from None
