@@ -10,7 +10,8 @@ import pytest
 from pyspark.sql import types as T
 
 from seqclust.core.config import EmbedConfig
-from seqclust.serve.stream import UPDATED, Model, live_updater
+from seqclust.serve.placement import Model
+from seqclust.serve.stream import UPDATED, live_updater
 
 pytestmark = pytest.mark.spark
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust.core.config import EmbedConfig, PipelineConfig
-from seqclust.core.errors import ConfigError, InputError
+from seqclust.core.errors import InputError
 from seqclust.core.tables import conform
 from seqclust.ingest import stage as ingest
 from seqclust.represent import behaviour, embed
@@ -70,8 +69,8 @@ from seqclust.runtime.context import RunContext
 from seqclust.runtime.merge import merge_insert, merge_replace
 from seqclust.runtime.spark import concurrently, materialised, release
 from seqclust.runtime.store import CORRUPT_COL, FILE_COL, mapped_columns, one_row, source_format
-from seqclust.segment import cluster, refine
 from seqclust.segment.hierarchy import Tree
+from seqclust.serve.placement import Model, load_model, placer
 from seqclust.sessionize import stage as sessionize
 
 log = logging.getLogger(__name__)
@@ -84,38 +83,6 @@ def window_key(batch_id: int) -> dt.datetime:
     """The window key (``window_start`` in ``events``/``quarantine``) of micro-batch ``batch_id``:
     the epoch plus that many seconds (a key, not a time)."""
     return EPOCH + dt.timedelta(seconds=int(batch_id) + 1)
-
-
-@dataclass(frozen=True)
-class Model:
-    """What a stream scores users with: the model run's encoder artifact and segments."""
-
-    run_id: str
-    artifact: Any
-    centers: list[list[float]]
-    token_segments: refine.TokenSegments | None
-    tree: Tree | None = None  # every node of the model run's segment tree (None: its top level, flat)
-
-
-def load_model(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> Model:
-    """The model run's artifact (``cfg.encoder.path``, set from the run) and segments; a clear
-    error when the run has none, or its representation needs what the artifact lacks."""
-    from seqclust.represent.encoder import load_artifact
-
-    rid = cfg.cluster.model_run
-    if not rid or not cfg.encoder.path:
-        raise ConfigError("stream: --model RUN_ID is required")
-    if cfg.embed.pooling != "mean":
-        raise ConfigError("stream: embed.pooling must be mean (recency pooling weighs sessions by the age of the latest one in a batch)")
-    art = load_artifact(cfg.encoder.path)
-    embed.require_token_model(art, cfg.embed)
-    centers = cluster.model_run_centers(spark, ctx, rid)
-    segs = None
-    if cfg.cluster.refine != "none" and art.token_model is not None:
-        rows = cluster.model_run_centers(spark, ctx, rid, "tokens")
-        segs = refine.TokenSegments.from_rows(rows) if rows else None
-    tree = cluster.model_run_tree(spark, ctx, rid) or Tree.flat(np.asarray(centers, dtype=np.float64))
-    return Model(rid, art, centers, segs, tree)
 
 
 def read_stream(spark: SparkSession, path: str, cfg: PipelineConfig) -> DataFrame:
@@ -652,55 +619,15 @@ def _combine(t: pa.Table) -> dict[str, Any]:
 
 
 def _placer(cfg: EmbedConfig, tmodel: Any, segs: Any, centers: np.ndarray, tree: Tree) -> Any:
-    """``_combine``'s users -> an ``UPDATED`` batch: the user vector as ``embed.user_vectors``
-    makes it (the L2-normalised vector sum, the token model's projection of the counts, or both
-    weighted), the nearest centre, the token segments' most likely one for a user with known
-    tokens (``refine.assign``) and the distance to the chosen centre; then down the segment
-    ``tree`` from there (``Tree.place``, as the batch's leaf rows): the leaf, its path and the
-    confidence at the top level and at the leaf."""
-    from seqclust.represent.behaviour import project, vocab_coo
-    from seqclust.segment.cluster import nearest_np
-    from seqclust.segment.refine import score
-
-    rep = cfg.representation
-    wa, wb = math.sqrt(cfg.hybrid_weight), math.sqrt(1.0 - cfg.hybrid_weight)
-    leaf_of, paths = tree.leaf_id, tree.paths
-    value_set = pa.array(tmodel.tokens, pa.string()) if tmodel is not None else None
+    """``_combine``'s users -> an ``UPDATED`` batch: the state's columns and the user's
+    placement (``placement.placer``: segment, distance, leaf, path, confidences)."""
+    placed = placer(cfg, tmodel, segs, centers, tree)
 
     def place(u: dict[str, Any]) -> pa.RecordBatch:
         vs = u["vector_sum"]
         n, dim = vs.shape
-        sq = np.zeros(n)
-        for j in range(dim):  # summed in the order of embed.l2_normalize's SQL aggregate
-            sq = sq + vs[:, j] * vs[:, j]
-        enc = (vs / np.maximum(np.sqrt(sq), 1e-12)[:, None]).astype(np.float32)
-        toks = pa.RecordBatch.from_arrays([u["tokens"], u["n"]], names=["tokens", "n"])
-        coo = vocab_coo(toks, value_set) if value_set is not None else None
-        X = enc
-        if rep != "encoder":
-            assert coo is not None
-            Z = project(coo[0], coo[1], coo[2], n, tmodel)
-            a, b = (enc.astype(np.float64) * wa).astype(np.float32), (Z.astype(np.float64) * wb).astype(np.float32)
-            X = Z if rep == "tokens" else np.concatenate([a, b], axis=1)
-        X64 = X.astype(np.float64)
-        ids, dist = nearest_np(X64, centers)
-        if segs is not None and coo is not None:
-            best, has = score(coo[1], coo[2], coo[0], n, segs)
-            ids = np.where(has, best, ids).astype(np.int32)
-            dist = nearest_np(X64, centers, ids)[1]
-        node, _, top_conf, leaf_conf = tree.place(X64, ids)
         vec = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vs.reshape(-1)))
-        cols = {
-            **u,
-            "sessions": pa.array(u["sessions"]),
-            "vector_sum": vec,
-            "cluster_id": pa.array(ids, pa.int32()),
-            "distance_to_centroid": pa.array(dist),
-            "confidence": pa.array(top_conf, pa.float64()),
-            "leaf_id": pa.array(leaf_of[node], pa.int32()),
-            "segment_path": pa.array([paths[i] for i in node], pa.string()),
-            "leaf_confidence": pa.array(leaf_conf, pa.float64()),
-        }
+        cols = {**u, "sessions": pa.array(u["sessions"]), "vector_sum": vec, **placed(vs, u["tokens"], u["n"])}
         return pa.RecordBatch.from_arrays([cols[f.name] for f in UPDATED.fields], names=UPDATED.fieldNames())
 
     return place
