@@ -31,6 +31,9 @@ _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+T_ = typing.TypeVar("T_")
+
+
 def validate_identifier(name: str, what: str) -> str:
     """Return ``name`` if it is a safe SQL/file identifier, else raise ConfigError."""
     if not isinstance(name, str) or not _IDENT_RE.match(name):
@@ -705,6 +708,12 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
+
+
+def build_section(cls: type[T_], data: Mapping[str, Any], prefix: str) -> T_:
+    """One config section (``SourceConfig``, ``EmbedConfig`` …) from its dict (as ``to_dict``
+    wrote it), checked as a YAML file's section is; errors name ``prefix.key``."""
+    return _build(cls, data, prefix)  # type: ignore[no-any-return]
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -182,7 +182,7 @@ def interest_field(sessions: DataFrame) -> str:
     return "none"
 
 
-def _group_by_user(users: pa.Array, tokens: pa.Array, n: pa.Array | None = None) -> pa.RecordBatch:
+def group_by_user(users: pa.Array, tokens: pa.Array, n: pa.Array | None = None) -> pa.RecordBatch:
     """``(user_id, tokens, n)`` with one row per user of ``users`` (aligned with ``tokens`` and
     their counts ``n``, 1 each when None): each user's distinct tokens and their summed counts."""
     t = pa.table({"u": users, "t": tokens, "n": n if n is not None else pa.array(np.ones(len(tokens), np.int64))})
@@ -245,7 +245,7 @@ def token_count_parts(sessions: DataFrame, vocab: Vocab, interest: str) -> DataF
             row, tok = session_tokens(b, v, interest)
             if len(tok) == 0:
                 continue
-            yield _group_by_user(b.column("user_id").take(pa.array(row)), tok)
+            yield group_by_user(b.column("user_id").take(pa.array(row)), tok)
 
     return sessions.select(*cols).mapInArrow(count, USER_COUNTS_SCHEMA)
 

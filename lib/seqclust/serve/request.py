@@ -1,0 +1,324 @@
+"""Segments at request time: the events of one or more users in, one row per user out — their
+segment at the top and at the leaf of the model run's tree, the distance to its centre, how sure
+the placement is and what the segment does — in milliseconds, without Spark.
+
+Each step is the library's own per-batch code, the code the Spark stages run inside their
+Arrow UDFs: the Arrow sessionizer (``sessionize.arrow_engine.sessionize_table``), the encoder's
+features and forward pass (``represent.features.featurize``, ``represent.encoder.embedding_fn``),
+the behaviour tokens (``represent.behaviour.session_tokens``) and the placement shared with the
+stream (``serve.placement.placer``). Only the validation of raw events is written for pandas
+here (``validate_events``: the rules of ``ingest.stage.validate``, held to it by a test), since
+Spark's column expressions do not run without Spark.
+
+A model is a folder (``bundle.write_bundle`` makes it from a model run's tables): the encoder
+artifact (weights, configuration and vocabulary; loaded in Keras' safe mode) and
+``segments.json`` (centres of every node of the tree, the token segments, the segments'
+descriptions, and the run's source, sessionize and embed settings). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from seqclust.core.config import EmbedConfig, SessionizeConfig, SourceConfig, build_section
+from seqclust.core.errors import SeqclustError
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("user_id", "ts")
+OPTIONAL = ("event_type", "item_id", "category_id", "price", "event_id")
+OUTPUT = (
+    "user_id",
+    "cluster_id",
+    "segment_path",
+    "leaf_id",
+    "distance_to_centroid",
+    "confidence",
+    "leaf_confidence",
+    "description",
+    "sessions",
+    "events",
+    "model_run_id",
+    "encoder_id",
+)
+BUNDLE_FILE = "segments.json"
+
+
+class BadRequest(SeqclustError):
+    """A request that cannot be scored, with the one-line reason (HTTP 400 when served)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold."""
+
+    window_days: float | None = 90.0  # events older than the user's newest by more than this are ignored
+    max_events_per_user: int = 10_000
+    max_events: int = 100_000
+
+
+def _epoch_auto(x: np.ndarray) -> np.ndarray:
+    """Epoch numbers as microseconds: seconds, milliseconds or microseconds by magnitude
+    (``ingest.stage``'s ``auto`` rule)."""
+    a = np.abs(x)
+    return np.where(a >= 1e14, x, np.where(a >= 1e11, x * 1000, x * 1_000_000))
+
+
+def parse_ts(col: pd.Series, source: SourceConfig) -> pd.Series:
+    """Timestamps (UTC, NaT where unparseable) from epoch numbers, datetimes or ISO-8601 text;
+    values without a zone are in ``source.timezone``."""
+    tz = source.timezone
+    if pd.api.types.is_datetime64_any_dtype(col):
+        s = col
+        return s.dt.tz_convert("UTC") if s.dt.tz is not None else s.dt.tz_localize(tz).dt.tz_convert("UTC")
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        x = col.to_numpy(dtype=np.float64)
+        scale = {"epoch_s": 1e6, "epoch_ms": 1e3}.get(source.ts_format)
+        us = x * scale if scale else _epoch_auto(x)
+        return pd.Series(pd.to_datetime(np.round(us), unit="us", utc=True, errors="coerce"), index=col.index)
+    text = col.astype("string").str.strip()
+    numeric = text.str.fullmatch(r"-?\d+(\.\d+)?").fillna(False).astype(bool)
+    out = pd.Series(pd.NaT, index=col.index, dtype="datetime64[ns, UTC]")
+    if numeric.any():
+        out[numeric] = parse_ts(pd.to_numeric(text[numeric]), source)
+    rest = ~numeric & text.notna() & (text != "")
+    if rest.any():
+        zoned = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2}|UTC)$", regex=True).fillna(False).astype(bool) & rest
+        for mask, utc in ((zoned, True), (rest & ~zoned, False)):
+            if mask.any():
+                vals = text[mask].str.replace(r"UTC$", "+00:00", regex=True)
+                p = pd.to_datetime(vals, format="ISO8601", errors="coerce", utc=utc)
+                out[mask] = p if utc else p.dt.tz_localize(tz, nonexistent="NaT", ambiguous="NaT").dt.tz_convert("UTC")
+    return out
+
+
+def validate_events(events: pd.DataFrame, source: SourceConfig, now: dt.datetime) -> tuple[pa.Table, dict[str, int]]:
+    """The valid events of a request as the canonical clean columns (sorted as the Arrow
+    sessionizer needs), de-duplicated as ingest does, and the refused rows per reason (the
+    reasons and order of ``ingest.stage.REASONS``; the first failing check wins)."""
+    missing = [c for c in REQUIRED if c not in events.columns]
+    if missing:
+        raise BadRequest(
+            f"the events lack the column(s) {', '.join(missing)} (required: {', '.join(REQUIRED)}; optional: {', '.join(OPTIONAL)})"
+        )
+    unknown = sorted(set(events.columns) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise BadRequest(f"unknown column(s) {', '.join(unknown)} (known: {', '.join(REQUIRED + OPTIONAL)})")
+    n = len(events)
+    if n == 0:
+        raise BadRequest("no events in the request")
+
+    def text(c: str) -> pd.Series:
+        if c not in events.columns:
+            return pd.Series(pd.NA, index=events.index, dtype="string")
+        return events[c].astype("string").str.strip()
+
+    user = text("user_id")
+    ts_raw = events["ts"]
+    ts = parse_ts(ts_raw, source)
+    mapping = {str(k).strip().lower(): v for k, v in source.event_types.items()}
+    if "event_type" in events.columns:
+        etype = text("event_type").str.lower().map(mapping)
+        if source.unknown_event_type == "other":
+            etype = etype.fillna("other")
+    else:
+        etype = pd.Series(source.default_event_type, index=events.index, dtype="string")
+    price_raw = events["price"] if "price" in events.columns else pd.Series(np.nan, index=events.index)
+    if pd.api.types.is_numeric_dtype(price_raw) and not pd.api.types.is_bool_dtype(price_raw):
+        price = price_raw.astype("float64")
+        price_given = price_raw.notna()
+    else:
+        ptext = price_raw.astype("string").str.strip()
+        price = pd.to_numeric(ptext, errors="coerce").astype("float64")
+        price_given = ptext.notna() & (ptext != "")
+    min_ts = pd.Timestamp(dt.datetime.fromisoformat(source.min_ts.replace("Z", "+00:00")))
+    min_ts = min_ts.tz_localize("UTC") if min_ts.tzinfo is None else min_ts
+    max_ts = pd.Timestamp(now) + pd.Timedelta(hours=source.max_clock_skew_hours)
+    ts_empty = ts_raw.isna() | (ts_raw.astype("string").str.strip() == "")
+    checks = [
+        (
+            "bad_encoding",
+            pd.concat([text(c) for c in ("user_id", "event_type", "item_id", "category_id")], axis=1)
+            .apply(lambda col: col.str.contains("\ufffd", regex=False))
+            .fillna(False)
+            .any(axis=1),
+        ),
+        ("null_user_id", user.isna() | (user == "")),
+        ("null_ts", ts_empty),
+        ("bad_ts", ts.isna()),
+        ("ts_too_old", ts < min_ts),
+        ("ts_in_future", ts > max_ts),
+        ("unknown_event_type", etype.isna()),
+        ("bad_type", price_given & price.isna()),
+        ("bad_price", price.notna() & ((price < 0) | (price > source.max_price))),
+    ]
+    reason = pd.Series(pd.NA, index=events.index, dtype="string")
+    for name, failed in checks:
+        failed = failed.fillna(False).astype(bool) & reason.isna()
+        reason[failed] = name
+    refused = reason.value_counts().to_dict()
+    ok = reason.isna().to_numpy()
+    clean = pd.DataFrame(
+        {
+            "user_id": user[ok].astype(str),
+            "ts": ts[ok],
+            "event_type": etype[ok].astype(str),
+            "category_id": text("category_id")[ok].fillna(""),
+            "item_id": text("item_id")[ok].fillna(""),
+            "event_id": text("event_id")[ok],
+            "price": price[ok],
+        }
+    )
+    clean = _dedup(clean)
+    table = pa.Table.from_pandas(clean, preserve_index=False).cast(
+        pa.schema(
+            [
+                ("user_id", pa.string()),
+                ("ts", pa.timestamp("us", tz="UTC")),
+                ("event_type", pa.string()),
+                ("category_id", pa.string()),
+                ("item_id", pa.string()),
+                ("event_id", pa.string()),
+                ("price", pa.float64()),
+            ]
+        )
+    )
+    table = table.set_column(5, "event_id", pc.fill_null(table.column("event_id"), ""))
+    from seqclust.sessionize.arrow_engine import SORT_COLUMNS
+
+    return table.sort_by([(c, "ascending") for c in SORT_COLUMNS]), {str(k): int(v) for k, v in refused.items()}
+
+
+def _dedup(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per event: the key of ``ingest.stage.event_key`` (the event id, else user, time,
+    type and item), keeping the earliest copy as ``ingest.stage.dedup`` does."""
+    key = np.where(
+        df["event_id"].notna(),
+        "id:" + df["event_id"].fillna(""),
+        "k|" + df["user_id"] + "|" + df["ts"].astype("int64").astype(str) + "|" + df["event_type"] + "|" + df["item_id"],
+    )
+    order = ["ts", "user_id", "event_type", "item_id", "category_id", "price", "event_id"]
+    df = df.assign(_k=key).sort_values([*order], na_position="first", kind="stable")
+    return df.drop_duplicates("_k", keep="first").drop(columns="_k")
+
+
+class Segmenter:
+    """A loaded model: ``score(events)`` -> one row per user (``OUTPUT``). The encoder is built
+    once, when the segmenter is made."""
+
+    def __init__(self, folder: str | Path, limits: Limits | None = None) -> None:
+        from seqclust.represent.behaviour import TokenModel  # noqa: F401 - the artifact carries one
+        from seqclust.represent.encoder import embedding_fn, load_artifact
+        from seqclust.segment.hierarchy import Tree
+        from seqclust.segment.refine import TokenSegments
+        from seqclust.serve.placement import placer
+
+        folder = Path(folder)
+        try:
+            spec = json.loads((folder / BUNDLE_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise SeqclustError(f"model folder {folder}: no readable {BUNDLE_FILE} ({e})") from None
+        self.spec = spec
+        self.limits = limits or Limits(**spec.get("limits", {}))
+        self.source: SourceConfig = build_section(SourceConfig, spec["source"], "source")
+        self.sessionize: SessionizeConfig = build_section(SessionizeConfig, spec["sessionize"], "sessionize")
+        self.embed: EmbedConfig = build_section(EmbedConfig, spec["embed"], "embed")
+        self.artifact = load_artifact(folder / "encoder")
+        if self.artifact.encoder_id != spec["encoder_id"]:
+            raise SeqclustError(
+                f"model folder {folder}: encoder {self.artifact.encoder_id}, the segments were made with {spec['encoder_id']}"
+            )
+        self.model_run_id: str = spec["model_run_id"]
+        centers = np.asarray(spec["centers"], dtype=np.float64)
+        tree = Tree.from_rows([(p, c) for p, c in spec["tree"]]) if spec.get("tree") else Tree.flat(centers)
+        segs = TokenSegments.from_rows(spec["token_segments"]) if spec.get("token_segments") else None
+        tm = self.artifact.token_model
+        self._place = placer(self.embed, tm, segs, centers, tree)
+        self._predict = embedding_fn(self.artifact.model_cfg, self.artifact.weights)
+        self.descriptions: dict[str, str] = spec.get("descriptions", {})
+        self.dim = int(self.artifact.model_cfg["embedding_dim"])
+
+    def score(self, events: pd.DataFrame, now: dt.datetime | None = None) -> pd.DataFrame:
+        """Each user of ``events`` placed in the model's segments (``OUTPUT``); users whose
+        events all fail validation, or who have no modelled session, get no row."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        if len(events) > self.limits.max_events:
+            raise BadRequest(f"{len(events):,} events in one request; at most {self.limits.max_events:,} (serve.max_events)")
+        clean, refused = validate_events(events, self.source, now)
+        if clean.num_rows == 0:
+            raise BadRequest("no valid events: " + ", ".join(f"{n} {r}" for r, n in sorted(refused.items())))
+        per_user = clean.group_by("user_id").aggregate([("user_id", "count")])
+        heavy = pc.filter(per_user, pc.greater(per_user.column("user_id_count"), self.limits.max_events_per_user))
+        if heavy.num_rows:
+            u = heavy.column("user_id")[0].as_py()
+            raise BadRequest(
+                f"user {u} has {heavy.column('user_id_count')[0].as_py():,} events; at most {self.limits.max_events_per_user:,} per user (serve.max_events_per_user)"
+            )
+        clean = self._window(clean)
+        return self._place_users(clean)
+
+    def _window(self, t: pa.Table) -> pa.Table:
+        """Only each user's events within ``limits.window_days`` of their newest one."""
+        if self.limits.window_days is None:
+            return t
+        newest = t.group_by("user_id").aggregate([("ts", "max")])
+        joined = t.join(newest, "user_id")
+        cutoff = pc.subtract(joined.column("ts_max"), pa.scalar(dt.timedelta(days=self.limits.window_days), pa.duration("us")))
+        kept = joined.filter(pc.greater_equal(joined.column("ts"), cutoff)).drop(["ts_max"])
+        from seqclust.sessionize.arrow_engine import SORT_COLUMNS
+
+        return kept.sort_by([(c, "ascending") for c in SORT_COLUMNS])
+
+    def _place_users(self, clean: pa.Table) -> pd.DataFrame:
+        from seqclust.represent.behaviour import group_by_user, session_tokens
+        from seqclust.represent.features import featurize, input_columns
+        from seqclust.sessionize.arrow_engine import sessionize_table
+
+        pieces = sessionize_table(clean, self.sessionize)
+        modelled = pieces.filter(pc.and_(pc.is_null(pieces.column("reason")), pieces.column("is_modelled")))
+        if modelled.num_rows == 0:
+            return pd.DataFrame({c: [] for c in OUTPUT})
+        vocab = self.artifact.vocab
+        z = self._predict(featurize(modelled.select(input_columns(modelled.column_names, vocab.token_fields)), vocab))
+        users, inverse = np.unique(modelled.column("user_id").to_numpy(zero_copy_only=False), return_inverse=True)
+        sums = np.zeros((len(users), self.dim))
+        np.add.at(sums, inverse, z.astype(np.float64))
+        sessions = np.bincount(inverse, minlength=len(users))
+        tokens = pa.array([[] for _ in users], pa.list_(pa.string()))
+        counts = pa.array([[] for _ in users], pa.list_(pa.int64()))
+        tm = self.artifact.token_model
+        if tm is not None:
+            row, tok = session_tokens(modelled, vocab, tm.interest)
+            if len(tok):
+                g = group_by_user(modelled.column("user_id").combine_chunks().take(pa.array(row)), tok)
+                pos = np.searchsorted(users, g.column("user_id").to_numpy(zero_copy_only=False))
+                t_list: list[list[str]] = [[] for _ in users]
+                n_list: list[list[int]] = [[] for _ in users]
+                for i, p in enumerate(pos):
+                    t_list[p], n_list[p] = g.column("tokens")[i].as_py(), g.column("n")[i].as_py()
+                tokens, counts = pa.array(t_list, pa.list_(pa.string())), pa.array(n_list, pa.list_(pa.int64()))
+        placed = self._place(sums, tokens, counts)
+        events_per_user = dict(zip(*np.unique(clean.column("user_id").to_numpy(zero_copy_only=False), return_counts=True)))
+        out = pd.DataFrame({k: v.to_pandas() for k, v in placed.items()})
+        out.insert(0, "user_id", users.astype(str))
+        out["description"] = [self.descriptions.get(p, self.descriptions.get(p.split(".")[0], "")) for p in out["segment_path"]]
+        out["sessions"] = sessions.astype(np.int64)
+        out["events"] = [int(events_per_user.get(u, 0)) for u in users]
+        out["model_run_id"] = self.model_run_id
+        out["encoder_id"] = self.artifact.encoder_id
+        return out[list(OUTPUT)]
+
+
+def spec_json(spec: dict[str, Any]) -> str:
+    """``segments.json`` text: every key known, numbers as JSON numbers."""
+    return json.dumps(spec, sort_keys=True, indent=1, default=float)

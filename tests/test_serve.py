@@ -1,0 +1,199 @@
+"""Segments at request time (``seqclust.serve``): a model run's folder, scored without Spark,
+gives every user the segment, leaf, distance and confidence that ``seqclust assign --model``
+gives the same events; bad requests get one clear reason."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from seqclust.app.cli import main
+from seqclust.core.config import load_config
+from seqclust.datasets.generated import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.spark
+
+SMALL = [
+    "encoder.epochs=3",
+    "encoder.batch_size=64",
+    "encoder.train_sample=2000",
+    "encoder.embedding_dim=16",
+    "encoder.hidden=32",
+    "cluster.k=4",
+    "cluster.n_init=1",
+    "cluster.fine_k=null",
+    "evaluate.downstream=false",
+    "spark.shuffle_partitions=2",
+    # a segment tree on 120 users (no thresholds): users go down a real tree
+    "cluster.split_max_depth=2",
+    "cluster.split_min_users=20",
+    "cluster.split_min_child_users=5",
+    "cluster.split_min_gap=0",
+    "cluster.split_min_stability=0",
+    "cluster.split_min_temporal=-1",
+]
+
+
+def _cli(*args):
+    argv = [*args, "--conf", str(REPO / "conf" / "local.yaml")]
+    for s in SMALL:
+        argv += ["--set", s]
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A model run (m1) on 120 generated users, 40 other users' events assigned to it by the
+    batch path (a1), and the model run's folder."""
+    from seqclust.runtime.spark import get_spark
+    from seqclust.serve.bundle import write_bundle
+
+    root = tmp_path_factory.mktemp("serve")
+    write_dataset(root / "gen", users=120, seed=5, bad_rate=0.0)
+    write_dataset(root / "new", users=40, seed=9, bad_rate=0.0)
+    out = root / "out"
+    assert _cli("run", "--input", str(root / "gen" / "events"), "--output", str(out), "--run-id", "m1") == 0
+    assert _cli("assign", "--model", "m1", "--input", str(root / "new" / "events"), "--output", str(out), "--run-id", "a1") == 0
+    cfg = load_config(REPO / "conf" / "local.yaml", [*SMALL, f"run.output={out}"])
+    folder = write_bundle(get_spark(), cfg, "m1", root / "model")
+    return root, out, folder
+
+
+def _events(root: Path) -> pd.DataFrame:
+    t = pq.read_table(root / "new" / "events")
+    return t.select(
+        [c for c in ("user_id", "ts", "event_type", "item_id", "category_id", "price", "event_id") if c in t.column_names]
+    ).to_pandas()
+
+
+def test_a_request_gets_the_segments_assign_gives(spark, served):
+    from pyspark.sql import functions as F
+
+    from seqclust.serve.request import OUTPUT, Limits, Segmenter
+
+    root, out, folder = served
+    seg = Segmenter(folder, Limits(window_days=None))
+    got = seg.score(_events(root)).set_index("user_id")
+    assert list(got.reset_index().columns) == list(OUTPUT)
+    clusters = spark.read.format("delta").load(str(out / "clusters")).where((F.col("run_id") == "a1") & (F.col("entity_type") == "user"))
+    top = {r["entity_id"]: r for r in clusters.where("granularity = 'coarse'").collect()}
+    leaf = {r["entity_id"]: r for r in clusters.where("granularity = 'leaf'").collect()}
+    assert set(got.index) == set(top) and len(top) == 40
+    assert any("." in p for p in got["segment_path"])  # the model's tree splits: users went down it
+    for u, r in got.iterrows():
+        assert r["cluster_id"] == top[u]["cluster_id"], u
+        assert (r["leaf_id"], r["segment_path"]) == (leaf[u]["cluster_id"], leaf[u]["segment_path"]), u
+        assert abs(r["distance_to_centroid"] - top[u]["distance_to_centroid"]) < 1e-5
+        assert abs(r["confidence"] - top[u]["confidence"]) < 1e-5
+        assert abs(r["leaf_confidence"] - leaf[u]["confidence"]) < 1e-5
+    assert set(got["model_run_id"]) == {"m1"} and got["description"].str.len().min() > 0
+    sessions = spark.read.format("delta").load(str(out / "sessions")).where("run_id = 'a1' AND is_modelled")
+    n_sessions = {r["user_id"]: r["count"] for r in sessions.groupBy("user_id").count().collect()}
+    assert got["sessions"].to_dict() == n_sessions
+
+
+def test_one_user_alone_gets_the_same_answer_as_in_a_crowd(served):
+    from seqclust.serve.request import Limits, Segmenter
+
+    root, _, folder = served
+    seg = Segmenter(folder, Limits(window_days=None))
+    ev = _events(root)
+    crowd = seg.score(ev).set_index("user_id")
+    u = crowd.index[3]
+    alone = seg.score(ev[ev["user_id"] == u].sample(frac=1.0, random_state=1)).set_index("user_id")  # any row order
+    assert list(alone.index) == [u]
+    assert alone.loc[u, "segment_path"] == crowd.loc[u, "segment_path"]
+    assert alone.loc[u, "distance_to_centroid"] == pytest.approx(crowd.loc[u, "distance_to_centroid"], abs=1e-6)
+
+
+def test_bad_requests_get_one_clear_reason(served):
+    from seqclust.serve.request import BadRequest, Limits, Segmenter
+
+    root, _, folder = served
+    seg = Segmenter(folder, Limits(window_days=None, max_events_per_user=500, max_events=5000))
+    ev = _events(root)
+    cases = {
+        "the events lack the column(s) ts": ev.drop(columns=["ts"]),
+        "unknown column(s) colour": ev.assign(colour="red"),
+        "no events in the request": ev.iloc[:0],
+        "no valid events: ": ev.assign(ts="yesterday-ish"),
+        "at most 5,000 (serve.max_events)": pd.concat([ev] * 3),
+        "at most 500 per user": pd.DataFrame(
+            {"user_id": "u1", "ts": pd.date_range("2026-10-01", periods=600, freq="min", tz="UTC"), "event_type": "view"}
+        ),
+    }
+    for want, frame in cases.items():
+        with pytest.raises(BadRequest) as e:
+            seg.score(frame)
+        assert want in str(e.value), (want, str(e.value))
+        assert "\n" not in str(e.value)
+    # rows that fail validation are left out, the rest scored
+    mixed = pd.concat([ev, pd.DataFrame({"user_id": ["zz"], "ts": ["not a time"], "event_type": ["view"]})])
+    assert "zz" not in set(seg.score(mixed)["user_id"])
+
+
+ROWS = pd.DataFrame(
+    {
+        "user_id": ["a", "a", "a", "b", "b", " ", "c", "c", "d"],
+        "ts": [
+            "2026-10-01T10:00:00Z",
+            "1790000000",
+            "2026-10-01 10:00:05",
+            "2026-10-01T10:00:00+02:00",
+            "bad",
+            "2026-10-01T10:00:00Z",
+            "1999-01-01T00:00:00Z",
+            "2027-06-01T00:00:00Z",
+            "1790000000000",
+        ],
+        "event_type": ["view", "CART", "teleport", "view", "view", "view", "view", "view", " Purchase "],
+        "price": ["1.5", "x", None, "-3", "2", "1", "1", "1", "20000000"],
+    }
+)
+NOW = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+
+
+def test_request_rows_are_refused_for_the_reasons_ingest_gives():
+    from seqclust.core.config import SourceConfig
+    from seqclust.serve.request import validate_events
+
+    clean, refused = validate_events(ROWS, SourceConfig(), NOW)
+    assert refused == {
+        "bad_type": 1,
+        "unknown_event_type": 1,
+        "bad_price": 2,
+        "bad_ts": 1,
+        "null_user_id": 1,
+        "ts_too_old": 1,
+        "ts_in_future": 1,
+    }
+    assert clean.num_rows == 1 and clean.column("ts")[0].as_py() == dt.datetime(2026, 10, 1, 10, tzinfo=dt.timezone.utc)
+    assert np.isclose(clean.column("price")[0].as_py(), 1.5)
+
+
+def test_request_validation_equals_ingest_s_on_the_same_rows(spark):
+    """The pandas rules against ``ingest.stage.validate`` (Spark) row by row: the same reason,
+    and for valid rows the same time, type and price."""
+    from seqclust.core.config import SourceConfig
+    from seqclust.ingest.stage import validate
+    from seqclust.serve.request import validate_events
+
+    cfg = SourceConfig()
+    frame = ROWS.assign(row=[str(i) for i in range(len(ROWS))]).rename(columns={"row": "event_id"})
+    theirs = validate(spark.createDataFrame(frame.astype(object).where(frame.notna(), None)), cfg, NOW).collect()
+    clean, refused = validate_events(frame, cfg, NOW)
+    assert refused == {k: sum(1 for r in theirs if r["reason"] == k) for k in refused}
+    assert sum(refused.values()) == sum(1 for r in theirs if r["reason"] is not None)
+    mine = {r["event_id"]: r for r in clean.to_pylist()}
+    for r in theirs:
+        if r["reason"] is None:
+            m = mine[r["event_id"]]
+            spark_ts = r["ts"] if r["ts"].tzinfo else r["ts"].replace(tzinfo=dt.timezone.utc)  # collected as naive UTC (TZ=UTC)
+            assert m["ts"] == spark_ts
+            assert (m["event_type"], m["price"]) == (r["event_type"], r["price"])
