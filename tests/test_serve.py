@@ -58,7 +58,9 @@ def served(tmp_path_factory):
     write_dataset(root / "gen", users=120, seed=5, bad_rate=0.0)
     write_dataset(root / "new", users=40, seed=9, bad_rate=0.0)
     out = root / "out"
-    assert _cli("run", "--input", str(root / "gen" / "events"), "--output", str(out), "--run-id", "m1") == 0
+    # tracking.mlflow: the model run logs and registers its segments model
+    run = ("run", "--input", str(root / "gen" / "events"), "--output", str(out), "--run-id", "m1", "--set", "tracking.mlflow=true")
+    assert _cli(*run) == 0
     assert _cli("assign", "--model", "m1", "--input", str(root / "new" / "events"), "--output", str(out), "--run-id", "a1") == 0
     cfg = load_config(REPO / "conf" / "local.yaml", [*SMALL, f"run.output={out}"])
     folder = write_bundle(get_spark(), cfg, "m1", root / "model")
@@ -197,3 +199,93 @@ def test_request_validation_equals_ingest_s_on_the_same_rows(spark):
             spark_ts = r["ts"] if r["ts"].tzinfo else r["ts"].replace(tzinfo=dt.timezone.utc)  # collected as naive UTC (TZ=UTC)
             assert m["ts"] == spark_ts
             assert (m["event_type"], m["price"]) == (r["event_type"], r["price"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, body: bytes) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_the_registered_model_is_served_over_http_with_the_same_segments(served, capsys):
+    """The model run registered a version (tracking.mlflow); `seqclust promote` names it
+    champion; `mlflow models serve -m models:/seqclust_segments@champion` answers a POST of the
+    events with the segments the model folder gives in process, a malformed request with a 400
+    and one line, and keeps serving."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from seqclust.serve.request import Segmenter
+
+    root, out, folder = served
+    assert _cli("promote", "--run-id", "m1", "--output", str(out)) == 0
+    assert "seqclust_segments@champion -> version 1 (run m1)" in capsys.readouterr().out
+    assert _cli("promote", "--run-id", "nosuch", "--output", str(out)) == 2
+    port = _free_port()
+    # the server runs uvicorn from the environment's bin folder (an activated venv has it on PATH)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": f"sqlite:///{out / '_mlflow' / 'mlflow.db'}"}
+    log_file = open(root / "serve.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/seqclust_segments@champion", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, (root / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        ev = _events(root)
+        ev = ev.assign(ts=ev["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+        status, body = _post(port, json.dumps({"dataframe_records": json.loads(ev.to_json(orient="records"))}).encode())
+        assert status == 200, body
+        served_rows = {r["user_id"]: r for r in body["predictions"]}
+        local = Segmenter(folder).score(ev).set_index("user_id")
+        assert set(served_rows) == set(local.index) and len(local) == 40
+        for u, r in local.iterrows():
+            assert served_rows[u]["segment_path"] == r["segment_path"] and served_rows[u]["cluster_id"] == r["cluster_id"]
+            assert abs(served_rows[u]["distance_to_centroid"] - r["distance_to_centroid"]) < 1e-5
+        bad = {
+            "missing ts": {"dataframe_records": [{"user_id": "u1", "event_type": "view"}]},
+            "unparseable ts": {"dataframe_records": [{"user_id": "u1", "ts": "soon", "event_type": "view"}]},
+            "not a frame": {"nonsense": 1},
+        }
+        for what, payload in bad.items():
+            status, answer = _post(port, json.dumps(payload).encode())
+            assert 400 <= status < 500, (what, status, answer)
+            msg = answer.get("message", "")
+            assert msg and "Traceback" not in msg, (what, answer)
+        status, answer = _post(port, b"")
+        assert 400 <= status < 500, answer
+        status, again = _post(port, json.dumps({"dataframe_records": json.loads(ev.head(50).to_json(orient="records"))}).encode())
+        assert status == 200 and again["predictions"]  # still serving
+    finally:
+        server.terminate()
+        server.wait(30)
+        log_file.close()

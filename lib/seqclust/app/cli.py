@@ -122,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--env", help="environment name when --conf is not given")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     x.add_argument("-v", "--verbose", action="store_true")
+    pr = sub.add_parser(
+        "promote",
+        help="point an alias of the registered segments model (tracking.registered_model) at the version a model run registered",
+    )
+    pr.add_argument("--run-id", required=True, help="the model run whose registered version the alias should name")
+    pr.add_argument("--alias", default="champion", help="the alias (default %(default)s): serve models:/<name>@<alias>")
+    pr.add_argument("--output", help="root folder of the Delta tables, under which the local MLflow store lives (default: run.output)")
+    pr.add_argument("--conf", help="environment YAML (e.g. conf/local.yaml)")
+    pr.add_argument("--env", help="environment name when --conf is not given")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    pr.add_argument("-v", "--verbose", action="store_true")
     w = sub.add_parser("warmup", help="start Spark with Delta once (fetches Delta's jars) and check a Delta round trip")
     w.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -271,6 +282,27 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    import re
+
+    from seqclust.core.config import load_config, validate_run_id
+    from seqclust.runtime.tracking import use_tracking
+    from seqclust.serve.mlflow_model import promote
+
+    validate_run_id(args.run_id)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,62}", args.alias):
+        raise ConfigError(f"--alias {args.alias!r}: a letter, then letters, digits, _ or - (at most 63)")
+    overrides = list(args.set) + ([f"run.output={args.output}"] if args.output else [])
+    cfg = load_config(args.conf, overrides=overrides, env=args.env)
+    name = cfg.tracking.registered_model
+    if not name:
+        raise ConfigError("tracking.registered_model is null: no model is registered to promote")
+    use_tracking(cfg)
+    version = promote(name, args.run_id, args.alias)
+    print(f"{name}@{args.alias} -> version {version} (run {args.run_id}); serve it: mlflow models serve -m models:/{name}@{args.alias}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from seqclust.core.config import load_config, validate_run_id
     from seqclust.runtime.spark import get_spark
@@ -306,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "promote":
+            return cmd_promote(args)
         if args.command == "stream":
             return cmd_stream(args)
         if args.command == "warmup":

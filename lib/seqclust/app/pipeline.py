@@ -343,14 +343,38 @@ def _track(cfg: PipelineConfig, ctx: RunContext, rec: RunRecord, spark: SparkSes
     from seqclust.runtime.tracking import log_run
 
     rows = [r.asDict() for r in ctx.store.read(spark, ctx.tables.metrics, ctx.run_id).collect()]  # a few hundred rows
+    also = None
+    if not cfg.cluster.model_run and rec.status == "succeeded" and rec.encoder_path:  # a model run: its segments model too
+
+        def also() -> None:
+            _log_segments_model(spark, cfg, ctx)
+
     try:
-        return log_run(cfg, ctx.run_id, dataclasses.asdict(rec), rows, rec.encoder_path, rec.report_path)
+        return log_run(cfg, ctx.run_id, dataclasses.asdict(rec), rows, rec.encoder_path, rec.report_path, also)
     except SeqclustError:
         raise
     except Exception as e:
         raise SeqclustError(
             f"tracking: MLflow logging of run {ctx.run_id} failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
         ) from e
+
+
+def _log_segments_model(spark: SparkSession, cfg: PipelineConfig, ctx: RunContext) -> None:
+    """The model run as an MLflow model (``serve.mlflow_model``), registered under
+    ``tracking.registered_model``; its input example: a few of the run's own events."""
+    import tempfile
+
+    from seqclust.serve.bundle import write_bundle
+    from seqclust.serve.mlflow_model import log_segments_model
+
+    example = None
+    if ctx.store.exists(ctx.tables.events):
+        cols = ["user_id", "ts", "event_type", "item_id", "category_id", "price"]
+        ev: Any = ctx.store.read(spark, ctx.tables.events, ctx.run_id).select(*cols).limit(5).toPandas()
+        example = ev.assign(ts=ev["ts"].astype("datetime64[ns]").dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    with tempfile.TemporaryDirectory() as d:
+        folder = write_bundle(spark, cfg, ctx.run_id, Path(d) / "model")
+        log_segments_model(folder, ctx.run_id, cfg.tracking.registered_model, example)
 
 
 def _read_metrics(spark: SparkSession, ctx: RunContext) -> dict[str, dict[str, float]]:

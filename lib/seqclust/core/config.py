@@ -597,9 +597,18 @@ class TrackingConfig:
     # null: a SQLite store under <run.output>/_mlflow locally, the workspace's server on Databricks
     tracking_uri: str | None = None
     experiment: str = "seqclust"
+    # a model run registers its segments model under this name (null: not registered); on
+    # Databricks a Unity Catalog name catalog.schema.model
+    registered_model: str | None = "seqclust_segments"
+    registry_uri: str | None = None  # null: the tracking store locally; databricks-uc on Databricks
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment and self.experiment.strip()), "tracking.experiment", "must not be empty")
+        _check(
+            self.registered_model is None or re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,2}", self.registered_model) is not None,
+            "tracking.registered_model",
+            "letters, digits, _ and - in up to three dot-separated parts (catalog.schema.model)",
+        )
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,25 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     root = Path(cfg.run.output).absolute() / "_mlflow"
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def registry_uri(cfg: PipelineConfig) -> str:
+    """Where models are registered: ``tracking.registry_uri``, else Unity Catalog on
+    Databricks, else the tracking store."""
+    if cfg.tracking.registry_uri:
+        return cfg.tracking.registry_uri
+    if "DATABRICKS_RUNTIME_VERSION" in os.environ:  # pragma: no cover - Databricks only
+        return "databricks-uc"
+    return tracking_uri(cfg)
+
+
+def use_tracking(cfg: PipelineConfig) -> None:
+    """Point MLflow's fluent API and client at this configuration's stores."""
+    _require_mlflow()
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_registry_uri(registry_uri(cfg))
 
 
 def _require_mlflow() -> None:
@@ -106,8 +126,10 @@ def log_run(
     metric_rows: list[dict[str, Any]],
     encoder_path: str | None,
     report_path: str | None,
+    also: Callable[[], None] | None = None,
 ) -> str:
-    """Log one seqclust run to MLflow; return the MLflow run id."""
+    """Log one seqclust run to MLflow; return the MLflow run id. ``also``: more to log into
+    the same MLflow run while it is active (the fluent API's run: the segments model)."""
     _require_mlflow()
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
@@ -148,6 +170,13 @@ def log_run(
             client.log_artifacts(mid, encoder_path, "encoder")
         if report_path and Path(report_path).is_file():
             client.log_artifacts(mid, str(Path(report_path).parent), "report")
+        if also is not None:
+            import mlflow
+
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(registry_uri(cfg))
+            with mlflow.start_run(run_id=mid):
+                also()
         client.set_terminated(mid, "FINISHED" if record.get("status") == "succeeded" else "FAILED")
     except Exception:
         client.set_terminated(mid, "FAILED")
