@@ -100,6 +100,20 @@ def test_a_request_gets_the_segments_assign_gives(spark, served):
     assert got["sessions"].to_dict() == n_sessions
 
 
+def test_a_spark_job_gets_the_same_segments_from_the_model_folder(spark, served):
+    from seqclust.serve.request import Limits, Segmenter
+    from seqclust.serve.udf import segments_of
+
+    root, _, folder = served
+    events = spark.read.parquet(str(root / "new" / "events"))
+    got = {r["user_id"]: r for r in segments_of(events, str(folder)).collect()}
+    want = Segmenter(folder, Limits(window_days=None)).score(_events(root)).set_index("user_id")
+    assert set(got) == set(want.index) and len(got) == 40
+    for u, r in want.iterrows():
+        assert (got[u]["cluster_id"], got[u]["segment_path"], got[u]["sessions"]) == (r["cluster_id"], r["segment_path"], r["sessions"])
+        assert abs(got[u]["distance_to_centroid"] - r["distance_to_centroid"]) < 1e-5
+
+
 def test_one_user_alone_gets_the_same_answer_as_in_a_crowd(served):
     from seqclust.serve.request import Limits, Segmenter
 
