@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.seqclust-installed
 
-.PHONY: setup run test test-fast test-dag lint bench clean airflow compat
+.PHONY: setup run test test-fast test-dag lint bench clean airflow compat mutation
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check lib tests jobs bench dags notebooks
 	$(BIN)/ruff format --check lib tests jobs bench dags notebooks
 	$(BIN)/mypy lib/seqclust --ignore-missing-imports
+
+# mutmut over the core computations, scored by the Spark-free oracle tests (~20 min; not in CI)
+mutation: $(STAMP)
+	PYTHON=$(BIN)/python .ci/mutation
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py

@@ -56,6 +56,23 @@ def test_external_scores_of_identical_and_of_single_labels():
     assert one["homogeneity"] == pytest.approx(0.0) and one["completeness"] == pytest.approx(1.0)
 
 
+def test_external_scores_of_degenerate_tables_equal_scikit_learns():
+    """An empty table, a single pair, one label against many clusters and many against one."""
+    for a, b in (([], []), ([0], [0]), ([0, 0, 0], [0, 1, 2]), ([0, 1, 2], [0, 0, 0]), ([0, 0, 1], [1, 1, 0])):
+        a, b = np.array(a, dtype=np.int64), np.array(b, dtype=np.int64)
+        t = _table(a, b) if len(a) else np.zeros((0, 0), dtype=np.int64)
+        got = external_scores(t)
+        h, c, v = skm.homogeneity_completeness_v_measure(a, b)
+        want = {
+            "ari": skm.adjusted_rand_score(a, b),
+            "nmi": skm.normalized_mutual_info_score(a, b),
+            "homogeneity": h,
+            "completeness": c,
+            "v_measure": v,
+        }
+        assert got == pytest.approx(want, abs=1e-12), (a, b)
+
+
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_values():
     rng = np.random.default_rng(0)
     small = rng.normal(3.0, 1.0, 30)
@@ -69,9 +86,12 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_values():
 
 
 RULES = SessionizeConfig(
-    gap_minutes=30, max_duration_minutes=20, max_events=12, bot_events_per_minute=3, bot_min_events=20, bot_max_events=35
+    gap_minutes=30, max_duration_minutes=20, max_events=12, bot_events_per_minute=3, bot_min_events=20, bot_max_events=35, min_events=2
 )
-KEY = ["session_id", "user_id", "start_ts", "end_ts", "n_events", "tokens", "items", "gaps_s", "reason"]
+# every column the reference writes; a runaway piece's lists are empty there (``LISTS``)
+KEY = ["session_id", "user_id", "start_ts", "end_ts", "duration_s", "n_events", "event_types", "categories", "items", "prices",
+       "gaps_s", "tokens", "is_modelled", "reason"]  # fmt: skip
+LISTS = range(6, 12)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +124,7 @@ def test_the_arrow_sessionizer_equals_the_duckdb_rules(small_log, batch_rows):
     rules = dataclasses.replace(RULES, engine="arrow")
     out = pa.Table.from_batches(list(_partition_fn(rules)(iter(t.to_batches(max_chunksize=batch_rows)))))
     theirs = pq.read_table(ref).select(KEY)
-    ours = out.select(KEY[:-1] + ["reason"])
+    ours = out.select(KEY)
 
     def rows(tab: pa.Table) -> list[tuple]:
         d = tab.to_pydict()
@@ -112,14 +132,17 @@ def test_the_arrow_sessionizer_equals_the_duckdb_rules(small_log, batch_rows):
         for i in range(tab.num_rows):
             r = [d[c][i] for c in KEY]
             if r[-1] is not None:  # runaway pieces: the reference leaves the lists empty
-                r[5:8] = [[], [], []]
-            r[2], r[3] = r[2].timestamp(), r[3].timestamp()
-            r[7] = [round(g, 6) for g in r[7] or []]
+                for j in LISTS:
+                    r[j] = []
+            r[2], r[3], r[4] = r[2].timestamp(), r[3].timestamp(), round(r[4], 6)
+            r[10] = [round(g, 6) for g in r[10] or []]
+            r[9] = [None if p is None or p != p else round(p, 9) for p in r[9] or []]
             out.append(tuple(tuple(x) if isinstance(x, list) else x for x in r))
         return sorted(out, key=repr)
 
     mine, ref_rows = rows(ours), rows(theirs)
     assert len(mine) == len(ref_rows) > 500
     assert sum(r[-1] is not None for r in ref_rows) > 0  # the runaway rules fired
-    assert sum(r[4] == RULES.max_events for r in ref_rows) > 0  # and the size cut
+    assert sum(r[5] == RULES.max_events for r in ref_rows) > 0  # and the size cut
+    assert sum(not r[12] for r in ref_rows if r[-1] is None) > 0  # sessions too short to model
     assert mine == ref_rows
