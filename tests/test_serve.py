@@ -156,7 +156,7 @@ def test_bad_requests_get_one_clear_reason(served):
 
 ROWS = pd.DataFrame(
     {
-        "user_id": ["a", "a", "a", "b", "b", " ", "c", "c", "d"],
+        "user_id": ["a", "a", "a", "b", "b", " ", "c", "c", "d", "e"],
         "ts": [
             "2026-10-01T10:00:00Z",
             "1790000000",
@@ -167,9 +167,10 @@ ROWS = pd.DataFrame(
             "1999-01-01T00:00:00Z",
             "2027-06-01T00:00:00Z",
             "1790000000000",
+            "2026-10-01T11:00:00Z",
         ],
-        "event_type": ["view", "CART", "teleport", "view", "view", "view", "view", "view", " Purchase "],
-        "price": ["1.5", "x", None, "-3", "2", "1", "1", "1", "20000000"],
+        "event_type": ["view", "CART", "teleport", "view", "view", "view", "view", "view", " Purchase ", "view"],
+        "price": ["1.5", "x", None, "-3", "2", "1", "1", "1", "20000000", "NaN"],
     }
 )
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
@@ -183,7 +184,7 @@ def test_request_rows_are_refused_for_the_reasons_ingest_gives():
     assert refused == {
         "bad_type": 1,
         "unknown_event_type": 1,
-        "bad_price": 2,
+        "bad_price": 3,
         "bad_ts": 1,
         "null_user_id": 1,
         "ts_too_old": 1,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,32 +75,56 @@ def _epoch_auto(x: np.ndarray) -> np.ndarray:
     return np.where(a >= 1e14, x, np.where(a >= 1e11, x * 1000, x * 1_000_000))
 
 
-def parse_ts(col: pd.Series, source: SourceConfig) -> pd.Series:
-    """Timestamps (UTC, NaT where unparseable) from epoch numbers, datetimes or ISO-8601 text;
-    values without a zone are in ``source.timezone``."""
+def _text(values: Any) -> np.ndarray:
+    """Stripped text of each value (object array; None where missing)."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = None if v is None or (isinstance(v, float) and v != v) or v is pd.NA or v is pd.NaT else str(v).strip()
+    return out
+
+
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+_ZONED = re.compile(r"(?:Z|[+-]\d{2}:?\d{2}|UTC)$")
+
+
+def parse_ts(col: pd.Series, source: SourceConfig) -> np.ndarray:
+    """Timestamps as UTC microseconds since the epoch (int64; ``NAT`` where unparseable) from
+    epoch numbers, datetimes or ISO-8601 text; values without a zone are in ``source.timezone``."""
     tz = source.timezone
     if pd.api.types.is_datetime64_any_dtype(col):
-        s = col
-        return s.dt.tz_convert("UTC") if s.dt.tz is not None else s.dt.tz_localize(tz).dt.tz_convert("UTC")
+        s = col if col.dt.tz is not None else col.dt.tz_localize(tz, nonexistent="NaT", ambiguous="NaT")
+        return _micros(pd.DatetimeIndex(s).tz_convert("UTC"))
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        x = col.to_numpy(dtype=np.float64)
-        scale = {"epoch_s": 1e6, "epoch_ms": 1e3}.get(source.ts_format)
-        us = x * scale if scale else _epoch_auto(x)
-        return pd.Series(pd.to_datetime(np.round(us), unit="us", utc=True, errors="coerce"), index=col.index)
-    text = col.astype("string").str.strip()
-    numeric = text.str.fullmatch(r"-?\d+(\.\d+)?").fillna(False).astype(bool)
-    out = pd.Series(pd.NaT, index=col.index, dtype="datetime64[ns, UTC]")
+        return _epoch(col.to_numpy(dtype=np.float64), source)
+    text = _text(col.to_numpy(dtype=object))
+    out = np.full(len(text), NAT, dtype=np.int64)
+    numeric = np.array([t is not None and _NUMBER.fullmatch(t) is not None for t in text], dtype=bool)
     if numeric.any():
-        out[numeric] = parse_ts(pd.to_numeric(text[numeric]), source)
-    rest = ~numeric & text.notna() & (text != "")
-    if rest.any():
-        zoned = text.str.contains(r"(?:Z|[+-]\d{2}:?\d{2}|UTC)$", regex=True).fillna(False).astype(bool) & rest
-        for mask, utc in ((zoned, True), (rest & ~zoned, False)):
-            if mask.any():
-                vals = text[mask].str.replace(r"UTC$", "+00:00", regex=True)
-                p = pd.to_datetime(vals, format="ISO8601", errors="coerce", utc=utc)
-                out[mask] = p if utc else p.dt.tz_localize(tz, nonexistent="NaT", ambiguous="NaT").dt.tz_convert("UTC")
+        out[numeric] = _epoch(text[numeric].astype(np.float64), source)
+    rest = ~numeric & np.array([bool(t) for t in text], dtype=bool)
+    zoned = rest & np.array([t is not None and _ZONED.search(t) is not None for t in text], dtype=bool)
+    for mask, utc in ((zoned, True), (rest & ~zoned, False)):
+        if mask.any():
+            vals = [t[:-3] + "+00:00" if t.endswith("UTC") else t for t in text[mask]]
+            p = pd.DatetimeIndex(pd.to_datetime(vals, format="ISO8601", errors="coerce", utc=utc))
+            out[mask] = _micros(p if utc else p.tz_localize(tz, nonexistent="NaT", ambiguous="NaT").tz_convert("UTC"))
     return out
+
+
+NAT = np.iinfo(np.int64).min
+
+
+def _micros(idx: pd.DatetimeIndex) -> np.ndarray:
+    us = idx.as_unit("us").asi8.copy()
+    us[idx.isna()] = NAT
+    return us
+
+
+def _epoch(x: np.ndarray, source: SourceConfig) -> np.ndarray:
+    scale = {"epoch_s": 1e6, "epoch_ms": 1e3}.get(source.ts_format)
+    us = x * scale if scale else _epoch_auto(x)
+    ok = np.isfinite(us) & (np.abs(us) < 9.2e18)
+    return np.where(ok, np.round(np.where(ok, us, 0)).astype(np.int64), NAT)
 
 
 def validate_events(events: pd.DataFrame, source: SourceConfig, now: dt.datetime) -> tuple[pa.Table, dict[str, int]]:
@@ -117,99 +142,98 @@ def validate_events(events: pd.DataFrame, source: SourceConfig, now: dt.datetime
     n = len(events)
     if n == 0:
         raise BadRequest("no events in the request")
+    none = np.full(n, None, dtype=object)
 
-    def text(c: str) -> pd.Series:
-        if c not in events.columns:
-            return pd.Series(pd.NA, index=events.index, dtype="string")
-        return events[c].astype("string").str.strip()
+    def text(c: str) -> np.ndarray:
+        return _text(events[c].to_numpy(dtype=object)) if c in events.columns else none
 
     user = text("user_id")
-    ts_raw = events["ts"]
-    ts = parse_ts(ts_raw, source)
+    ts = parse_ts(events["ts"], source)
+    ts_given = np.array([bool(t) for t in text("ts")], dtype=bool)
     mapping = {str(k).strip().lower(): v for k, v in source.event_types.items()}
     if "event_type" in events.columns:
-        etype = text("event_type").str.lower().map(mapping)
-        if source.unknown_event_type == "other":
-            etype = etype.fillna("other")
+        fallback = "other" if source.unknown_event_type == "other" else None
+        etype = np.array([mapping.get(t.lower(), fallback) if t is not None else fallback for t in text("event_type")], dtype=object)
     else:
-        etype = pd.Series(source.default_event_type, index=events.index, dtype="string")
-    price_raw = events["price"] if "price" in events.columns else pd.Series(np.nan, index=events.index)
-    if pd.api.types.is_numeric_dtype(price_raw) and not pd.api.types.is_bool_dtype(price_raw):
-        price = price_raw.astype("float64")
-        price_given = price_raw.notna()
+        etype = np.full(n, source.default_event_type, dtype=object)
+    bad_type = np.zeros(n, dtype=bool)
+    if "price" not in events.columns:
+        price, price_given = np.full(n, np.nan), np.zeros(n, dtype=bool)
+    elif pd.api.types.is_numeric_dtype(events["price"]) and not pd.api.types.is_bool_dtype(events["price"]):
+        price = events["price"].to_numpy(dtype=np.float64)
+        price_given = ~np.isnan(price)  # a JSON null and a float column's NaN are both missing
     else:
-        ptext = price_raw.astype("string").str.strip()
-        price = pd.to_numeric(ptext, errors="coerce").astype("float64")
-        price_given = ptext.notna() & (ptext != "")
-    min_ts = pd.Timestamp(dt.datetime.fromisoformat(source.min_ts.replace("Z", "+00:00")))
-    min_ts = min_ts.tz_localize("UTC") if min_ts.tzinfo is None else min_ts
-    max_ts = pd.Timestamp(now) + pd.Timedelta(hours=source.max_clock_skew_hours)
-    ts_empty = ts_raw.isna() | (ts_raw.astype("string").str.strip() == "")
-    checks = [
-        (
-            "bad_encoding",
-            pd.concat([text(c) for c in ("user_id", "event_type", "item_id", "category_id")], axis=1)
-            .apply(lambda col: col.str.contains("\ufffd", regex=False))
-            .fillna(False)
-            .any(axis=1),
-        ),
-        ("null_user_id", user.isna() | (user == "")),
-        ("null_ts", ts_empty),
-        ("bad_ts", ts.isna()),
-        ("ts_too_old", ts < min_ts),
-        ("ts_in_future", ts > max_ts),
-        ("unknown_event_type", etype.isna()),
-        ("bad_type", price_given & price.isna()),
-        ("bad_price", price.notna() & ((price < 0) | (price > source.max_price))),
-    ]
-    reason = pd.Series(pd.NA, index=events.index, dtype="string")
+        ptext = text("price")
+        price_given = np.array([bool(t) for t in ptext], dtype=bool)
+        price = pd.to_numeric(pd.Series(ptext, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+        nan_text = np.array([bool(t) and t.lower().lstrip("+-") == "nan" for t in ptext], dtype=bool)  # Spark reads it as NaN
+        bad_type = price_given & np.isnan(price) & ~nan_text
+    min_ts = dt.datetime.fromisoformat(source.min_ts.replace("Z", "+00:00"))
+    min_us = int(pd.Timestamp(min_ts if min_ts.tzinfo else min_ts.replace(tzinfo=dt.timezone.utc)).value // 1000)
+    max_us = int(pd.Timestamp(now + dt.timedelta(hours=source.max_clock_skew_hours)).value // 1000)
+    valid_ts = ts != NAT
+    encoded = np.zeros(n, dtype=bool)
+    for c in ("user_id", "event_type", "item_id", "category_id"):
+        if c in events.columns:
+            encoded |= np.array([t is not None and "\ufffd" in t for t in text(c)], dtype=bool)
+    with np.errstate(invalid="ignore"):
+        checks = [
+            ("bad_encoding", encoded),
+            ("null_user_id", np.array([not u for u in user], dtype=bool)),
+            ("null_ts", ~ts_given),
+            ("bad_ts", ~valid_ts),
+            ("ts_too_old", valid_ts & (ts < min_us)),
+            ("ts_in_future", valid_ts & (ts > max_us)),
+            ("unknown_event_type", np.array([e is None for e in etype], dtype=bool)),
+            ("bad_type", bad_type),
+            ("bad_price", price_given & ~bad_type & ((price < 0) | (price > source.max_price) | np.isnan(price))),
+        ]
+    reason = np.full(n, None, dtype=object)
     for name, failed in checks:
-        failed = failed.fillna(False).astype(bool) & reason.isna()
-        reason[failed] = name
-    refused = reason.value_counts().to_dict()
-    ok = reason.isna().to_numpy()
-    clean = pd.DataFrame(
+        reason[failed & (reason == None)] = name  # noqa: E711 - elementwise on an object array
+    ok = reason == None  # noqa: E711
+    refused: dict[str, int] = {}
+    for r in reason[~ok]:
+        refused[r] = refused.get(r, 0) + 1
+    table = pa.table(
         {
-            "user_id": user[ok].astype(str),
-            "ts": ts[ok],
-            "event_type": etype[ok].astype(str),
-            "category_id": text("category_id")[ok].fillna(""),
-            "item_id": text("item_id")[ok].fillna(""),
-            "event_id": text("event_id")[ok],
-            "price": price[ok],
+            "user_id": pa.array(user[ok], pa.string()),
+            "ts": pa.array(ts[ok], pa.timestamp("us", tz="UTC")),
+            "event_type": pa.array(etype[ok], pa.string()),
+            "category_id": pa.array([t or "" for t in text("category_id")[ok]], pa.string()),
+            "item_id": pa.array([t or "" for t in text("item_id")[ok]], pa.string()),
+            "event_id": pa.array(text("event_id")[ok], pa.string()),
+            "price": pa.array(np.where(price_given, price, np.nan)[ok], pa.float64(), mask=~price_given[ok]),
         }
     )
-    clean = _dedup(clean)
-    table = pa.Table.from_pandas(clean, preserve_index=False).cast(
-        pa.schema(
-            [
-                ("user_id", pa.string()),
-                ("ts", pa.timestamp("us", tz="UTC")),
-                ("event_type", pa.string()),
-                ("category_id", pa.string()),
-                ("item_id", pa.string()),
-                ("event_id", pa.string()),
-                ("price", pa.float64()),
-            ]
-        )
-    )
-    table = table.set_column(5, "event_id", pc.fill_null(table.column("event_id"), ""))
     from seqclust.sessionize.arrow_engine import SORT_COLUMNS
 
-    return table.sort_by([(c, "ascending") for c in SORT_COLUMNS]), {str(k): int(v) for k, v in refused.items()}
+    table = _dedup(table)
+    return table.sort_by([(c, "ascending") for c in SORT_COLUMNS]), refused
 
 
-def _dedup(df: pd.DataFrame) -> pd.DataFrame:
+def _dedup(t: pa.Table) -> pa.Table:
     """One row per event: the key of ``ingest.stage.event_key`` (the event id, else user, time,
-    type and item), keeping the earliest copy as ``ingest.stage.dedup`` does."""
-    key = np.where(
-        df["event_id"].notna(),
-        "id:" + df["event_id"].fillna(""),
-        "k|" + df["user_id"] + "|" + df["ts"].astype("int64").astype(str) + "|" + df["event_type"] + "|" + df["item_id"],
-    )
-    order = ["ts", "user_id", "event_type", "item_id", "category_id", "price", "event_id"]
-    df = df.assign(_k=key).sort_values([*order], na_position="first", kind="stable")
-    return df.drop_duplicates("_k", keep="first").drop(columns="_k")
+    type and item), keeping the earliest copy as ``ingest.stage.dedup`` does (the smallest
+    (ts, user, type, item, category, price, event id))."""
+    if t.num_rows < 2:
+        return t.set_column(5, "event_id", pc.fill_null(t.column("event_id"), ""))
+    # nulls sort first, as in Spark's ascending order
+    keys = t.append_column("_p", pc.fill_null(t.column("price"), -np.inf)).append_column("_e", pc.fill_null(t.column("event_id"), ""))
+    order = ["ts", "user_id", "event_type", "item_id", "category_id", "_p", "_e"]
+    t = keys.sort_by([(c, "ascending") for c in order]).drop(["_p", "_e"])
+    eid = t.column("event_id").to_pylist()
+    us = t.column("ts").cast(pa.int64()).to_pylist()
+    cols = [t.column(c).to_pylist() for c in ("user_id", "event_type", "item_id")]
+    seen: set[tuple] = set()
+    keep = np.zeros(t.num_rows, dtype=bool)
+    for i in range(t.num_rows):
+        key = ("id", eid[i]) if eid[i] is not None else ("k", cols[0][i], us[i], cols[1][i], cols[2][i])
+        if key not in seen:
+            seen.add(key)
+            keep[i] = True
+    t = t.filter(pa.array(keep))
+    return t.set_column(5, "event_id", pc.fill_null(t.column("event_id"), ""))
 
 
 class Segmenter:
