@@ -86,6 +86,40 @@ def test_the_sub_packages_have_no_import_cycles():
     assert _cycles(graph) == []
 
 
+def _private_uses(path: Path, me: str | None = None) -> list[str]:
+    """Private names (``_x``) of another sub-package that ``path`` (in sub-package ``me``)
+    imports or calls through a module it imported."""
+    me = me or _module(path).split(".")[0]
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("seqclust."):
+            pkg = node.module.split(".")[1]
+            for a in node.names:
+                if pkg != me and a.name.startswith("_") and not a.name.startswith("__"):
+                    out.append(f"{node.module}.{a.name}")
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}".split(".")[1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_"):
+            pkg = aliases.get(node.value.id)
+            if pkg is not None and pkg != me and not node.attr.startswith("__"):
+                out.append(f"{node.value.id}.{node.attr}")
+    return out
+
+
+def test_no_private_name_is_used_across_sub_packages():
+    found = {m: u for m, p in _modules().items() if (u := _private_uses(p))}
+    assert found == {}
+
+
+def test_the_private_use_finder_finds_one(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from seqclust.represent import features\nfrom seqclust.core.config import _build\nfeatures._ids(1)\n")
+    assert sorted(_private_uses(probe, "serve")) == ["features._ids", "seqclust.core.config._build"]
+    assert _private_uses(probe, "represent") == ["seqclust.core.config._build"]  # its own package's are its own
+
+
 def test_type_only_imports_count():
     # report.explain names RunContext and the config classes in annotations only
     assert {"runtime.context", "core.config"} <= _imports(PKG / "report" / "explain.py")

@@ -37,7 +37,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust.core.compat import to_arrow
-from seqclust.represent.features import Vocab, _list_parts, event_parts
+from seqclust.represent.features import Vocab, event_parts, list_parts
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def session_tokens(batch: pa.RecordBatch | pa.Table, vocab: Vocab, interest: str
     # one set of session tokens per non-empty session
     live = np.nonzero(lens > 0)[0]
     if len(live):
-        _, gap_flat = _list_parts(batch.column("gaps_s"))
+        _, gap_flat = list_parts(batch.column("gaps_s"))
         gaps = pc.fill_null(gap_flat.cast(pa.float64()), 0.0).to_numpy().copy()
         gaps[offsets[:-1][live]] = 0.0
         dur = np.add.reduceat(gaps, offsets[:-1][live]) if n else np.zeros(len(live))
@@ -332,8 +332,8 @@ def fit(counts: DataFrame, vocab_size: int, min_df: int, dim: int, fit_users: in
 def vocab_coo(b: pa.RecordBatch, value_set: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, vocabulary index, count) of each token of a batch of ``token_counts`` rows that
     ``value_set`` (the vocabulary) holds; other tokens dropped."""
-    offs, toks = _list_parts(b.column("tokens"))
-    _, ns = _list_parts(b.column("n"))
+    offs, toks = list_parts(b.column("tokens"))
+    _, ns = list_parts(b.column("n"))
     found = pc.index_in(toks, value_set=value_set)
     ok = pc.is_valid(found).to_numpy(zero_copy_only=False)
     idx = pc.fill_null(found, 0).to_numpy(zero_copy_only=False).astype(np.int64)

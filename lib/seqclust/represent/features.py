@@ -77,7 +77,7 @@ class Vocab:
         return Vocab(**kwargs)
 
 
-def _list_parts(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+def list_parts(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     """Offsets (relative to the returned flat values) and flat values of a list column."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
@@ -106,11 +106,11 @@ class EventParts:
 
 def event_parts(batch: pa.RecordBatch | pa.Table, vocab: Vocab) -> EventParts:
     """Event-level ids of a batch with INPUT_COLUMNS (``items`` optional)."""
-    offsets, et_flat = _list_parts(batch.column("event_types"))
-    _, cat_flat = _list_parts(batch.column("categories"))
-    _, price_flat = _list_parts(batch.column("prices"))
-    _, gap_flat = _list_parts(batch.column("gaps_s"))
-    item_flat = _list_parts(batch.column("items"))[1] if "items" in batch.schema.names else None
+    offsets, et_flat = list_parts(batch.column("event_types"))
+    _, cat_flat = list_parts(batch.column("categories"))
+    _, price_flat = list_parts(batch.column("prices"))
+    _, gap_flat = list_parts(batch.column("gaps_s"))
+    item_flat = list_parts(batch.column("items"))[1] if "items" in batch.schema.names else None
 
     etype = _ids(et_flat, pa.array(EVENT_TYPES, pa.string()), 1, len(EVENT_TYPES))  # unknown -> other
     gaps = pc.fill_null(gap_flat.cast(pa.float64()), 0.0).to_numpy()
@@ -160,7 +160,7 @@ def featurize(batch: pa.RecordBatch | pa.Table, vocab: Vocab) -> dict[str, np.nd
     n = len(offsets) - 1
     L = vocab.max_len
     if tuple(vocab.token_fields) == DEFAULT_TOKEN_FIELDS and "tokens" in batch.schema.names:
-        tok_flat = _list_parts(batch.column("tokens"))[1]  # already composed by sessionize
+        tok_flat = list_parts(batch.column("tokens"))[1]  # already composed by sessionize
     else:
         tok_flat = compose_tokens(parts, tuple(vocab.token_fields))
     tok = _ids(tok_flat, pa.array(vocab.tokens, pa.string()), TOKEN_OFFSET, OOV)

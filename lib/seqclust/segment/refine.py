@@ -36,7 +36,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from seqclust.represent.behaviour import vocab_coo
-from seqclust.represent.features import _list_parts
+from seqclust.represent.features import list_parts
 from seqclust.runtime.spark import ROWS_CACHE
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def token_lists(counts: DataFrame, tokens: tuple[str, ...]) -> DataFrame:
 
 
 def _coo(b: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    offs, flat = _list_parts(b.column("tc"))
+    offs, flat = list_parts(b.column("tc"))
     cols = flat.field("col").to_numpy(zero_copy_only=False).astype(np.int64)
     ns = flat.field("n").to_numpy(zero_copy_only=False).astype(np.float64)
     return cols, ns, np.repeat(np.arange(b.num_rows), np.diff(offs))

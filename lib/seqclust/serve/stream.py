@@ -7,7 +7,7 @@ Each micro-batch (``foreachBatch``) runs the batch pipeline's own code on what a
    to ``quarantine`` tagged with the micro-batch's window key); valid rows older than the
    watermark are quarantined as ``late``; clean events are MERGEd into the stream run's
    ``events`` (a duplicate of an event already there is dropped).
-2. **sessionize** (``sessionize._run_incremental``): the sessions the new events touch are
+2. **sessionize** (``sessionize.run_incremental``): the sessions the new events touch are
    recomputed whole and MERGEd into the stream run's ``sessions``.
 3. **close**: a session is closed when its chain (the pieces of one cut session) ended more
    than ``sessionize.gap_minutes`` before the watermark (the latest event time seen so far minus
@@ -64,7 +64,7 @@ from seqclust.core.errors import InputError
 from seqclust.core.tables import conform
 from seqclust.ingest import stage as ingest
 from seqclust.represent import behaviour, embed
-from seqclust.represent.features import _list_parts
+from seqclust.represent.features import list_parts
 from seqclust.runtime.context import RunContext
 from seqclust.runtime.merge import merge_insert, merge_replace
 from seqclust.runtime.spark import concurrently, materialised, release
@@ -226,7 +226,7 @@ class LiveScorer:
             span = one_row(events.where(F.col("window_start") == F.lit(ctx.window_start)).agg(F.min("ts"), F.max("ts")))
             batch_max = span[1]
             if batch_max is not None:
-                sessionize._run_incremental(self.spark, ctx, self.cfg.sessionize, events, stats=False, first_new=span[0])
+                sessionize.run_incremental(self.spark, ctx, self.cfg.sessionize, events, stats=False, first_new=span[0])
         seen_now = max([t for t in (seen, batch_max) if t is not None], default=None)
         watermark = seen_now - self.lateness if seen_now is not None else None
         closed_before = seen - self.lateness - dt.timedelta(microseconds=self.gap_us) if seen is not None else None
@@ -580,8 +580,8 @@ def _combine(t: pa.Table) -> dict[str, Any]:
     sums = np.zeros((n_users, dim))
     np.add.at(sums, g[has_vec], flat.reshape(-1, dim))
     # token counts: (user, token) summed, then one list per user (empty when none)
-    offs, toks = _list_parts(t.column("tokens"))
-    _, ns = _list_parts(t.column("n"))
+    offs, toks = list_parts(t.column("tokens"))
+    _, ns = list_parts(t.column("n"))
     owner = g[np.repeat(np.arange(t.num_rows), np.diff(offs))]
     agg = pa.table({"g": owner, "t": toks, "n": ns}).group_by(["g", "t"], use_threads=False).aggregate([("n", "sum")])
     gg = agg.column("g").to_numpy()

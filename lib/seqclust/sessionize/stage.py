@@ -237,7 +237,7 @@ class SessionizeResult:
     quarantined_sessions: int = 0
 
 
-def _run_incremental(
+def run_incremental(
     spark: SparkSession,
     ctx: RunContext,
     cfg: SessionizeConfig,
@@ -333,7 +333,7 @@ def run(spark: SparkSession, ctx: RunContext, cfg: SessionizeConfig) -> Sessioni
     if ctx.incremental:
         if "window_start" not in events.columns:
             raise InputError(f"run {ctx.run_id}: its events were not ingested in incremental mode; ingest with --since/--until first")
-        res = _run_incremental(spark, ctx, cfg, events)
+        res = run_incremental(spark, ctx, cfg, events)
         assert res is not None
         return res
     # computed once for the two writes (arrow: sessions, ~10x fewer rows than events)
