@@ -43,6 +43,11 @@ def write_bundle(spark: SparkSession, cfg: PipelineConfig, run_id: str, out: str
     source = build_section(SourceConfig, conf.get("source", {}), "source")
     sessionize = build_section(SessionizeConfig, conf.get("sessionize", {}), "sessionize")
     embed = build_section(EmbedConfig, conf.get("embed", {}), "embed")
+    if embed.pooling != "mean":
+        raise InputError(
+            f"model run {run_id}: embed.pooling is {embed.pooling}; a request is scored with mean pooling (the recency weights "
+            "depend on the newest session in a whole log)"
+        )
     refine_on = conf.get("cluster", {}).get("refine", cfg.cluster.refine) != "none"
     centers = cluster.model_run_centers(spark, ctx, run_id)
     tokens = cluster.model_run_centers(spark, ctx, run_id, "tokens") if refine_on else []
