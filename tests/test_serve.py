@@ -304,3 +304,50 @@ def test_the_registered_model_is_served_over_http_with_the_same_segments(served,
         server.terminate()
         server.wait(30)
         log_file.close()
+
+
+SCORE_THERE = """
+import json, sys
+import pandas as pd
+from seqclust.serve.request import Limits, Segmenter
+events = pd.read_parquet(sys.argv[2])
+out = Segmenter(sys.argv[1], Limits(window_days=None)).score(events)
+import keras
+print(json.dumps({"backend": keras.backend.backend(), "rows": out.to_dict(orient="records")}, default=str))
+"""
+
+
+def _sets() -> list[str]:
+    return sorted(p.stem for p in (REPO / ".ci" / "compat").glob("*.txt"))
+
+
+@pytest.mark.parametrize("libset", _sets())
+def test_the_model_folder_scores_the_same_on_each_runtime_set(served, libset):
+    """The request-time code on the runtime library sets CI tests (Spark 3.5 with pandas 1.5,
+    Spark 4.0, Spark 4.2 with PyTorch and no TensorFlow): the model folder made here gives every
+    user the same segment, leaf and distance (1e-5)."""
+    import json
+    import subprocess
+
+    from test_e2e import _clean_env, _compat_env
+
+    from seqclust.serve.request import Limits, Segmenter
+
+    root, _, folder = served
+    env = _compat_env(libset)
+    proc = subprocess.run(
+        [str(env / "bin" / "python"), "-c", SCORE_THERE, str(folder), str(root / "new" / "events")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    there = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert there["backend"] == ("torch" if "torch" in libset else "tensorflow")
+    here = Segmenter(folder, Limits(window_days=None)).score(_events(root)).set_index("user_id")
+    rows = {r["user_id"]: r for r in there["rows"]}
+    assert set(rows) == set(here.index) and len(rows) == 40
+    for u, r in here.iterrows():
+        assert (rows[u]["cluster_id"], rows[u]["segment_path"]) == (r["cluster_id"], r["segment_path"]), (libset, u)
+        assert abs(rows[u]["distance_to_centroid"] - r["distance_to_centroid"]) < 1e-5

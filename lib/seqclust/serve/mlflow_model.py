@@ -39,7 +39,7 @@ class SegmentsModel(PythonModel):
 
         self.segmenter = Segmenter(context.artifacts[ARTIFACT])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # MLflow reads hints as a schema
         import pandas as pd
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -93,8 +93,10 @@ def log_segments_model(folder: str | Path, run_id: str, registered_model: str | 
     import seqclust
 
     package = Path(seqclust.__file__).parent
+    # MLflow 3 names a logged model ``name``; MLflow 2 (the 16.4 / 17.3 LTS ML runtimes) ``artifact_path``
+    where = {"name": "segments"} if int(mlflow.__version__.split(".")[0]) >= 3 else {"artifact_path": "segments"}
     info = mlflow.pyfunc.log_model(
-        name="segments",
+        **where,
         python_model=str(ENTRY),
         artifacts={ARTIFACT: str(folder)},
         code_paths=[str(package)],
@@ -102,14 +104,19 @@ def log_segments_model(folder: str | Path, run_id: str, registered_model: str | 
         input_example=example,
         pip_requirements=requirements(),
         registered_model_name=registered_model,
-        tags={TAG: run_id},
     )
     version = None
     if registered_model:
         from mlflow.tracking import MlflowClient
 
-        version = str(info.registered_model_version)
-        MlflowClient().set_model_version_tag(registered_model, version, TAG, run_id)
+        client = MlflowClient()
+        version = getattr(info, "registered_model_version", None)
+        if version is None:  # older MLflow: the newest version of this MLflow run
+            mine = [v for v in client.search_model_versions(f"name='{registered_model}'") if v.run_id == info.run_id]
+            version = max(mine, key=lambda v: int(v.version)).version if mine else None
+        if version is not None:
+            version = str(version)
+            client.set_model_version_tag(registered_model, version, TAG, run_id)
     log.info("mlflow: model of run %s logged as %s%s", run_id, info.model_uri, f", {registered_model} version {version}" if version else "")
     return info.model_uri, version
 

@@ -106,7 +106,7 @@ def parse_ts(col: pd.Series, source: SourceConfig) -> np.ndarray:
     for mask, utc in ((zoned, True), (rest & ~zoned, False)):
         if mask.any():
             vals = [t[:-3] + "+00:00" if t.endswith("UTC") else t for t in text[mask]]
-            p = pd.DatetimeIndex(pd.to_datetime(vals, format="ISO8601", errors="coerce", utc=utc))
+            p = pd.DatetimeIndex(pd.to_datetime(vals, errors="coerce", utc=utc, **ISO))
             out[mask] = _micros(p if utc else p.tz_localize(tz, nonexistent="NaT", ambiguous="NaT").tz_convert("UTC"))
     return out
 
@@ -114,8 +114,12 @@ def parse_ts(col: pd.Series, source: SourceConfig) -> np.ndarray:
 NAT = np.iinfo(np.int64).min
 
 
+# pandas 2 parses mixed ISO-8601 text with format="ISO8601"; pandas 1.5 (the 16.4 LTS runtime) infers it
+ISO: dict[str, str] = {"format": "ISO8601"} if int(pd.__version__.split(".")[0]) >= 2 else {}
+
+
 def _micros(idx: pd.DatetimeIndex) -> np.ndarray:
-    us = idx.as_unit("us").asi8.copy()
+    us = idx.as_unit("us").asi8.copy() if hasattr(idx, "as_unit") else idx.asi8 // 1000
     us[idx.isna()] = NAT
     return us
 
