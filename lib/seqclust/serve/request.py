@@ -322,19 +322,17 @@ class Segmenter:
         sums = np.zeros((len(users), self.dim))
         np.add.at(sums, inverse, z.astype(np.float64))
         sessions = np.bincount(inverse, minlength=len(users))
-        tokens = pa.array([[] for _ in users], pa.list_(pa.string()))
-        counts = pa.array([[] for _ in users], pa.list_(pa.int64()))
+        empty = pa.array(np.zeros(len(users) + 1, dtype=np.int32))
+        tokens = pa.ListArray.from_arrays(empty, pa.array([], pa.string()))
+        counts = pa.ListArray.from_arrays(empty, pa.array([], pa.int64()))
         tm = self.artifact.token_model
         if tm is not None:
             row, tok = session_tokens(modelled, vocab, tm.interest)
             if len(tok):
                 g = group_by_user(modelled.column("user_id").combine_chunks().take(pa.array(row)), tok)
-                pos = np.searchsorted(users, g.column("user_id").to_numpy(zero_copy_only=False))
-                t_list: list[list[str]] = [[] for _ in users]
-                n_list: list[list[int]] = [[] for _ in users]
-                for i, p in enumerate(pos):
-                    t_list[p], n_list[p] = g.column("tokens")[i].as_py(), g.column("n")[i].as_py()
-                tokens, counts = pa.array(t_list, pa.list_(pa.string())), pa.array(n_list, pa.list_(pa.int64()))
+                # each user's row of g (null: no token), in the order of ``users``
+                at = pc.index_in(pa.array(users.astype(str), pa.string()), value_set=g.column("user_id"))
+                tokens, counts = g.column("tokens").take(at), g.column("n").take(at)
         placed = self._place(sums, tokens, counts)
         events_per_user = dict(zip(*np.unique(clean.column("user_id").to_numpy(zero_copy_only=False), return_counts=True)))
         out = pd.DataFrame({k: v.to_pandas() for k, v in placed.items()})
