@@ -173,8 +173,7 @@ def log_run(
         if also is not None:
             import mlflow
 
-            mlflow.set_tracking_uri(uri)
-            mlflow.set_registry_uri(registry_uri(cfg))
+            use_tracking(cfg)
             with mlflow.start_run(run_id=mid):
                 also()
         client.set_terminated(mid, "FINISHED" if record.get("status") == "succeeded" else "FAILED")

@@ -21,7 +21,7 @@ from seqclust.core.config import EmbedConfig, PipelineConfig, SessionizeConfig, 
 from seqclust.core.errors import InputError
 from seqclust.runtime.context import RunContext
 from seqclust.runtime.store import table_store
-from seqclust.segment import cluster
+from seqclust.serve.placement import run_segments
 from seqclust.serve.request import BUNDLE_FILE, Limits, spec_json
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ def write_bundle(spark: SparkSession, cfg: PipelineConfig, run_id: str, out: str
             "depend on the newest session in a whole log)"
         )
     refine_on = conf.get("cluster", {}).get("refine", cfg.cluster.refine) != "none"
-    centers = cluster.model_run_centers(spark, ctx, run_id)
-    tokens = cluster.model_run_centers(spark, ctx, run_id, "tokens") if refine_on else []
-    tree = cluster.model_run_tree(spark, ctx, run_id)
+    centers, tokens, tree = run_segments(spark, ctx, run_id, refine_on)
     descriptions: dict[str, str] = {}
     if store.exists(cfg.tables.cluster_profiles):
         prof = store.read(spark, cfg.tables.cluster_profiles, run_id)

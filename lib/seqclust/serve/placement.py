@@ -49,13 +49,20 @@ def load_model(spark: SparkSession, ctx: RunContext, cfg: PipelineConfig) -> Mod
         )
     art = load_artifact(cfg.encoder.path)
     embed.require_token_model(art, cfg.embed)
-    centers = cluster.model_run_centers(spark, ctx, rid)
-    segs = None
-    if cfg.cluster.refine != "none" and art.token_model is not None:
-        rows = cluster.model_run_centers(spark, ctx, rid, "tokens")
-        segs = refine.TokenSegments.from_rows(rows) if rows else None
-    tree = cluster.model_run_tree(spark, ctx, rid) or Tree.flat(np.asarray(centers, dtype=np.float64))
-    return Model(rid, art, centers, segs, tree)
+    centers, rows, tree = run_segments(spark, ctx, rid, cfg.cluster.refine != "none" and art.token_model is not None)
+    segs = refine.TokenSegments.from_rows(rows) if rows else None
+    return Model(rid, art, centers, segs, tree or Tree.flat(np.asarray(centers, dtype=np.float64)))
+
+
+def run_segments(
+    spark: SparkSession, ctx: RunContext, run_id: str, refined: bool
+) -> tuple[list[list[float]], list[list[float]], Tree | None]:
+    """A model run's segments as its tables hold them: the top-level centres, the token
+    segments' rows (``refine.TokenSegments.from_rows``; none unless ``refined``) and the
+    segment tree (None for a run written before trees existed)."""
+    centers = cluster.model_run_centers(spark, ctx, run_id)
+    rows = cluster.model_run_centers(spark, ctx, run_id, "tokens") if refined else []
+    return centers, rows, cluster.model_run_tree(spark, ctx, run_id)
 
 
 PLACED = ("cluster_id", "distance_to_centroid", "confidence", "leaf_id", "segment_path", "leaf_confidence")

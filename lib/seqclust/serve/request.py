@@ -245,7 +245,6 @@ class Segmenter:
     once, when the segmenter is made."""
 
     def __init__(self, folder: str | Path, limits: Limits | None = None) -> None:
-        from seqclust.represent.behaviour import TokenModel  # noqa: F401 - the artifact carries one
         from seqclust.represent.encoder import embedding_fn, load_artifact
         from seqclust.segment.hierarchy import Tree
         from seqclust.segment.refine import TokenSegments
@@ -256,7 +255,6 @@ class Segmenter:
             spec = json.loads((folder / BUNDLE_FILE).read_text())
         except (OSError, ValueError) as e:
             raise SeqclustError(f"model folder {folder}: no readable {BUNDLE_FILE} ({e})") from None
-        self.spec = spec
         self.limits = limits or Limits(**spec.get("limits", {}))
         self.source: SourceConfig = build_section(SourceConfig, spec["source"], "source")
         self.sessionize: SessionizeConfig = build_section(SessionizeConfig, spec["sessionize"], "sessionize")
