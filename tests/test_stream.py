@@ -26,6 +26,8 @@ SMALL = [
     "evaluate.downstream=false",
     "spark.shuffle_partitions=2",
     "stream.max_files_per_trigger=1",
+    # the stream run's own events and sessions too (compared below with the batch run's)
+    "stream.keep_history=true",
     # a segment tree on 120 users (no thresholds): live users go down a real tree
     "cluster.split_max_depth=2",
     "cluster.split_min_users=30",

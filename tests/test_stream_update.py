@@ -1,4 +1,4 @@
-"""The stream's per-user update (``stream.live_updater``): state rows, new sessions' sums and
+"""The stream's per-user update (``live_state.live_updater``): state rows, new sessions' sums and
 token counts combined per user — also when a user's rows straddle Arrow batches — equal a
 plain-Python oracle, and each user is placed at the nearest centre of its pooled vector."""
 
@@ -11,7 +11,7 @@ from pyspark.sql import types as T
 
 from seqclust.core.config import EmbedConfig
 from seqclust.serve.placement import Model
-from seqclust.serve.stream import UPDATED, live_updater
+from seqclust.serve.live_state import UPDATED, live_updater
 
 pytestmark = pytest.mark.spark
 

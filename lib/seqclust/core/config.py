@@ -471,6 +471,7 @@ class TablesConfig:
     live_sessions: str = "live_sessions"  # seqclust stream: each closed session, its vector and segment
     live_progress: str = "live_progress"  # seqclust stream: one row per micro-batch
     live_user_state: str = "live_user_state"  # seqclust stream: each user's pooling state (sums and counts)
+    live_open_events: str = "live_open_events"  # seqclust stream: the events of the sessions still open
     # Set ``schema`` (and on Unity Catalog ``catalog``) to keep the tables in the metastore as
     # <catalog>.<schema>.<name> instead of folders under run.output (Databricks).
     catalog: str | None = None
@@ -555,6 +556,9 @@ class StreamConfig:
     allowed_lateness_minutes: float = 10.0
     trigger_seconds: float = 10.0  # micro-batch interval (without --available-now)
     max_files_per_trigger: int | None = None  # file sources: at most this many new files per micro-batch
+    # also write the stream run's events and sessions (each once, when its session closes); the
+    # batch tables are the system of record, so a stream does not keep its own copies by default
+    keep_history: bool = False
 
     def __post_init__(self) -> None:
         _check(self.allowed_lateness_minutes >= 0, "allowed_lateness_minutes", "must be >= 0")

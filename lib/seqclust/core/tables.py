@@ -185,6 +185,9 @@ LIVE_SESSIONS = _schema(
     ("cluster_id", INT),  # the user's segment after this session closed
     ("batch_id", LONG),
 )
+# the clean events of the sessions a micro-batch left open, tagged with its batch id: the next
+# micro-batch sessionizes them again with its new events (bounded by the lateness and the gap)
+LIVE_OPEN_EVENTS = T.StructType([*EVENTS.fields, T.StructField("batch_id", LONG)])
 LIVE_PROGRESS = _schema(
     ("batch_id", LONG),  # -1: a flush (every open session closed)
     ("input_rows", LONG),
@@ -373,6 +376,7 @@ TABLES: dict[str, TableSpec] = {
         TableSpec("live_sessions", LIVE_SESSIONS, doc="seqclust stream: each closed session, its vector and the user's segment"),
         TableSpec("live_progress", LIVE_PROGRESS, doc="seqclust stream: one row per micro-batch"),
         TableSpec("live_user_state", LIVE_USER_STATE, doc="seqclust stream: each user's pooling state (sums and counts)"),
+        TableSpec("live_open_events", LIVE_OPEN_EVENTS, doc="seqclust stream: the events of the sessions still open"),
     )
 }
 

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -176,14 +177,15 @@ def validate(df: DataFrame, cfg: SourceConfig, now: dt.datetime, source: str = "
     )
 
 
-def dedup(events: DataFrame) -> DataFrame:
+def dedup(events: DataFrame, extra: tuple[str, ...] = ()) -> DataFrame:
     """Drop duplicate events, deterministically keeping the earliest copy.
 
-    The key is ``event_id`` where present, else (user, ts, event type, item).
+    The key is ``event_id`` where present, else (user, ts, event type, item). ``extra``: more
+    columns kept with each event (the last tie-breakers of "earliest").
     """
     key = F.expr(event_key())  # the same key incremental runs MERGE on
-    ordered = F.struct("ts", "user_id", "event_type", "item_id", "category_id", "price", "event_id")
-    return events.groupBy(key.alias("_k")).agg(F.min(ordered).alias("_e")).select("_e.*").select(*EVENT_COLUMNS)
+    ordered = F.struct("ts", "user_id", "event_type", "item_id", "category_id", "price", "event_id", *extra)
+    return events.groupBy(key.alias("_k")).agg(F.min(ordered).alias("_e")).select("_e.*").select(*EVENT_COLUMNS, *extra)
 
 
 def event_key(prefix: str = "") -> str:
@@ -257,6 +259,7 @@ def ingest_rows(
     salt: str | None = None,
     late_before: dt.datetime | None = None,
     skip_empty: bool = False,
+    clean_sink: Callable[[DataFrame], int] | None = None,
 ) -> IngestResult:
     """Validate ``raw_df`` (``n_input`` rows, as ``read_source`` gives them), write its bad rows
     to ``quarantine`` and its clean ones to ``events``, and reconcile the counts.
@@ -265,6 +268,9 @@ def ingest_rows(
         level: how the validated rows are kept between the passes (None: read again).
         late_before: a stream's watermark: valid rows with an earlier timestamp are quarantined
             as ``late`` (their sessions are closed and counted already).
+        clean_sink: where the valid rows (``EVENT_COLUMNS``, duplicates included) go instead of
+            ``events``; returns how many new distinct events it kept (a stream's micro-batch
+            de-duplicates them with the events of its open sessions).
 
     Long on purpose: validate, write and reconcile are one accounting; keeping them in one
     function keeps every count that ``input = clean + quarantined + duplicates`` checks in
@@ -309,7 +315,9 @@ def ingest_rows(
         # nothing quarantined needs no commit (a batch window is replaced, stale rows and all)
         n_q_written = 0 if skip_empty and n_quar == 0 else ctx.write(quarantine, "quarantine", extra_predicate=window_pred)
         clean = dedup(validated.where(F.col("reason").isNull())).withColumn("window_start", window_start)
-        if ctx.incremental and ctx.store.exists(ctx.tables.events):
+        if clean_sink is not None:
+            n_clean = clean_sink(validated.where(F.col("reason").isNull()).select(*EVENT_COLUMNS))
+        elif ctx.incremental and ctx.store.exists(ctx.tables.events):
             # a stream's copy of an event older than its watermark is quarantined as late above:
             # the stored events a new one can duplicate are the ones from the watermark on
             recent = F.col("t.ts") >= F.lit(late_before) if late_before is not None else None

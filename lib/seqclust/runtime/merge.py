@@ -1,6 +1,6 @@
 """MERGEs into a run's rows of a Delta table: insert the rows whose key is new
 (de-duplication), or replace and delete rows by key (incremental recomputation), each one atomic
-commit whose row counts come back from Delta."""
+commit whose row counts come back from Delta; and appends made once per (writer, version)."""
 
 from __future__ import annotations
 
@@ -84,3 +84,23 @@ def merge_replace(
     deleted = int(m.get("numTargetRowsDeleted", 0))
     log.info("table %s: run %s: %d rows inserted or replaced, %d deleted", name, run_id, ins, deleted)
     return ins, deleted
+
+
+def append_once(store: TableStore, df: DataFrame, name: str, run_id: str, app_id: str, version: int) -> None:
+    """Append ``df`` to ``run_id``'s rows of table ``name`` unless writer ``app_id`` already
+    committed version ``version`` (or a later one) to it: Delta's idempotent writes
+    (``txnAppId``/``txnVersion``, recorded in the same commit), so a step re-run after a crash
+    appends nothing twice. Versions of one writer must grow."""
+    validate_run_id(run_id)
+    if "run_id" not in df.columns:
+        df = df.withColumn("run_id", F.lit(run_id))
+    log.info("table %s: appending to run %s (writer %s, version %d)", name, run_id, app_id, version)
+    writer = (
+        df.write.format("delta")
+        .mode("append")
+        .option("mergeSchema", "true")
+        .option("txnAppId", app_id)
+        .option("txnVersion", int(version))
+        .partitionBy("run_id")
+    )
+    store.save(writer, name, f"table {name}, run {run_id}")

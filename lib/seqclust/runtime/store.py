@@ -492,7 +492,7 @@ class TableStore:
 
         # mergeSchema: a newer version may add columns to a table written by an older one
         writer = df.write.format("delta").mode("overwrite").option("replaceWhere", predicate).option("mergeSchema", "true")
-        self._save(writer.partitionBy(*partition_by), name, f"table {name}, run {run_id}")
+        self.save(writer.partitionBy(*partition_by), name, f"table {name}, run {run_id}")
         if not count:
             log.info("table %s: committed run %s", name, run_id)
             return -1
@@ -505,9 +505,9 @@ class TableStore:
         append of nothing (two processes creating it at once: the loser's retry appends nothing;
         an overwrite here could wipe a row another process has just committed)."""
         writer = empty.write.format("delta").mode("append").option("mergeSchema", "true").partitionBy(*partition_by)
-        self._save(writer, name, f"table {name}, created")
+        self.save(writer, name, f"table {name}, created")
 
-    def _save(self, writer: Any, name: str, what: str) -> None:
+    def save(self, writer: Any, name: str, what: str) -> None:
         """Save a Delta ``writer`` to table ``name`` (by name in the metastore, else by path),
         retrying concurrent-writer conflicts; a failure is one line (``_write_error``)."""
         path = self.path(name)
