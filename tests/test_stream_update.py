@@ -10,8 +10,8 @@ import pytest
 from pyspark.sql import types as T
 
 from seqclust.core.config import EmbedConfig
-from seqclust.serve.placement import Model
 from seqclust.serve.live_state import UPDATED, live_updater
+from seqclust.serve.placement import Model
 
 pytestmark = pytest.mark.spark
 
