@@ -191,7 +191,7 @@ def test_conform_names_what_breaks_the_contract(spark):
 MAX_LINES = 120
 # classes still over the limit, to be split: the list may only shrink (a class that gets under
 # the limit must leave it, and no other class may join it)
-LONG_CLASSES = {"LiveScorer"}
+LONG_CLASSES: set[str] = set()
 
 
 def test_no_function_or_class_is_over_120_lines():
