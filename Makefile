@@ -16,17 +16,19 @@ $(STAMP): setup.py
 	$(BIN)/seqclust warmup 2>$(VENV)/warmup.log || { cat $(VENV)/warmup.log; exit 1; }
 	touch $(STAMP)
 
+TEST_WORKERS ?= 3
+
 setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/seqclust run --conf conf/demo.yaml
 
-# two workers (pytest-xdist), a test file each at a time (--dist loadfile: a module's fixture,
-# such as test_e2e's full run, is built once): the suite is mostly small Spark jobs and
-# subprocesses that leave a core idle (with the compat venvs, Airflow, the real DAG run, the stream and
-# Kafka tests: about 30 minutes on an idle 2-core machine; docs/BENCHMARKS.md has the latest figure)
+# three workers (pytest-xdist) on 2 cores, a test file each at a time (--dist loadfile: a module's
+# fixture, such as test_e2e's full run, is built once): the suite is mostly small Spark jobs,
+# JVM starts and subprocesses that leave a core idle (with the compat venvs, Airflow, the real
+# DAG run, the stream and Kafka tests: docs/BENCHMARKS.md has the latest time); TEST_WORKERS=N
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # the Airflow DAG tests alone, the run for real among them (airflow dags test, a spark-submit per
 # stage; needs `make airflow`; part of `make test` too): about 7 minutes on 2 cores

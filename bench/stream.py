@@ -189,6 +189,10 @@ def main() -> None:
             "sessions_closed": int(sum(r[3] for r in rows)),
             "goal_events_per_s": 50000,
             "goal_delay_s_p95": 2 * args.trigger,
+            # the load offered (every event over the drops' schedule) and the delay in triggers
+            "offered_events_per_s": round(total / (args.drops * args.interval), 1),
+            "delay_triggers_p95": round(pct(0.95) / args.trigger, 2) if len(d) else None,
+            "goal_delay_triggers_p95": 3,
         }
         for b, n, s, c, _ in rows:
             print(f"batch {b}: {n} rows ({len(files.get(b, []))} files), {s:.1f} s, {c} sessions closed", flush=True)
