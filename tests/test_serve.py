@@ -128,6 +128,37 @@ def test_one_user_alone_gets_the_same_answer_as_in_a_crowd(served):
     assert alone.loc[u, "distance_to_centroid"] == pytest.approx(crowd.loc[u, "distance_to_centroid"], abs=1e-6)
 
 
+def test_events_older_than_the_window_are_ignored(served):
+    """A user's events more than ``window_days`` before their newest one do not count: the
+    answer is the one for the recent events alone; within the window they count."""
+    from seqclust.serve.request import Limits, Segmenter
+
+    root, _, folder = served
+    ev = _events(root)
+    when = pd.to_datetime(ev["ts"], utc=True)
+    span = when.groupby(ev["user_id"]).agg(lambda t: t.max() - t.min())
+    u = ev[ev["user_id"].isin(span[span < pd.Timedelta(days=30)].index)]["user_id"].value_counts().index[0]
+    mine = ev[ev["user_id"] == u]
+    ts = pd.to_datetime(mine["ts"], utc=True)
+
+    def older(days: int) -> pd.DataFrame:
+        return mine.assign(ts=(ts - pd.Timedelta(days=days)).astype(str), event_id=None)
+
+    windowed, whole = Segmenter(folder, Limits(window_days=90)), Segmenter(folder, Limits(window_days=None))
+    recent = windowed.score(mine).set_index("user_id").loc[u]
+    with_old = windowed.score(pd.concat([older(200), mine])).set_index("user_id").loc[u]
+    assert (with_old["sessions"], with_old["events"], with_old["segment_path"]) == (
+        recent["sessions"],
+        recent["events"],
+        recent["segment_path"],
+    )
+    assert with_old["distance_to_centroid"] == pytest.approx(recent["distance_to_centroid"], abs=1e-9)
+    # without the window, and with copies inside it (31 days before: after the user's own span
+    # of under 30 days, within 90 of the newest), the older events are sessions of their own
+    assert whole.score(pd.concat([older(200), mine])).set_index("user_id").loc[u, "sessions"] == 2 * recent["sessions"]
+    assert windowed.score(pd.concat([older(31), mine])).set_index("user_id").loc[u, "sessions"] == 2 * recent["sessions"]
+
+
 def test_bad_requests_get_one_clear_reason(served):
     from seqclust.serve.request import BadRequest, Limits, Segmenter
 

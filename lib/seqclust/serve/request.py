@@ -283,27 +283,29 @@ class Segmenter:
         clean, refused = validate_events(events, self.source, now)
         if clean.num_rows == 0:
             raise BadRequest("no valid events: " + ", ".join(f"{n} {r}" for r, n in sorted(refused.items())))
-        per_user = clean.group_by("user_id").aggregate([("user_id", "count")])
-        heavy = pc.filter(per_user, pc.greater(per_user.column("user_id_count"), self.limits.max_events_per_user))
-        if heavy.num_rows:
-            u = heavy.column("user_id")[0].as_py()
+        # ``clean`` is sorted by user, then time: each user's events are one run of rows
+        users = clean.column("user_id").to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        counts = np.diff(np.r_[starts, len(users)])
+        if counts.max() > self.limits.max_events_per_user:
+            i = int(np.argmax(counts))
             raise BadRequest(
-                f"user {u} has {heavy.column('user_id_count')[0].as_py():,} events; at most {self.limits.max_events_per_user:,} per user (serve.max_events_per_user)"
+                f"user {users[starts[i]]} has {int(counts[i]):,} events; at most {self.limits.max_events_per_user:,} per user (serve.max_events_per_user)"
             )
-        clean = self._window(clean)
+        clean = self._window(clean, starts, counts)
         return self._place_users(clean)
 
-    def _window(self, t: pa.Table) -> pa.Table:
-        """Only each user's events within ``limits.window_days`` of their newest one."""
+    def _window(self, t: pa.Table, starts: np.ndarray, counts: np.ndarray) -> pa.Table:
+        """Only each user's events within ``limits.window_days`` of their newest one (``t``
+        sorted by user, then time; ``starts``/``counts``: each user's run of rows)."""
         if self.limits.window_days is None:
             return t
-        newest = t.group_by("user_id").aggregate([("ts", "max")])
-        joined = t.join(newest, "user_id")
-        cutoff = pc.subtract(joined.column("ts_max"), pa.scalar(dt.timedelta(days=self.limits.window_days), pa.duration("us")))
-        kept = joined.filter(pc.greater_equal(joined.column("ts"), cutoff)).drop(["ts_max"])
-        from seqclust.sessionize.arrow_engine import SORT_COLUMNS
-
-        return kept.sort_by([(c, "ascending") for c in SORT_COLUMNS])
+        us = t.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
+        window_us = int(self.limits.window_days * 86_400_000_000)
+        newest = us[starts + counts - 1]  # a user's last row is their newest event
+        if (newest - us[starts]).max() <= window_us:
+            return t  # every user's events fit in the window
+        return t.filter(pa.array(us >= np.repeat(newest - window_us, counts)))
 
     def _place_users(self, clean: pa.Table) -> pd.DataFrame:
         from seqclust.represent.behaviour import group_by_user, session_tokens
