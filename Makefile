@@ -16,17 +16,18 @@ $(STAMP): setup.py
 	$(BIN)/seqclust warmup 2>$(VENV)/warmup.log || { cat $(VENV)/warmup.log; exit 1; }
 	touch $(STAMP)
 
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 
 setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/seqclust run --conf conf/demo.yaml
 
-# three workers (pytest-xdist) on 2 cores, a test file each at a time (--dist loadfile: a module's
-# fixture, such as test_e2e's full run, is built once): the suite is mostly small Spark jobs,
-# JVM starts and subprocesses that leave a core idle (with the compat venvs, Airflow, the real
-# DAG run, the stream and Kafka tests: docs/BENCHMARKS.md has the latest time); TEST_WORKERS=N
+# two workers (pytest-xdist), a test file each at a time (--dist loadfile: a module's fixture,
+# such as test_e2e's full run, is built once): the suite is mostly small Spark jobs and
+# subprocesses that leave a core idle (with the compat venvs, Airflow, the real DAG run, the
+# stream and Kafka tests: docs/BENCHMARKS.md has the latest time). Three workers on 2 cores
+# were slower (the long tests' JVMs overlap: a load of 7, measured); TEST_WORKERS=N
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
