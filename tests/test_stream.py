@@ -209,6 +209,32 @@ def test_a_stream_killed_mid_merge_resumes_from_its_checkpoint_exactly_once(spar
     assert rows("events", "live-k", ["event_id", "user_id", "ts"]) == rows("events", "live-m1", ["event_id", "user_id", "ts"])
 
 
+def test_without_history_the_stream_writes_only_its_live_tables(spark, streamed):
+    """The default (``stream.keep_history`` off): the same live segments and closed sessions as
+    the stream that keeps its history, no rows of its own in ``events`` or ``sessions``, and no
+    open session's events left after the flush."""
+    root, out, _ = streamed
+    # (after SMALL's sets: the last --set wins)
+    argv = [*_stream_args(root, out, "live-lean", "ck-lean"), "--available-now", "--flush", "--conf", str(REPO / "conf" / "local.yaml")]
+    argv += [x for s in [*SMALL, "stream.keep_history=false"] for x in ("--set", s)]
+    assert main(argv) == 0
+
+    def rows(name, run_id, cols):
+        return sorted(tuple(r) for r in _table(spark, out, name, run_id).select(*cols).collect())
+
+    seg = ["user_id", "cluster_id", "leaf_id", "sessions_counted", "last_session_id"]
+    assert rows("live_segments", "live-lean", seg) == rows("live_segments", "live-m1", seg)
+    sess = ["session_id", "user_id", "n_events", "start_ts", "end_ts"]
+    assert rows("live_sessions", "live-lean", sess) == rows("live_sessions", "live-m1", sess)
+    assert _table(spark, out, "events", "live-lean").count() == 0
+    assert _table(spark, out, "sessions", "live-lean").count() == 0
+    # open events: the flush closed every session, so its generation (what a later step would
+    # read) is empty, and every older generation but the last micro-batch's was removed
+    last = _table(spark, out, "live_progress", "live-lean").where("batch_id >= 0").agg({"batch_id": "max"}).first()[0]
+    gens = {r["batch_id"] for r in _table(spark, out, "live_open_events", "live-lean").select("batch_id").distinct().collect()}
+    assert last >= 4 and gens <= {last}
+
+
 def test_stream_refuses_a_missing_model_and_an_unwritable_checkpoint(model, tmp_path, capsys):
     root, out = model
     code = _cli(

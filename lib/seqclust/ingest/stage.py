@@ -314,9 +314,10 @@ def ingest_rows(
         # a stream's micro-batch (skip_empty) owns its window key and re-runs with the same rows:
         # nothing quarantined needs no commit (a batch window is replaced, stale rows and all)
         n_q_written = 0 if skip_empty and n_quar == 0 else ctx.write(quarantine, "quarantine", extra_predicate=window_pred)
-        clean = dedup(validated.where(F.col("reason").isNull())).withColumn("window_start", window_start)
+        valid = validated.where(F.col("reason").isNull())
+        clean = dedup(valid).withColumn("window_start", window_start)
         if clean_sink is not None:
-            n_clean = clean_sink(validated.where(F.col("reason").isNull()).select(*EVENT_COLUMNS))
+            n_clean = clean_sink(valid.select(*EVENT_COLUMNS))
         elif ctx.incremental and ctx.store.exists(ctx.tables.events):
             # a stream's copy of an event older than its watermark is quarantined as late above:
             # the stored events a new one can duplicate are the ones from the watermark on
